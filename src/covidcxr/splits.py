@@ -1,0 +1,68 @@
+"""Patient-level splits: no patient ever appears in two parts of a split.
+
+Each patient gets a uniform number from a hash of (seed, patient id); the split is a threshold on it. A patient's part
+therefore never changes when the manifest grows, and every label gets the requested fractions in expectation
+(label-stratified by construction, since the draw is independent of everything but the patient id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+
+PARTS = ("train", "val", "test")
+
+
+class LeakageError(AssertionError):
+    """A patient appears in more than one part of a split."""
+
+
+def patient_uniform(patient_ids: pd.Series, seed: int) -> np.ndarray:
+    """Stable uniform [0, 1) draw per patient id."""
+    def draw(pid: str) -> float:
+        digest = hashlib.blake2b(f"{seed}:{pid}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64
+    cache = {pid: draw(pid) for pid in pd.unique(patient_ids)}
+    return patient_ids.map(cache).to_numpy(dtype=np.float64)
+
+
+def patient_split(df: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> pd.Series:
+    """'train' / 'val' / 'test' per row, by patient."""
+    if not np.isclose(sum(fractions), 1.0) or min(fractions) < 0:
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+    u = patient_uniform(df["patient_id"].astype(str), seed)
+    edges = np.cumsum(fractions)[:-1]
+    parts = np.array(PARTS)[np.searchsorted(edges, u, side="right")]
+    split = pd.Series(parts, index=df.index, name="split")
+    assert_patient_disjoint(df["patient_id"], split)
+    return split
+
+
+def kfold_split(df: pd.DataFrame, k: int = 5, seed: int = 0) -> pd.Series:
+    """Fold number 0..k-1 per row, by patient."""
+    u = patient_uniform(df["patient_id"].astype(str), seed)
+    folds = pd.Series(np.minimum((u * k).astype(int), k - 1), index=df.index, name="fold")
+    assert_patient_disjoint(df["patient_id"], folds)
+    return folds
+
+
+def leave_sources_out(df: pd.DataFrame, held_out: list[str], fractions=(0.85, 0.15), seed: int = 0) -> pd.Series:
+    """Held-out sources are the test part; the rest is split train/val by patient (external validation)."""
+    unknown = set(held_out) - set(df["source"])
+    if unknown:
+        raise ValueError(f"unknown source(s) to hold out: {', '.join(sorted(unknown))}")
+    rest = ~df["source"].isin(held_out)
+    split = pd.Series("test", index=df.index, name="split")
+    split[rest] = patient_split(df[rest], (fractions[0], fractions[1], 0.0), seed)
+    assert_patient_disjoint(df["patient_id"], split)
+    return split
+
+
+def assert_patient_disjoint(patient_ids: pd.Series, parts: pd.Series) -> None:
+    """Raise LeakageError naming the patients found in more than one part."""
+    per_patient = pd.DataFrame({"p": patient_ids.astype(str), "s": parts}).groupby("p")["s"].nunique()
+    leaked = per_patient[per_patient > 1]
+    if len(leaked):
+        raise LeakageError(f"{len(leaked)} patient(s) in more than one split part, e.g. {list(leaked.index[:5])}")
