@@ -61,7 +61,6 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
-    workers: int = 0
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     holdout_sources: list[str] = field(default_factory=list)  # excluded from train/val (external test)
     max_train_images: int = 0  # 0 = all; subsample for quick grids

@@ -1,0 +1,57 @@
+"""Grad-CAM explanations (pytorch-grad-cam) for the COVID-19 class, overlaid on the X-ray as the model sees it."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from tqdm import tqdm
+
+from .model import unwrap
+from .reader import ImageReadError, read_image
+
+
+def grad_cam(model: torch.nn.Module, x: torch.Tensor, class_index: int) -> np.ndarray:
+    """Heatmaps (B, H, W) in [0, 1] at the input's size: where evidence for `class_index` comes from."""
+    net = unwrap(model)
+    with GradCAM(model=net, target_layers=[net.cam_layer]) as cam:
+        return cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)] * len(x))
+
+
+def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """RGB uint8 image: the gray X-ray with the heatmap in the jet colour map on top."""
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    return show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=1 - alpha)
+
+
+def cam_overlay(predictor, square: np.ndarray) -> Image.Image:
+    x = predictor.model_input(square)
+    heatmap = grad_cam(predictor.model, x, predictor.positive_index)[0]
+    return Image.fromarray(overlay(x[0, 0].detach().cpu().numpy(), heatmap))
+
+
+def cam_overlay_png(predictor, square: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    cam_overlay(predictor, square).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_cams(predictor, paths: list[Path], out_dir: Path) -> list[Path]:
+    """One overlay PNG per image, named after the file; unreadable files are skipped (the caller lists them)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in tqdm(paths, desc="grad-cam", unit="img", disable=len(paths) < 2):
+        try:
+            square = predictor.preprocess(read_image(path))
+        except ImageReadError:
+            continue
+        target = out_dir / f"{path.stem}_cam.png"
+        cam_overlay(predictor, square).save(target)
+        written.append(target)
+    return written

@@ -1,0 +1,235 @@
+"""The `covidcxr` command: parses arguments and calls the pipeline modules, nothing else.
+
+Exit codes: 0 all good; 1 the command ran but some inputs failed (each listed); 2 bad usage or unusable input
+(one line on stderr; the traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import AugmentConfig, IngestConfig, TrainConfig, from_dict, to_dict
+
+
+def _ingest(a: argparse.Namespace) -> int:
+    from .ingest import ingest, summarize
+    report = ingest(a.sources, a.out, IngestConfig(size=a.size, workers=a.workers, layout=a.layout, square=a.square))
+    for root, layout in report.layouts.items():
+        print(f"{root}: layout {layout}")
+    print(summarize(a.out))
+    return 1 if report.unreadable else 0
+
+
+def _summary(a: argparse.Namespace) -> int:
+    from .ingest import summarize
+    print(summarize(a.data))
+    return 0
+
+
+def _download(a: argparse.Namespace) -> int:
+    from .download import download
+    for path in download(Path(a.to), a.sources or None):
+        print(path)
+    return 0
+
+
+def train_config(a: argparse.Namespace) -> TrainConfig:
+    """Defaults <- --config YAML <- explicit flags."""
+    values = to_dict(TrainConfig())
+    if a.config:
+        values.update(yaml.safe_load(Path(a.config).read_text()) or {})
+    flags = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(a).items() if k in flags and v is not None})
+    values["data"], values["out"] = str(a.data), str(a.out)
+    if a.holdout:
+        values["holdout_sources"] = a.holdout
+    return from_dict(TrainConfig, values)
+
+
+def _train(a: argparse.Namespace) -> int:
+    from .train import train
+    run = train(train_config(a), resume=a.resume)
+    print(f"run written to {run}")
+    return 0
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    metrics = evaluate(a.run, a.data, a.split, a.out, n_boot=a.n_boot)
+    auc = metrics["auc"]
+    print(f"AUC {auc['value']:.3f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]  report: {Path(a.out) / 'report.html'}")
+    return 0
+
+
+def _predict(a: argparse.Namespace) -> int:
+    from .predict import run_predict
+    return run_predict(a.run, a.inputs, a.format, a.cam, a.batch_size)
+
+
+def _serve(a: argparse.Namespace) -> int:
+    from .serve.app import serve
+    serve(a.run, a.host, a.port, a.db)
+    return 0
+
+
+def _export(a: argparse.Namespace) -> int:
+    from .export import export_run
+    result = export_run(a.run, a.format, a.out)
+    print(f"wrote {a.out} ({a.format}); parity max |diff| on probabilities = {result['max_abs_diff']:.2e}")
+    return 0
+
+
+def _reproduce(a: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+    summary = reproduce(a.data, a.out, weights=a.weights, quick=a.quick, device=a.device)
+    print(f"summary: {summary}")
+    return 0
+
+
+def _compare(a: argparse.Namespace) -> int:
+    from .compare import compare_reports, to_markdown
+    print(to_markdown(compare_reports([Path(r) for r in a.reports], Path(a.out) if a.out else None)))
+    return 0
+
+
+def _diagnose(a: argparse.Namespace) -> int:
+    from .diagnose import diagnose
+    diagnose(a.run, a.data, a.out)
+    print(f"diagnostics written to {a.out}")
+    return 0
+
+
+def _experiment(a: argparse.Namespace) -> int:
+    from .experiment import run_experiment
+    run_experiment(a.config, a.out)
+    return 0
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("data", help="ingested data folder (covidcxr ingest --out)")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--config", help="YAML file with TrainConfig settings (flags override it)")
+    p.add_argument("--arch", help=f"backbone (default {d.arch}; also resnet18, densenet121, efficientnet_b0)")
+    p.add_argument("--weights", help="imagenet | none | PATH to a torchvision state dict or covidcxr checkpoint "
+                                     f"(default {d.weights})")
+    p.add_argument("--task", help=f"covid-vs-normal | covid-vs-rest | 3class (default {d.task})")
+    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, help=f"learning rate of the new head (default {d.lr}); pretrained layers x0.1")
+    p.add_argument("--image-size", dest="image_size", type=int, help=f"model input side (default {d.image_size})")
+    p.add_argument("--device", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels (slower)")
+    p.add_argument("--holdout", nargs="+", metavar="SOURCE", help="sources kept out of training (external test)")
+    p.add_argument("--balance", help="class | source-class sampling (default class)")
+    p.add_argument("--max-train-images", dest="max_train_images", type=int, help="subsample training images")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="covidcxr", description="Chest X-ray COVID-19 screening you can check.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="build the manifest and image cache from database folders")
+    p.add_argument("sources", nargs="+", help="database folders (layout detected per folder)")
+    p.add_argument("--out", required=True, help="data folder to create or update")
+    p.add_argument("--layout", default="auto", help="auto or a layout name (see docs)")
+    p.add_argument("--size", type=int, default=256, help="cached image side in pixels (default 256)")
+    p.add_argument("--square", default="pad", choices=["pad", "squash", "crop"], help="how images are made square")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default: all cores)")
+    p.set_defaults(func=_ingest)
+
+    data = sub.add_parser("data", help="data set utilities").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("summary", help="counts label x source, patients, duplicates, unreadable files")
+    p.add_argument("data")
+    p.set_defaults(func=_summary)
+    p = data.add_parser("download", help="download the public databases that need no credentials")
+    p.add_argument("--to", required=True, help="folder to download into")
+    p.add_argument("--sources", nargs="+", help="database names (default: all that need no credentials)")
+    p.set_defaults(func=_download)
+
+    p = sub.add_parser("train", help="fine-tune the gray model")
+    _add_train_flags(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="metrics with confidence intervals, figures and an HTML report")
+    p.add_argument("run")
+    p.add_argument("--data", required=True, help="ingested data folder (the run's own, or another for external validation)")
+    p.add_argument("--split", default="test", choices=["test", "all"], help="test: the run's test part; all: every image")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--n-boot", dest="n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="score image files or folders")
+    p.add_argument("run")
+    p.add_argument("inputs", nargs="+", help="images (PNG/JPEG/TIFF/BMP/DICOM) or folders")
+    p.add_argument("--format", default="table", choices=["table", "json", "csv"])
+    p.add_argument("--cam", help="folder for Grad-CAM overlays (one PNG per image)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("serve", help="HTTP API and web page")
+    p.add_argument("run")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", default="predictions.sqlite", help="SQLite prediction log")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("export", help="deployable model (ONNX or TorchScript), parity-checked")
+    p.add_argument("run")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("reproduce", help="the paper's experiment end to end, plus the checks it lacked")
+    p.add_argument("--data", default="data/sources", help="database folder(s) root or an ingested data folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--weights", default="auto", help="auto | imagenet | none | PATH")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="smaller, faster settings (smoke test)")
+    p.set_defaults(func=_reproduce)
+
+    p = sub.add_parser("compare", help="several reports side by side")
+    p.add_argument("reports", nargs="+")
+    p.add_argument("--out", help="folder for the table and the ROC overlay")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("diagnose", help="does the model look at the disease or at the hospital?")
+    p.add_argument("run")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_diagnose)
+
+    p = sub.add_parser("experiment", help="train a grid of settings under a cross-source protocol")
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_experiment)
+    return parser
+
+
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("covidcxr: interrupted; finished work is saved (re-run, or --resume a training run)", file=sys.stderr)
+        return 130
+    except USAGE_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"covidcxr: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

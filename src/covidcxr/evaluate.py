@@ -1,0 +1,82 @@
+"""Scoring a run on data: its own test part, or all of another ingested data set (external validation)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import tasks
+from .cache import ImageCache
+from .config import AugmentConfig, from_dict
+from .manifest import manifest_hash
+from .metrics import evaluate_predictions
+from .model import load_run
+from .predict import predict_probs
+from .report import write_report
+
+
+def select_images(run: Path, data: ImageCache, split: str) -> tuple[pd.DataFrame, int]:
+    """Rows of `data` to score; returns (rows, images left out because the run trained or validated on them)."""
+    df = data.manifest()
+    runs_split = pd.read_csv(run / "split.csv")
+    if split == "test":
+        test_paths = set(runs_split.loc[runs_split["split"] == "test", "path"])
+        rows = df[df["path"].isin(test_paths)]
+        if rows.empty:
+            raise ValueError(f"{data.dir} holds none of the test images of {run}; use --split all for another data set")
+        return rows.reset_index(drop=True), 0
+    seen = set(runs_split.loc[runs_split["split"].isin(["train", "val"]), "path"])
+    used = df["path"].isin(seen)
+    return df[~used].reset_index(drop=True), int(used.sum())
+
+
+def score_rows(model: torch.nn.Module, meta: dict, cache: ImageCache, rows: pd.DataFrame, device: torch.device) -> np.ndarray:
+    """Positive-class probability for manifest rows, read from the cache (no decoding)."""
+    images = cache.load(rows["cache_index"])
+    augment = from_dict(AugmentConfig, meta["augment"])
+    probs = predict_probs(model, images, augment, int(meta["image_size"]), device)
+    return probs[:, int(meta["positive_index"])].numpy()
+
+
+def predictions(run: str | Path, data: str | Path, split: str = "test", device: str = "auto") -> tuple[pd.DataFrame, dict, dict]:
+    """(predictions frame with y and score, the run's meta, provenance) for the images the task uses."""
+    run = Path(run)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    model, meta = load_run(run, device=dev)
+    cache = ImageCache(data)
+    rows, excluded = select_images(run, cache, split)
+    rows = rows[tasks.encode(rows["label"], meta["task"]) >= 0].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(f"{data}: no images with labels that task {meta['task']} uses")
+    if excluded:
+        print(f"note: {excluded} image(s) of {data} were used to train or validate this run and are left out", file=sys.stderr)
+    pred = rows[["path", "source", "patient_id", "label"]].copy()
+    pred["y"] = (tasks.encode(rows["label"], meta["task"]) == int(meta["positive_index"])).astype(int)
+    pred["score"] = score_rows(model, meta, cache, rows, dev)
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+    provenance = {
+        "run": str(run.resolve()), "run_config_hash": meta.get("config_hash", ""), "model_epoch": meta.get("epoch"),
+        "run_manifest_hash": meta.get("manifest_hash", ""), "data": str(Path(data).resolve()),
+        "data_manifest_hash": manifest_hash(rows), "split": split, "excluded_seen_images": excluded,
+        "task": meta["task"], "arch": meta["arch"], "weights": config.get("weights", ""),
+        "train_sources": ", ".join(config.get("train_sources", [])), "threshold_method": meta.get("threshold_method"),
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+    }
+    return pred, meta, provenance
+
+
+def evaluate(run: str | Path, data: str | Path, split: str, out: str | Path, n_boot: int = 1000,
+             title: str | None = None, extra_sections=(), device: str = "auto") -> dict:
+    """Write the report folder (predictions.csv, metrics.json, figures, report.html); return the metrics."""
+    pred, meta, provenance = predictions(run, data, split, device)
+    metrics = evaluate_predictions(pred, meta["threshold"], meta["threshold_method"], n_boot=n_boot,
+                                   provenance=provenance, positive_label=meta["classes"][int(meta["positive_index"])])
+    title = title or f"{Path(run).name} on {Path(data).name} ({split})"
+    write_report(out, pred, metrics, title, provenance, extra_sections)
+    return metrics
