@@ -68,7 +68,7 @@ class TrainConfig:
     domain_adversarial: float = 0.0  # weight of a gradient-reversal source head, 0 = off
     threshold_method: str = "youden"  # youden | sensitivity
     target_sensitivity: float = 0.95
-    amp: bool = True  # bf16 autocast + channels_last on CUDA
+    amp: bool = True  # bf16 autocast where the device has bf16 units (CUDA, AVX512-BF16 CPUs)
     compile: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

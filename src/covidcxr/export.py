@@ -45,7 +45,8 @@ class _Probabilities(nn.Module):
 def export_model(
     model: nn.Module, fmt: str, out: str | Path, image_size: int, metadata: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Export `model` (gray (B,1,H,W) in [0,1] -> logits) as probabilities to `out`, then check parity.
+    """Export `model` (gray (B,1,H,W) in [0,1] -> logits; moved to the CPU, eval mode) as probabilities to `out`,
+    then check parity.
 
     Returns {"format", "path", "size_bytes", "max_abs_diff", "ok"}; raises ExportParityError beyond TOLERANCE.
     """
@@ -111,7 +112,7 @@ def check_parity(model: nn.Module, fmt: str, path: str | Path, image_size: int, 
             raise ExportParityError(f"{path}: output shape {got.shape}, expected {expected.shape}")
         worst = max(worst, float(np.abs(got - expected).max()))
     if worst > TOLERANCE:
-        raise ExportParityError(f"{path}: exported probabilities differ from PyTorch by {worst:.3g} (limit {TOLERANCE})")
+        raise ExportParityError(f"{path}: exported probabilities differ from PyTorch by {worst:.3g} (max {TOLERANCE})")
     return worst
 
 

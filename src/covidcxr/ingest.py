@@ -22,7 +22,10 @@ from .reader import ImageReadError, read_image
 
 REPORT_FILE = "ingest_report.json"
 DUPLICATES_FILE = "duplicates.csv"
-SAVE_EVERY = 500  # images between durable saves of the manifest, so an interrupted ingest keeps its work
+# Durable saves of the manifest during a long ingest, so a crash keeps its work. Each save runs the duplicate search
+# over everything (quadratic), so saves are spaced by time and by their own cost: at most SAVE_OVERHEAD of the run.
+SAVE_INTERVAL_S = 60.0
+SAVE_OVERHEAD = 0.1
 
 
 @dataclass
@@ -92,11 +95,11 @@ def ingest(roots: list[str | Path], out: str | Path, cfg: IngestConfig | None = 
     """Build or update DATA from the given database folders; returns the report (also written as ingest_report.json)."""
     cfg = cfg or IngestConfig()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     report = IngestReport(config=to_dict(cfg))
     rows = _stat(_list_rows([Path(r).resolve() for r in roots], cfg.layout, report), report)
     report.listed = len(rows) + len(report.unreadable)
+    out.mkdir(parents=True, exist_ok=True)  # only once the sources are known to be usable
 
     cache = ImageCache(out, size=cfg.size, mode="r+", square=cfg.square)
     prev = _previous(out).set_index("path")
@@ -131,6 +134,7 @@ def _decode_all(todo: pd.DataFrame, cache: ImageCache, cfg: IngestConfig, report
     slots = dict(zip(todo["path"], todo["cache_index"].astype(int)))
     jobs = [(p, cfg.size, cfg.square) for p in todo["path"]]
     workers = cfg.workers or os.cpu_count() or 1
+    next_save = time.monotonic() + SAVE_INTERVAL_S
     with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool, \
             tqdm(total=len(jobs), desc="ingest", unit="img", disable=not jobs) as bar:
         for result in pool.map(_decode, jobs, chunksize=16):
@@ -142,8 +146,11 @@ def _decode_all(todo: pd.DataFrame, cache: ImageCache, cfg: IngestConfig, report
             cache.write(slots[result["path"]], result.pop("image"))
             finished.append(result)
             report.processed += 1
-            if report.processed % SAVE_EVERY == 0:
+            if time.monotonic() >= next_save:
+                started = time.monotonic()
                 checkpoint()
+                spent = time.monotonic() - started
+                next_save = time.monotonic() + max(SAVE_INTERVAL_S, spent / SAVE_OVERHEAD)
 
 
 def _save(out: Path, done: pd.DataFrame, todo: pd.DataFrame, finished: list[dict], cache: ImageCache,
@@ -156,7 +163,8 @@ def _save(out: Path, done: pd.DataFrame, todo: pd.DataFrame, finished: list[dict
     table = table.assign(_pixels=-(table["orig_height"].astype(int) * table["orig_width"].astype(int)))
     table = table.sort_values(["_order", "_pixels", "path"], kind="stable").reset_index(drop=True)
     dups = find_duplicates(table, cfg.near_duplicate_corr, cfg.conflict_duplicate_corr)
-    table["duplicate_of"] = table["path"].map(dict(zip(dups["path"], dups["duplicate_of"]))).fillna("")
+    copy_of = dict(zip(dups["path"], dups["duplicate_of"]))
+    table["duplicate_of"] = [copy_of.get(p, "") for p in table["path"]]
     table["cache_index"] = table["cache_index"].astype(np.int64)
     table = table[MANIFEST_COLUMNS]
     tmp = out / (MANIFEST_FILE + ".tmp")

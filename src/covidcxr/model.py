@@ -128,7 +128,7 @@ def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
 
 
 def source_logits(model: nn.Module, features: torch.Tensor, lambd: float) -> torch.Tensor:
-    """Source-head logits on gradient-reversed features: minimising their loss pushes the backbone to hide the source."""
+    """Source-head logits on gradient-reversed features: minimising their loss makes the backbone hide the source."""
     return unwrap(model).source_logits(features, lambd)
 
 
@@ -180,7 +180,7 @@ def _from_torchvision(
     try:
         tv.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise ValueError(f"{origin}: not a torchvision {arch} state dict ({_first_line(e)})") from None
+        raise ValueError(f"{origin}: not a torchvision {arch} state dict ({_one_line(e)})") from None
     rgb = tv.get_submodule(_SPECS[arch].first_conv)
     return _to_gray(arch, tv, rgb, IMAGENET_MEAN, IMAGENET_STD, num_classes, num_sources)
 
@@ -275,11 +275,11 @@ def _imagenet_state_dict(arch: str) -> dict[str, Any]:
     except OSError as e:  # URLError, timeouts, refused connections
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise WeightsUnavailableError(
-            f"ImageNet weights for {arch} are not in {cache} and could not be downloaded ({_first_line(e)}); "
+            f"ImageNet weights for {arch} are not in {cache} and could not be downloaded ({_one_line(e)}); "
             f"use --weights none to train from scratch, or --weights PATH with a downloaded {filename} placed anywhere"
         ) from None
     except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise ValueError(f"ImageNet weights file {filename} for {arch} is unusable: {_first_line(e)}") from None
+        raise ValueError(f"ImageNet weights file {filename} for {arch} is unusable: {_one_line(e)}") from None
 
 
 @contextmanager
@@ -299,19 +299,22 @@ def _load_file(path: str | Path) -> Any:
     except FileNotFoundError:
         raise ValueError(f"{path}: no such weights file (use --weights imagenet, none or PATH)") from None
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read as PyTorch weights ({_first_line(e)})") from None
+        raise ValueError(f"{path}: cannot read as PyTorch weights ({_one_line(e)})") from None
 
 
 def _is_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("meta"), dict)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (load_state_dict errors span lines and list every key)."""
+    line = " ".join(str(e).split()) or type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | Path, model: nn.Module, meta: dict[str, Any], extra: dict[str, Any] | None = None
+) -> None:
     """Write {"model": state_dict, "meta": meta, **extra} atomically (temp file + rename).
 
     `meta` gains the model's `arch` and `num_sources`, which `load_run` needs to rebuild it.
@@ -337,7 +340,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def load_run(run_dir: str | Path, which: str = "model.pt", device: str | torch.device = "cpu") -> tuple[GrayClassifier, dict[str, Any]]:
+def load_run(
+    run_dir: str | Path, which: str = "model.pt", device: str | torch.device = "cpu"
+) -> tuple[GrayClassifier, dict[str, Any]]:
     """The model saved in a run folder, in eval mode on `device`, and its meta."""
     path = Path(run_dir) / which
     ckpt = load_checkpoint(path)
@@ -346,5 +351,5 @@ def load_run(run_dir: str | Path, which: str = "model.pt", device: str | torch.d
         model = build_model(meta["arch"], len(meta["classes"]), "none", int(meta.get("num_sources", 0)))
         model.load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as e:
-        raise ValueError(f"{path}: checkpoint does not match its meta ({_first_line(e)})") from None
+        raise ValueError(f"{path}: checkpoint does not match its meta ({_one_line(e)})") from None
     return model.to(device).eval(), meta

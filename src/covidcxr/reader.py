@@ -52,6 +52,8 @@ def _read_pillow(data: bytes, label: str) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageReadError(label, "not an image (unrecognised content)") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own guard fires first for headers above ~179 megapixels
+        raise ImageReadError(label, f"image too large ({exc})") from None
     width, height = img.size
     if width * height > MAX_PIXELS:
         raise ImageReadError(label, f"image too large ({width}x{height} pixels; limit {MAX_PIXELS:,})")
@@ -109,7 +111,29 @@ def _read_dicom(data: bytes, label: str) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if arr.ndim == 3:  # colour DICOM (secondary capture): convert to luminance
         return _minmax(arr[..., :3].astype(np.float32) @ LUMA, label)
-    arr = apply_modality_lut(arr, ds)
-    arr = apply_voi_lut(arr, ds) if ("WindowCenter" in ds or "VOILUTSequence" in ds) else arr
-    gray = _minmax(np.asarray(arr, dtype=np.float32), label)
+    try:
+        gray = _dicom_gray(arr, ds, label)
+    except ImageReadError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:  # bad LUT / window values
+        raise ImageReadError(label, f"invalid DICOM rescale or window ({exc})".splitlines()[0]) from None
     return 1.0 - gray if photometric == "MONOCHROME1" else gray
+
+
+def _dicom_gray(arr: np.ndarray, ds: pydicom.Dataset, label: str) -> np.ndarray:
+    """Rescale (modality LUT), then the file's window / VOI LUT mapped so that its ends are 0 and 1.
+
+    The window is the display the file asks for, so it is not stretched again to the image's own range (an image
+    whose pixels all lie inside the window keeps its mid-grey look). Without a window: the image's own range.
+    """
+    values = apply_modality_lut(arr, ds)
+    if "VOILUTSequence" not in ds and not ("WindowCenter" in ds and "WindowWidth" in ds):
+        return _minmax(np.asarray(values, dtype=np.float32), label)
+    bits = int(ds.BitsStored)
+    extremes = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if int(ds.get("PixelRepresentation", 0)) == 1
+                        else [0, 2**bits - 1])
+    lo, hi = (float(v) for v in apply_voi_lut(apply_modality_lut(extremes, ds), ds))
+    if hi == lo:
+        raise ImageReadError(label, "DICOM window maps every value to one grey level")
+    shown = (np.asarray(apply_voi_lut(values, ds), dtype=np.float64) - lo) / (hi - lo)
+    return np.clip(shown, 0.0, 1.0).astype(np.float32)

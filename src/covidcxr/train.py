@@ -186,7 +186,7 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         n_sources = len(self.sources) if self.cfg.domain_adversarial > 0 else 0
         model = build_model(self.cfg.arch, len(self.classes), self.cfg.weights, num_sources=n_sources).to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.device.type == "cuda" else model
+        return model.to(memory_format=torch.channels_last)
 
     def meta(self, epoch: int, val_auc: float, threshold: float | None = None) -> dict:
         cfg = self.cfg

@@ -30,6 +30,8 @@ from covidcxr.serve.log import LogRecord, PredictionLog, utc_now
 
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # a large uncompressed DICOM radiograph is ~20-30 MB
 MULTIPART_SLACK_BYTES = 64 * 1024  # form framing around the file; the file itself is checked exactly
+PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
+ACCEPTED = "PNG, JPEG, TIFF, BMP or DICOM"
 
 
 class PredictorLike(Protocol):
@@ -65,15 +67,17 @@ class Problem(BaseModel):
     detail: str
 
 
-def sniff_format(data: bytes, filename: str) -> str:
-    """Name the image format from the content (never the file name); 415 if none, 422 if absurdly large."""
+def _require_image_content(data: bytes, filename: str) -> None:
+    """Judge the content, never the file name: 415 unless it is one of PILLOW_FORMATS or DICOM, 422 if absurdly large.
+
+    Only those decoders are tried, so Pillow's rarer plugins (and EPS's Ghostscript) never see uploaded bytes.
+    """
     if data[128:132] == b"DICM":
-        return "DICOM"
+        return
     try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            return str(img.format)
+        Image.open(io.BytesIO(data), formats=PILLOW_FORMATS).close()  # reads the header only
     except UnidentifiedImageError:
-        raise HTTPException(415, f"{filename}: not an image (expected PNG, JPEG, TIFF, BMP or DICOM content)") from None
+        raise HTTPException(415, f"{filename}: not a supported image (expected {ACCEPTED} content)") from None
     except Image.DecompressionBombError as exc:
         raise HTTPException(422, f"{filename}: image too large ({exc})") from None
 
@@ -98,7 +102,10 @@ def create_app(
     log = PredictionLog(db_path)
     lock = threading.Lock()
     page = (files("covidcxr.serve") / "static" / "index.html").read_text(encoding="utf-8")
-    errors = {code: {"model": Problem} for code in (413, 415, 422)}
+    errors = {
+        413: {"model": Problem, "description": "file too large (text/plain when the whole body is over the limit)"},
+        415: {"model": Problem, "description": f"not an image, or not {ACCEPTED}"},
+    }
     app = FastAPI(
         title="covidcxr",
         summary="COVID-19 chest X-ray screening aid (not a diagnosis)",
@@ -121,12 +128,14 @@ def create_app(
 
     @app.post("/api/predict", responses=errors, max_body_size=max_upload_bytes + MULTIPART_SLACK_BYTES)
     def predict(
-        file: UploadFile = File(description="chest X-ray: PNG, JPEG, TIFF, BMP or DICOM"),
+        file: UploadFile = File(description=f"chest X-ray: {ACCEPTED}"),
         cam: bool = Query(False, description="also return a Grad-CAM overlay"),
     ) -> Prediction:
+        """Score one uploaded image. Errors: 413 too large; 415 not an image; 422 an image that cannot be used
+        (no pixel data, corrupt, absurd size: `detail` is one line) or a malformed form (`detail` is a list)."""
         filename = file.filename or "upload"
         data = _read_upload(file, filename, max_upload_bytes)
-        sniff_format(data, filename)
+        _require_image_content(data, filename)
         try:
             with lock:
                 result = predictor.predict_bytes(data, filename, cam)

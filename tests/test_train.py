@@ -1,0 +1,139 @@
+"""Training loop: run files, resume equals an uninterrupted run, DDP with gloo, fine-tuning from a weights file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from covidcxr import train as train_mod
+from covidcxr.config import IngestConfig, TrainConfig
+from covidcxr.ingest import ingest
+from covidcxr.model import load_checkpoint
+from covidcxr.splits import assert_patient_disjoint
+
+
+def _xray(rng: np.random.Generator, covid: bool) -> np.ndarray:
+    """A toy 'X-ray': bright body, two dark lungs; COVID cases get hazy blobs in the lungs."""
+    h, w = 72, 64
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    img = 0.75 - 0.5 * ((((xx - 0.3) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2) < 1)
+    img = img - 0.5 * ((((xx - 0.7) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2) < 1)
+    if covid:
+        img = img + 0.35 * ((((xx - rng.uniform(0.25, 0.75)) / 0.1) ** 2 + ((yy - rng.uniform(0.4, 0.7)) / 0.12) ** 2) < 1)
+    texture = np.asarray(Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8)).resize((w, h), Image.BICUBIC))
+    return np.clip(0.6 * img + 0.4 * texture / 255.0 + rng.normal(0, 0.03, img.shape), 0, 1)  # no two alike
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_src")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(96):
+        covid = i % 2 == 0
+        name = f"img{i:03d}.png"
+        Image.fromarray((_xray(rng, covid) * 255).astype(np.uint8)).save(root / name)
+        rows.append({"path": name, "label": "covid" if covid else "normal", "patient_id": f"p{i // 2}",
+                     "source": "a" if i % 3 else "b"})
+    pd.DataFrame(rows).to_csv(root / "metadata.csv", index=False)
+    data = tmp_path_factory.mktemp("tiny_data")
+    report = ingest([root], data, IngestConfig(size=64, workers=1))
+    assert report.kept == 96, "toy images must not look like copies of each other"
+    return data
+
+
+def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
+    base = TrainConfig(data=str(data), out=str(out), weights="none", image_size=64, epochs=3, batch_size=16, lr=0.01,
+                       device="cpu", seed=3, deterministic=True, patience=10, amp=False)
+    return replace(base, **kw)
+
+
+def test_train_writes_run_files(tiny_data, tmp_path):
+    run = train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=2))
+    for name in ("config.json", "model.pt", "last.pt", "history.csv", "split.csv", "val_predictions.csv"):
+        assert (run / name).exists(), name
+    hist = pd.read_csv(run / "history.csv")
+    assert list(hist.columns[:6]) == ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s"]
+    assert hist["epoch"].tolist() == [0, 1] and hist["val_auc"].between(0, 1).all()
+    split = pd.read_csv(run / "split.csv")
+    assert set(split["split"]) == {"train", "val", "test"}
+    assert_patient_disjoint(split["patient_id"], split["split"])
+    meta = load_checkpoint(run / "model.pt")["meta"]
+    assert 0 <= meta["threshold"] <= 1 and meta["classes"] == ["normal", "covid"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["seed"] == 3 and len(config["manifest_hash"]) == 16
+    with pytest.raises(FileExistsError):  # never overwrite a finished run silently
+        train_mod.Trainer(_cfg(tiny_data, tmp_path / "run", epochs=2))
+
+
+def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    full = train_mod.train(_cfg(tiny_data, tmp_path / "full"))
+    original = train_mod.Trainer._end_epoch
+
+    def crash_after_second_epoch(self, epoch, *args):
+        stop = original(self, epoch, *args)
+        if epoch == 1:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived during epoch 3
+        return stop
+
+    monkeypatch.setattr(train_mod.Trainer, "_end_epoch", crash_after_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(_cfg(tiny_data, tmp_path / "resumed"))
+    monkeypatch.setattr(train_mod.Trainer, "_end_epoch", original)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    resumed = train_mod.train(_cfg(tiny_data, tmp_path / "resumed"), resume=True)
+    a, b = load_checkpoint(full / "last.pt")["model"], load_checkpoint(resumed / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert pd.read_csv(resumed / "history.csv")["epoch"].tolist() == [0, 1, 2]
+
+
+def test_resume_refuses_changed_settings(tiny_data, tmp_path):
+    train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1))
+    with pytest.raises(ValueError, match="settings differ"):
+        train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1, lr=0.5), resume=True)
+
+
+def test_holdout_sources_become_the_test_part(tiny_data, tmp_path):
+    run = train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1, holdout_sources=["b"]))
+    split = pd.read_csv(run / "split.csv")
+    assert (split.loc[split["source"] == "b", "split"] == "test").all()
+    assert (split.loc[split["source"] == "a", "split"] != "test").all()
+
+
+def test_finetunes_from_torchvision_weights_file(tiny_data, tmp_path):
+    import torchvision
+    torch.manual_seed(1)
+    state = torchvision.models.alexnet(weights=None).state_dict()
+    path = tmp_path / "alexnet-owt-test.pth"
+    torch.save(state, path)
+    run = train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1, weights=str(path), lr=0.001))
+    tuned = load_checkpoint(run / "model.pt")["model"]
+    key = next(k for k in tuned if k.endswith("features.3.weight"))  # second conv: copied, then fine-tuned
+    corr = np.corrcoef(tuned[key].flatten().numpy(), state["features.3.weight"].flatten().numpy())[0, 1]
+    assert corr > 0.99
+
+
+def test_ddp_two_processes_gloo(tiny_data, tmp_path):
+    """torchrun with two CPU processes (gloo): one run folder, written by rank 0, with both ranks in step."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "covidcxr.cli", "train", str(tiny_data), "--out", str(out), "--weights", "none",
+           "--image-size", "64", "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--seed", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    hist = pd.read_csv(out / "history.csv")
+    assert hist["epoch"].tolist() == [0, 1]  # one writer: no duplicated rows from rank 1
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
