@@ -68,7 +68,7 @@ def test_upload_shows_probability_and_heatmap(page_url: str, tmp_path: Path) -> 
             page.screenshot(path=str(tmp_path / "page-result.png"), full_page=True)
 
             page.set_input_files("#file-input", str(tmp_path / "notes.png"))
-            sync_api.expect(page.locator("#error")).to_have_text(re.compile(r"^notes\.png: not an image"))
+            sync_api.expect(page.locator("#error")).to_have_text(re.compile(r"^notes\.png: not a supported image"))
             sync_api.expect(page.locator("#result")).to_be_hidden()
             page.screenshot(path=str(tmp_path / "page-error.png"), full_page=True)
         finally:

@@ -196,7 +196,8 @@ def test_checkpoint_round_trip_and_load_run(tmp_path: Path) -> None:
     model(torch.rand(2, 1, 64, 64)).sum().backward()
     optimizer.step()  # momentum buffers make the optimizer state non-trivial
     model.eval()
-    save_checkpoint(tmp_path / "model.pt", model, _meta(model, ["normal", "covid"]), {"optimizer": optimizer.state_dict()})
+    meta = _meta(model, ["normal", "covid"])
+    save_checkpoint(tmp_path / "model.pt", model, meta, {"optimizer": optimizer.state_dict()})
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left behind
 
     ckpt = load_checkpoint(tmp_path / "model.pt")

@@ -14,12 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from covidcxr.reader import read_image
 from covidcxr.serve import create_app
@@ -91,31 +88,6 @@ def _png_claiming_size(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def _dicom(with_pixels: bool) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.preamble = b"\0" * 128
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.PatientID = "test"
-    if with_pixels:
-        arr = np.zeros((16, 16), dtype=np.uint16)
-        arr[:, 8:] = 4000  # right half bright: mean exactly 0.5 after min-max scaling
-        ds.Rows, ds.Columns = arr.shape
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = arr.tobytes()
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
-
-
 @pytest.fixture
 def predictor() -> MeanPredictor:
     return MeanPredictor()
@@ -161,16 +133,26 @@ def test_jpeg_upload_without_cam(client: TestClient) -> None:
     assert res.json()["label"] == "normal" and res.json()["heatmap"] is None
 
 
-def test_dicom_upload_is_decoded(client: TestClient) -> None:
-    res = _post(client, "chest.dcm", _dicom(with_pixels=True))
+def test_dicom_upload_is_decoded(client: TestClient, images) -> None:
+    pixels = np.zeros((16, 16), dtype=np.uint16)
+    pixels[:, 8:] = 4000  # right half bright: mean gray exactly 0.5 after the reader's min-max scaling
+    res = _post(client, "chest.dcm", images.dicom(None, pixels))
     assert res.status_code == 200, res.text
     assert res.json()["probability"] == pytest.approx(0.5)
+
+
+def test_dicom_without_pixels_is_422(client: TestClient, db: Path, images) -> None:
+    res = _post(client, "empty.dcm", images.dicom(None, None))
+    assert res.status_code == 422
+    assert res.json()["detail"] == "empty.dcm: DICOM file has no pixel data"
+    assert PredictionLog(db).records() == []
 
 
 def test_content_not_name_decides(client: TestClient, db: Path) -> None:
     res = _post(client, "notes.png", b"these are my notes, not an image\n" * 10)
     assert res.status_code == 415
-    assert res.json()["detail"].startswith("notes.png: not an image")
+    assert res.json()["detail"].startswith("notes.png: not a supported image")
+    assert _post(client, "anim.png", _image_bytes(100, fmt="GIF")).status_code == 415  # an image, not an accepted one
     assert _post(client, "scan.txt", _image_bytes(100)).status_code == 200  # a real PNG under any name
     assert len(PredictionLog(db).records()) == 1
 
@@ -178,13 +160,13 @@ def test_content_not_name_decides(client: TestClient, db: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "data", "message"),
     [
-        ("empty.dcm", _dicom(with_pixels=False), "no pixel data"),
         ("huge.png", _png_claiming_size(12_000, 12_000), "too large"),  # over the reader's pixel limit
         ("bomb.png", _png_claiming_size(60_000, 60_000), "too large"),  # Pillow's decompression-bomb error
         ("cut.png", _image_bytes(100)[:-30], "truncated or corrupt"),
         ("zero.png", b"", "empty file"),
     ],
 )
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # expected for the huge header
 def test_decodable_but_unusable_is_422(client: TestClient, db: Path, name: str, data: bytes, message: str) -> None:
     res = _post(client, name, data)
     assert res.status_code == 422, res.text
@@ -202,7 +184,7 @@ def test_upload_limit_is_exact_on_the_file(client: TestClient, db: Path) -> None
 
 
 def test_body_is_counted_while_streaming(predictor: MeanPredictor, db: Path) -> None:
-    """A chunked body without Content-Length: the server must count bytes itself and stop reading soon after the limit."""
+    """Chunked body, no Content-Length: the server must count bytes itself and stop reading soon after the limit."""
     app = create_app(predictor, db, max_upload_bytes=LIMIT)
     head = b'--xx\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
     chunk, most = b"\0" * 4096, 1000  # the client would send 4 MB, far over the limit
@@ -249,7 +231,8 @@ def test_health_page_and_docs(client: TestClient) -> None:
     assert "http" not in page.text.split("<script>")[1]  # no CDN, no remote scripts
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
-    assert {"413", "415", "422"} <= set(spec["paths"]["/api/predict"]["post"]["responses"])
+    responses = spec["paths"]["/api/predict"]["post"]["responses"]
+    assert {"200", "413", "415", "422"} <= set(responses)
 
 
 def test_concurrent_requests_all_succeed_and_are_logged(db: Path) -> None:

@@ -106,7 +106,7 @@ def _diagnose(a: argparse.Namespace) -> int:
 
 def _experiment(a: argparse.Namespace) -> int:
     from .experiment import run_experiment
-    run_experiment(a.config, a.out)
+    run_experiment(a.config, a.out, data=a.data)
     return 0
 
 
@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="train a grid of settings under a cross-source protocol")
     p.add_argument("config", help="experiment YAML")
+    p.add_argument("--data", help="ingested data folder (overrides the YAML's data)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_experiment)
     return parser

@@ -3,10 +3,10 @@
 Four checks, on the run's test images (or on all unseen images of another ingested data set):
 1. source probe: how well the source collection can be predicted from the model's penultimate features;
 2. occlusion: the model's scores with the lung fields blanked and with only the lungs kept. Blanked regions are set
-   to the image's mean content intensity, not to black: black is what the padding bars look like (their amount is
-   itself a source cue) and a black hole makes a strong artificial edge, whereas the mean keeps the overall
-   brightness, so a change in the scores comes from the removed content. "Lungs only" blanks everything else,
-   padding, borders and burned-in text included;
+   to one mid-gray level for all images (the mean content intensity of the set), not to black: black is what the
+   padding bars look like (their amount is itself a source cue) and a black hole makes a strong artificial edge;
+   not to each image's own mean, which would carry that image's brightness (a source cue too) into the blanked
+   version. "Lungs only" blanks everything else, padding, borders and burned-in text included;
 3. image statistics: how well a gradient-boosted classifier on non-anatomical features alone (size and aspect
    before resizing, padding and border, intensity histogram, sharpness and noise) predicts the label,
    cross-validated by patient. High means the data itself carries a shortcut, whatever the model does;
@@ -22,6 +22,7 @@ import base64
 import html
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from .evaluate import select_images  # noqa: E402
 from .metrics import binary_metrics, bootstrap_ci, patient_codes, write_metrics  # noqa: E402
 from .model import load_run  # noqa: E402
 from .predict import predict_probs  # noqa: E402
+from .train import resolve_device  # noqa: E402
 
 CONDITIONS = ("intact", "lungs blanked", "lungs only")
 HIST_BINS = 16
@@ -57,10 +59,12 @@ FEATURE_GROUPS = {
     "sharpness and noise": ["laplacian_var", "high_freq_energy", "noise_mad"],
 }
 # When a check counts as evidence of shortcut learning (see `flags`).
-PROBE_LIFT = 0.5  # (balanced accuracy - chance) / (1 - chance) of the source probe
+PROBE_LIFT = 0.5  # (balanced accuracy - chance) / (1 - chance) of the source probe, within labels
 BLANKED_AUC = 0.75  # the classes are still separated this well with the lungs blanked
 STATS_AUC = 0.80  # non-anatomical image statistics predict the label this well
 CAM_ENRICHMENT = 1.0  # Grad-CAM lung share / lung area share below this: attribution is not drawn to the lungs
+CHECKS = {"source_probe": "source probe", "occlusion": "occlusion", "image_stats": "image statistics",
+          "cam": "Grad-CAM"}
 FIGURES = {"occlusion.png": "Scores per class, intact and occluded", "masks.png": "Lung masks",
            "cam_lungs.png": "Grad-CAM with lung outlines", "imagestats.png": "Image-statistics shortcut check"}
 
@@ -73,26 +77,30 @@ def diagnose(run: str | Path, data: str | Path, out: str | Path, split: str | No
     validate on); by default "test" when DATA holds the run's test images, else "all".
     """
     run, out = Path(run), Path(out)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model, meta = load_run(run, device=dev)
     cache = ImageCache(data)
     split = split or ("test" if _holds_test_images(run, cache) else "all")
     rows = _task_rows(run, cache, split, meta["task"])
     y = (tasks.encode(rows["label"], meta["task"]) == int(meta["positive_index"])).astype(int)
     images = cache.load(rows["cache_index"]).numpy()
+    _log(f"{len(rows)} images ({split}); lung masks")
     masks, refined = lungs.lung_masks(images)
-    features = probe.extract_features(model, meta, cache, rows, dev)
     result: dict[str, Any] = {
         "run": str(run.resolve()), "data": str(Path(data).resolve()), "split": split, "task": meta["task"],
         "positive_label": meta["classes"][int(meta["positive_index"])], "threshold": float(meta["threshold"]),
         "n_images": len(rows), "n_patients": int(patient_codes(rows).max()) + 1,
-        "counts": {f"{s}/{lab}": int(n) for (s, lab), n in rows.groupby(["source", "label"]).size().items()},
-        "lung_masks": {"method": "heuristic (lungs.py: template refined by intensity)",
+        "counts": {f"{src}/{lab}": int(n) for (src, lab), n in rows.groupby(["source", "label"]).size().items()},
+        "lung_masks": {"method": "heuristic (lungs.py: anatomical template united with the dark lung regions)",
                        "mean_area_fraction": float(masks.mean()), "sides_refined": float(refined.mean() / 2)},
-        "source_probe": probe.source_probe(features, rows, seed),
-        "occlusion": occlusion_test(model, meta, images, masks, rows, y, dev),
-        "image_stats": image_stats_check(image_features(images, rows), y, patient_codes(rows), seed),
     }
+    _log("source probe")
+    result["source_probe"] = probe.source_probe(probe.extract_features(model, meta, cache, rows, dev), rows, seed)
+    _log("occlusion")
+    result["occlusion"] = occlusion_test(model, meta, images, masks, rows, y, dev)
+    _log("image statistics")
+    result["image_stats"] = image_stats_check(image_features(images, rows), y, patient_codes(rows), seed)
+    _log("Grad-CAM")
     cam_pick, cams, cam_masks = _cam_sample(model, meta, images, masks, rows, dev, max_cam_images, seed)
     result["cam"] = cam_lung_share(cams, cam_masks, rows.iloc[cam_pick])
     result["flags"] = flags(result)
@@ -102,6 +110,10 @@ def diagnose(run: str | Path, data: str | Path, out: str | Path, split: str | No
     (out / "verdict.md").write_text(verdict(result) + "\n", encoding="utf-8")
     (out / "diagnose.html").write_text(_page(result, out), encoding="utf-8")
     return json.loads((out / "diagnose.json").read_text())
+
+
+def _log(message: str) -> None:
+    print(f"diagnose: {message}", file=sys.stderr, flush=True)
 
 
 def _holds_test_images(run: Path, cache: ImageCache) -> bool:
@@ -119,36 +131,46 @@ def _task_rows(run: Path, cache: ImageCache, split: str, task: str) -> pd.DataFr
 
 # ----------------------------------------------------------------------------------------------- occlusion
 
-def occlude(images: np.ndarray, masks: np.ndarray, condition: str) -> np.ndarray:
-    """uint8 images with the lungs (or everything but the lungs) set to each image's mean content intensity."""
-    if condition == "intact":
-        return images
-    fill = np.array([_content_mean(img) for img in images], dtype=np.uint8)[:, None, None]
-    blank = masks if condition == "lungs blanked" else ~masks
+def occlude(images: np.ndarray, masks: np.ndarray, condition: str, fill: int) -> np.ndarray:
+    """uint8 images with the lungs (or everything but the lungs) set to the gray level `fill`."""
     if condition not in CONDITIONS:
         raise ValueError(f"unknown occlusion {condition!r}; choose one of {', '.join(CONDITIONS)}")
-    return np.where(blank, fill, images)
+    if condition == "intact":
+        return images
+    blank = masks if condition == "lungs blanked" else ~masks
+    return np.where(blank, np.uint8(fill), images)
 
 
-def _content_mean(image: np.ndarray) -> float:
-    top, bottom, left, right = lungs.content_box(image)
-    return float(np.rint(image[top:bottom, left:right].mean()))
+def fill_level(images: np.ndarray) -> int:
+    """One gray level for every image: the mean intensity of the image content (padding left out) over the set.
+
+    A per-image mean would carry the image's own brightness into the occluded version, and brightness differs
+    between sources; black would look like padding. One mid-gray level for all carries nothing.
+    """
+    total, count = 0.0, 0
+    for img in images:
+        top, bottom, left, right = lungs.content_box(img)
+        total += float(img[top:bottom, left:right].sum(dtype=np.float64))
+        count += (bottom - top) * (right - left)
+    return int(round(total / max(count, 1)))
 
 
 def occlusion_test(model: torch.nn.Module, meta: dict, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame,
                    y: np.ndarray, device: torch.device, n_boot: int = 500) -> dict[str, Any]:
-    """Per condition: AUC (patient-bootstrap CI), sensitivity and specificity at the run's threshold, scores."""
+    """{"fill_level": the gray level occluded regions were set to, "conditions": per condition the AUC (with a
+    patient-bootstrap CI), sensitivity and specificity at the run's threshold, and the scores}."""
     augment = from_dict(AugmentConfig, meta["augment"])
-    threshold, result = float(meta["threshold"]), {}
+    threshold, fill = float(meta["threshold"]), fill_level(images)
+    conditions: dict[str, Any] = {}
     for condition in CONDITIONS:
-        x = torch.from_numpy(np.ascontiguousarray(occlude(images, masks, condition)))
+        x = torch.from_numpy(np.ascontiguousarray(occlude(images, masks, condition, fill)))
         score = predict_probs(model, x, augment, int(meta["image_size"]), device)[:, int(meta["positive_index"])].numpy()
         m = binary_metrics(y, score, threshold)
         frame = rows[["path", "source", "patient_id"]].assign(y=y, score=score)
         auc_ci = bootstrap_ci(frame, threshold, n_boot)["auc"] if 0 < y.sum() < len(y) else (math.nan, math.nan)
-        result[condition] = {"auc": m["auc"], "auc_ci95": list(auc_ci), "sensitivity": m["sensitivity"],
-                             "specificity": m["specificity"], "scores": score.round(5).tolist()}
-    return result
+        conditions[condition] = {"auc": m["auc"], "auc_ci95": list(auc_ci), "sensitivity": m["sensitivity"],
+                                 "specificity": m["specificity"], "scores": score.round(5).tolist()}
+    return {"fill_level": fill, "conditions": conditions}
 
 
 # ---------------------------------------------------------------------------------------- image statistics
@@ -195,9 +217,10 @@ def _high_freq_energy(patch: np.ndarray) -> float:
 def image_stats_check(features: pd.DataFrame, y: np.ndarray, groups: np.ndarray, seed: int = 0) -> dict[str, Any]:
     """Cross-validated (by patient) AUC and balanced accuracy of predicting the label from each feature group,
     all groups together, and each feature alone (AUC of the raw value, direction-free)."""
-    if len(np.unique(y)) < 2:
-        return {"note": "only one class among these images: the label cannot be predicted", "groups": {}, "features": {}}
-    folds = int(min(5, np.bincount(y).min()))
+    smallest = int(np.bincount(y, minlength=2).min())
+    if smallest < 2:
+        return {"note": f"{smallest} image(s) of one class: too few to predict the label", "groups": {}, "features": {}}
+    folds = min(5, smallest)
     out: dict[str, Any] = {"groups": {}, "features": {}}
     for name, cols in {**FEATURE_GROUPS, "all": list(features.columns)}.items():
         out["groups"][name] = _cv_classifier(features[cols].to_numpy(), y, groups, folds, seed)
@@ -265,9 +288,8 @@ def cam_lung_share(cams: np.ndarray, masks: np.ndarray, rows: pd.DataFrame) -> d
 
 def flags(result: dict[str, Any]) -> dict[str, bool | None]:
     """Which checks point at a shortcut (None: the check could not be made on these images)."""
-    overall = result["source_probe"].get("overall")
-    lift = ((overall["balanced_accuracy"] - overall["chance"]) / (1 - overall["chance"])) if overall else None
-    blanked = result["occlusion"]["lungs blanked"]["auc"]
+    lift = _probe_lift(result["source_probe"])
+    blanked = result["occlusion"]["conditions"]["lungs blanked"]["auc"]
     stats = result["image_stats"]["groups"].get("all", {}).get("auc")
     enrichment = result["cam"]["overall"]["enrichment"]
     return {"source_probe": None if lift is None else lift >= PROBE_LIFT,
@@ -276,24 +298,33 @@ def flags(result: dict[str, Any]) -> dict[str, bool | None]:
             "cam": None if not _finite(enrichment) else enrichment < CAM_ENRICHMENT}
 
 
+def _probe_lift(source_probe: dict[str, Any]) -> float | None:
+    """How far above chance the source is predicted, 0 (chance) to 1 (perfect): the mean over labels where a label
+    spans several sources (the label alone cannot explain it there), else the overall probe."""
+    probes = list(source_probe.get("within_label", {}).values()) or [p for p in [source_probe.get("overall")] if p]
+    if not probes:
+        return None
+    return float(np.mean([(p["balanced_accuracy"] - p["chance"]) / (1 - p["chance"]) for p in probes]))
+
+
 def _finite(x: Any) -> bool:
     return x is not None and math.isfinite(x)
 
 
 def verdict(result: dict[str, Any]) -> str:
-    """The plain-words verdict (Markdown) for summary.md and verdict.md."""
+    """The plain-words verdict (Markdown: a headline, then one line per check) for summary.md and verdict.md."""
     f = result["flags"]
-    raised = [k for k, v in f.items() if v]
-    made = [k for k, v in f.items() if v is not None]
+    raised = [CHECKS[k] for k, v in f.items() if v]
+    made = sum(v is not None for v in f.values())
     if len(raised) >= 2:
-        head = (f"**Shortcut learning is likely**: {len(raised)} of {len(made)} checks point at it. The model's "
-                "scores depend on which collection an image comes from and on what lies outside the lungs; "
-                "do not trust its accuracy on images from other hospitals.")
+        head = (f"**Shortcut learning is likely**: {len(raised)} of {made} checks point at it ({', '.join(raised)}). "
+                "Do not trust this model's accuracy on images from other hospitals until a cross-source test "
+                "shows it.")
     elif raised:
-        head = f"**Possible shortcut**: 1 of {len(made)} checks points at one ({raised[0].replace('_', ' ')})."
+        head = f"**Possible shortcut**: 1 of {made} checks points at one ({raised[0]})."
     else:
-        head = f"**No sign of shortcut learning** in these {len(made)} checks (which cannot prove its absence)."
-    return "\n\n".join([head] + [_sentence(k, result) for k in ("source_probe", "occlusion", "image_stats", "cam")])
+        head = f"**No sign of shortcut learning** in these {made} checks (which cannot prove its absence)."
+    return "\n\n".join([head] + [_sentence(k, result) for k in CHECKS])
 
 
 def _sentence(check: str, r: dict[str, Any]) -> str:
@@ -302,7 +333,7 @@ def _sentence(check: str, r: dict[str, Any]) -> str:
     if check == "source_probe":
         return f"- Source probe {mark}: {probe.describe(r['source_probe'])}"
     if check == "occlusion":
-        o = r["occlusion"]
+        o = r["occlusion"]["conditions"]
         return (f"- Occlusion {mark}: AUC {_fmt(o['intact']['auc'])} on intact images, {_fmt(o['lungs blanked']['auc'])} "
                 f"with the lung fields blanked and {_fmt(o['lungs only']['auc'])} with only the lungs kept; "
                 f"with the lungs blanked, {_pct(o['lungs blanked']['sensitivity'])} of {pos} images are still "
@@ -336,7 +367,7 @@ def _pct(x: Any) -> str:
 def _write_figures(out: Path, result: dict, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame,
                    y: np.ndarray, cam_pick: np.ndarray, cams: np.ndarray, cam_masks: np.ndarray, meta: dict) -> None:
     negative = "/".join(sorted(rows.loc[y == 0, "label"].unique())) or "negative"
-    _plot_occlusion(result["occlusion"], y, result["threshold"], (negative, result["positive_label"]),
+    _plot_occlusion(result["occlusion"]["conditions"], y, result["threshold"], (negative, result["positive_label"]),
                     out / "occlusion.png")
     pick = _spread_sample(rows, 12, seed=1)
     _plot_masks(images[pick], masks[pick], rows.iloc[pick], out / "masks.png")
@@ -355,16 +386,21 @@ def _savefig(fig: plt.Figure, path: Path) -> None:
 
 
 def _plot_occlusion(occ: dict, y: np.ndarray, threshold: float, labels: tuple[str, str], path: Path) -> None:
+    """Score histograms per class and condition; the bins span the observed scores (a weakly trained model's
+    scores can all lie within a few hundredths of each other), the same bins in every panel."""
     fig, axes = plt.subplots(1, len(CONDITIONS), figsize=(4.2 * len(CONDITIONS), 3.4), sharey=True)
-    edges = np.linspace(0, 1, 26)
+    every = np.concatenate([occ[c]["scores"] for c in CONDITIONS])
+    lo, hi = float(every.min()), float(every.max())
+    edges = np.linspace(lo, max(hi, lo + 1e-6), 26)
     for ax, condition in zip(axes, CONDITIONS):
         score = np.asarray(occ[condition]["scores"])
         for cls, color in ((0, "C0"), (1, "C3")):
-            ax.hist(score[y == cls], bins=edges, color=color, alpha=0.6, density=True,
-                    label=f"true {labels[cls]} (n={int((y == cls).sum())})")
+            values = score[y == cls]
+            ax.hist(values, bins=edges, color=color, alpha=0.6, weights=np.full(len(values), 1 / max(1, len(values))),
+                    label=f"true {labels[cls]} (n={len(values)})")
         ax.axvline(threshold, color="k", ls="--", lw=1)
-        ax.set(title=f"{condition}: AUC {_fmt(occ[condition]['auc'])}", xlabel=f"score (P {labels[1]})", xlim=(0, 1))
-    axes[0].set_ylabel("density")
+        ax.set(title=f"{condition}: AUC {_fmt(occ[condition]['auc'])}", xlabel=f"score (P {labels[1]})")
+    axes[0].set_ylabel("share of the class")
     axes[0].legend(fontsize=8, loc="upper center")
     _savefig(fig, path)
 
@@ -415,44 +451,64 @@ def _plot_image_stats(stats: dict, path: Path) -> None:
 
 def diagnostics_html(result: dict[str, Any], out_dir: str | Path) -> str:
     """HTML snippet (a report section body): the verdict, the key numbers and the figures embedded from out_dir."""
-    out_dir = Path(out_dir)
-    occ = result["occlusion"]
-    occ_rows = "".join(
-        f'<tr><td class="k">{c}</td><td>{_fmt(occ[c]["auc"], 3)}</td>'
-        f'<td>{_fmt(occ[c]["auc_ci95"][0], 3)} &ndash; {_fmt(occ[c]["auc_ci95"][1], 3)}</td>'
-        f'<td>{_fmt(occ[c]["sensitivity"], 3)}</td><td>{_fmt(occ[c]["specificity"], 3)}</td></tr>' for c in CONDITIONS)
-    stats = result["image_stats"]["groups"]
-    stat_rows = "".join(f'<tr><td class="k">{html.escape(k)}</td><td>{_fmt(v["auc"], 3)}</td>'
-                        f'<td>{_fmt(v["balanced_accuracy"], 3)}</td></tr>' for k, v in stats.items())
+    head, *lines = verdict(result).split("\n\n")
+    lm = result["lung_masks"]
+    setup = (f'{result["n_images"]} images ({result["split"]} split of {Path(result["data"]).name}); lung fields: '
+             f'{lm["method"]}, {_pct(lm["sides_refined"])} of lungs also traced in the image (the rest: template '
+             f'only); blanked regions set to one gray level for all images ({result["occlusion"]["fill_level"]} of 255).')
+    return (f'<div class="diagnostics"><p>{_md_inline(head)}</p>'
+            f'<ul>{"".join(f"<li>{_md_inline(line)}</li>" for line in lines)}</ul>'
+            f'<p class="sub">{html.escape(setup)}</p>'
+            f"{_probe_table(result)}{_occlusion_table(result)}{_stats_table(result)}{_cam_table(result)}"
+            f'<div class="figs">{_figures(Path(out_dir))}</div></div>')
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A table whose first column is a left-aligned label; cells are escaped."""
+    def row(cells: list[str], tag: str) -> str:
+        return "<tr>" + "".join(f'<{tag}{" class=k" if i == 0 else ""}>{html.escape(c)}</{tag}>'
+                                for i, c in enumerate(cells)) + "</tr>"
+    return "<table>" + row(header, "th") + "".join(row(r, "td") for r in rows) + "</table>"
+
+
+def _probe_table(result: dict[str, Any]) -> str:
+    probes = {"all images": result["source_probe"].get("overall"), **result["source_probe"].get("within_label", {})}
+    return _table(["source probe", "balanced accuracy", "chance", "images", "sources"],
+                  [[name, _fmt(p["balanced_accuracy"], 3), _fmt(p["chance"], 3), str(p["n"]), ", ".join(p["classes"])]
+                   for name, p in probes.items() if p])
+
+
+def _occlusion_table(result: dict[str, Any]) -> str:
+    occ = result["occlusion"]["conditions"]
+    return _table(["occlusion", "AUC", "95 % CI", "sensitivity", "specificity"],
+                  [[c, _fmt(occ[c]["auc"], 3), f'{_fmt(occ[c]["auc_ci95"][0], 3)} - {_fmt(occ[c]["auc_ci95"][1], 3)}',
+                    _fmt(occ[c]["sensitivity"], 3), _fmt(occ[c]["specificity"], 3)] for c in CONDITIONS])
+
+
+def _stats_table(result: dict[str, Any]) -> str:
+    return _table(["image statistics -> label", "AUC", "balanced accuracy"],
+                  [[k, _fmt(v["auc"], 3), _fmt(v["balanced_accuracy"], 3)]
+                   for k, v in result["image_stats"]["groups"].items()])
+
+
+def _cam_table(result: dict[str, Any]) -> str:
     cam = result["cam"]
-    cam_rows = "".join(f'<tr><td class="k">{html.escape(k)}</td><td>{v["n"]}</td><td>{_pct(v["lung_share"])}</td>'
-                       f'<td>{_pct(v["lung_area"])}</td><td>{_fmt(v["enrichment"])}</td></tr>'
-                       for k, v in [("all", cam["overall"]), *cam["per_label"].items(), *cam["per_source"].items()])
-    verdict_html = "".join(f"<p>{_md_inline(p)}</p>" for p in verdict(result).split("\n\n"))
-    figures = "".join(
+    parts = [("all", cam["overall"]), *cam["per_label"].items(), *cam["per_source"].items()]
+    return _table(["Grad-CAM", "images", "share in lungs", "lung area", "ratio"],
+                  [[k, str(v["n"]), _pct(v["lung_share"]), _pct(v["lung_area"]), _fmt(v["enrichment"])]
+                   for k, v in parts])
+
+
+def _figures(out_dir: Path) -> str:
+    return "".join(
         f'<figure><img alt="{alt}" src="data:image/png;base64,'
         f'{base64.b64encode((out_dir / name).read_bytes()).decode("ascii")}"><figcaption>{alt}</figcaption></figure>'
         for name, alt in FIGURES.items() if (out_dir / name).exists())
-    lm = result["lung_masks"]
-    return (
-        f'<div class="diagnostics">{verdict_html}'
-        f'<p class="sub">{result["n_images"]} images ({result["split"]} split of {html.escape(Path(result["data"]).name)}); '
-        f'lung fields: {html.escape(lm["method"])}, mean area {_pct(lm["mean_area_fraction"])} of the image, '
-        f'{_pct(lm["sides_refined"])} of lungs refined by intensity (the rest: template). Blanked regions are set to '
-        "each image's mean intensity.</p>"
-        '<table><tr><th class="k">occlusion</th><th>AUC</th><th>95 % CI</th><th>sensitivity</th><th>specificity</th></tr>'
-        f"{occ_rows}</table>"
-        '<table><tr><th class="k">image statistics &rarr; label</th><th>AUC</th><th>balanced accuracy</th></tr>'
-        f"{stat_rows}</table>"
-        '<table><tr><th class="k">Grad-CAM</th><th>images</th><th>share in lungs</th><th>lung area</th><th>ratio</th></tr>'
-        f'{cam_rows}</table><div class="figs">{figures}</div></div>'
-    )
 
 
 def _md_inline(text: str) -> str:
-    """The verdict's Markdown (bold, list dashes) as HTML."""
-    escaped = html.escape(text.removeprefix("- "))
-    parts = escaped.split("**")
+    """One line of the verdict's Markdown (bold, a leading list dash) as HTML."""
+    parts = html.escape(text.removeprefix("- ")).split("**")
     return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
 
 

@@ -44,27 +44,32 @@ def score_rows(model: torch.nn.Module, meta: dict, cache: ImageCache, rows: pd.D
     return probs[:, int(meta["positive_index"])].numpy()
 
 
-def predictions(run: str | Path, data: str | Path, split: str = "test", device: str = "auto") -> tuple[pd.DataFrame, dict, dict]:
-    """(predictions frame with y and score, the run's meta, provenance) for the images the task uses."""
+def predictions(run: str | Path, data: str | Path, split: str = "test", device: str = "auto",
+                task: str | None = None) -> tuple[pd.DataFrame, dict, dict]:
+    """(predictions frame with y and score, the run's meta, provenance) for the images the task uses.
+
+    `task` overrides the run's own task for choosing and labelling images (e.g. score a covid-vs-rest model on
+    covid-vs-normal data, so that settings trained on different tasks are compared on the same images)."""
     run = Path(run)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     model, meta = load_run(run, device=dev)
     cache = ImageCache(data)
     rows, excluded = select_images(run, cache, split)
-    rows = rows[tasks.encode(rows["label"], meta["task"]) >= 0].reset_index(drop=True)
+    task = task or meta["task"]
+    rows = rows[tasks.encode(rows["label"], task) >= 0].reset_index(drop=True)
     if rows.empty:
-        raise ValueError(f"{data}: no images with labels that task {meta['task']} uses")
+        raise ValueError(f"{data}: no images with labels that task {task} uses")
     if excluded:
         print(f"note: {excluded} image(s) of {data} were used to train or validate this run and are left out", file=sys.stderr)
     pred = rows[["path", "source", "patient_id", "label"]].copy()
-    pred["y"] = (tasks.encode(rows["label"], meta["task"]) == int(meta["positive_index"])).astype(int)
+    pred["y"] = (tasks.encode(rows["label"], task) == tasks.POSITIVE_INDEX).astype(int)
     pred["score"] = score_rows(model, meta, cache, rows, dev)
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
     provenance = {
         "run": str(run.resolve()), "run_config_hash": meta.get("config_hash", ""), "model_epoch": meta.get("epoch"),
         "run_manifest_hash": meta.get("manifest_hash", ""), "data": str(Path(data).resolve()),
         "data_manifest_hash": manifest_hash(rows), "split": split, "excluded_seen_images": excluded,
-        "task": meta["task"], "arch": meta["arch"], "weights": config.get("weights", ""),
+        "task": task, "arch": meta["arch"], "weights": config.get("weights", ""),
         "train_sources": ", ".join(config.get("train_sources", [])), "threshold_method": meta.get("threshold_method"),
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
     }

@@ -11,13 +11,13 @@ Method, on a cached uint8 square (any size):
    cohen COVID-19 images.
 3. Refinement: lungs are the dark regions inside the body. The image is smoothed and thresholded (Otsu) inside
    the template grown by `SEARCH_GROW`; on each side of the box's midline the dark component that overlaps that
-   side's ellipse most is kept, and replaced by its convex hull so that dense opacities inside a lung (which are
-   bright, as in COVID-19 pneumonia) stay inside its mask.
-4. Plausibility: a side whose component is implausible (area far from the ellipse's, or little overlap with it)
-   falls back to the ellipse; `lung_masks` reports how many sides were refined.
-
-Measured against those 388 hand-drawn masks: mean Dice 0.80 (the template alone: 0.74). Those images are adult
-COVID-19 cases; on children, rotated or tightly cropped films the template (and so the mask) is coarser.
+   side's ellipse most is taken, as its convex hull (so that dense opacities inside a lung, which are bright, stay
+   inside), unless it is implausible as a lung (area far from the ellipse's, or little overlap with it).
+4. The mask is the template united with the refined lungs: generous on purpose, since the occlusion test must
+   remove (nearly) all lung tissue when it blanks the lungs.
+Measured against those 388 hand-drawn masks at 256 px: the mask holds 90 % of the drawn lung on average (fewer
+than 1 in 50 films below 70 %), and 66 % of the mask is drawn lung (Dice 0.75); the template alone holds 89 %.
+Those films are adult COVID-19 cases; on children, rotated or tightly cropped films the mask is coarser.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def template(shape: tuple[int, int], box: tuple[int, int, int, int], grow: float
 
 
 def lung_mask(image: np.ndarray) -> tuple[np.ndarray, int]:
-    """(bool mask of both lungs, number of sides (0-2) refined by intensity rather than taken from the template)."""
+    """(bool mask of both lungs, number of sides (0-2) where a plausible dark lung was found and added)."""
     if image.ndim != 2:
         raise ValueError(f"lung_mask expects a 2-D gray image, got shape {image.shape}")
     box = content_box(image)
@@ -70,14 +70,12 @@ def lung_mask(image: np.ndarray) -> tuple[np.ndarray, int]:
     midline = (box[2] + box[3]) // 2
     halves = np.zeros_like(search)
     halves[0, :, :midline], halves[1, :, midline:] = True, True
-    mask, refined = np.zeros(image.shape, bool), 0
+    mask, refined = prior.any(axis=0), 0
     for side in range(2):
         lung = _side_component(dark & search[side] & halves[side], prior[side], search[side])
         if lung is not None:
             mask |= lung
             refined += 1
-        else:
-            mask |= prior[side]
     return mask, refined
 
 

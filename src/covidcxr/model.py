@@ -313,11 +313,13 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
 
 
 def save_checkpoint(
-    path: str | Path, model: nn.Module, meta: dict[str, Any], extra: dict[str, Any] | None = None
+    path: str | Path, model: nn.Module, meta: dict[str, Any], extra: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write {"model": state_dict, "meta": meta, **extra} atomically (temp file + rename).
 
-    `meta` gains the model's `arch` and `num_sources`, which `load_run` needs to rebuild it.
+    `meta` gains the model's `arch` and `num_sources`, which `load_run` needs to rebuild it. `state_dict` replaces the
+    model's current weights (e.g. the best epoch's, kept in memory by the training loop).
     """
     m = unwrap(model)
     if meta.get("arch", m.arch) != m.arch:
@@ -325,7 +327,7 @@ def save_checkpoint(
     clash = {"model", "meta"} & set(extra or {})
     if clash:
         raise ValueError(f"extra checkpoint entries may not be named {', '.join(sorted(clash))}")
-    payload = {"model": m.state_dict(), "meta": {**meta, "arch": m.arch, "num_sources": m.num_sources}, **(extra or {})}
+    payload = {"model": state_dict if state_dict is not None else m.state_dict(), "meta": {**meta, "arch": m.arch, "num_sources": m.num_sources}, **(extra or {})}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)

@@ -64,9 +64,12 @@ def external_folds(df: pd.DataFrame, task: str) -> list[list[str]]:
     df = df[tasks.encode(df["label"], task) >= 0]
     pos = df["label"] == "covid"
     counts = pd.DataFrame({"pos": pos.groupby(df["source"]).sum(), "neg": (~pos).groupby(df["source"]).sum()})
-    both = counts[(counts["pos"] >= MIN_CLASS) & (counts["neg"] >= MIN_CLASS)].index.tolist()
-    only_pos = counts[(counts["pos"] >= MIN_CLASS) & (counts["neg"] < MIN_CLASS)].sort_values("pos", ascending=False).index
-    only_neg = counts[(counts["neg"] >= MIN_CLASS) & (counts["pos"] < MIN_CLASS)].sort_values("neg", ascending=False).index
+    counts = counts.rename_axis("source").reset_index()
+    both = counts.loc[(counts["pos"] >= MIN_CLASS) & (counts["neg"] >= MIN_CLASS), "source"].tolist()
+    def largest_first(mask: pd.Series, col: str) -> pd.Index:  # ties broken by name, so folds never depend on order
+        return pd.Index(counts[mask].sort_values([col, "source"], ascending=[False, True])["source"])
+    only_pos = largest_first((counts["pos"] >= MIN_CLASS) & (counts["neg"] < MIN_CLASS), "pos")
+    only_neg = largest_first((counts["neg"] >= MIN_CLASS) & (counts["pos"] < MIN_CLASS), "neg")
     folds = [[s] for s in both]
     folds += [[p, n] for p, n in zip(only_pos, only_neg)]
     paired = len(folds) - len(both)

@@ -169,6 +169,7 @@ class Trainer:
             self.optimizer, lr_lambda(total, warmup=max(1, self.steps_per_epoch // 2)))
         self.loss_weights = class_weights(train["y"].to_numpy(), len(self.classes)).to(self.device)
         self.start_epoch, self.best_auc, self.bad_epochs = 0, -1.0, 0
+        self.best, self.best_dirty = None, False
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             if not resume and (self.out / "last.pt").exists():
@@ -288,7 +289,7 @@ class Trainer:
         return self.out
 
     def _end_epoch(self, epoch: int, train_loss: float, speed: float, seconds: float) -> bool:
-        """Validate, log, checkpoint (best by validation AUC, last always); True when early stopping says stop."""
+        """Validate, log, keep the best weights (by validation AUC), checkpoint; True when early stopping says stop."""
         val_loss, val_auc, probs = self.validate()
         lr = self.optimizer.param_groups[0]["lr"]
         with open(self.out / "history.csv", "a", newline="") as fh:
@@ -297,26 +298,38 @@ class Trainer:
         improved = val_auc > self.best_auc or (np.isnan(self.best_auc) and not np.isnan(val_auc))
         if improved:
             self.best_auc, self.bad_epochs = val_auc, 0
-            self._save_best(epoch, val_auc, probs)
+            self._keep_best(epoch, val_auc, probs)
         else:
             self.bad_epochs += 1
         stop = self.bad_epochs >= self.cfg.patience
-        save_checkpoint(self.out / "last.pt", self.model, self.meta(epoch, val_auc),
-                        {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                         "epoch": epoch, "best_auc": self.best_auc, "bad_epochs": self.bad_epochs,
-                         "finished": stop or epoch + 1 == self.cfg.epochs})
+        finished = stop or epoch + 1 == self.cfg.epochs
+        if finished or (epoch + 1) % self.cfg.checkpoint_every == 0:
+            self._checkpoint(epoch, val_auc, finished)
         tqdm.write(f"epoch {epoch + 1}/{self.cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
                    f"val_auc {val_auc:.4f}{'  *best*' if improved else ''}  {speed:.0f} img/s  {seconds:.0f}s")
         return stop
 
-    def _save_best(self, epoch: int, val_auc: float, probs: np.ndarray) -> None:
-        """model.pt with the operating threshold chosen on validation data only."""
+    def _keep_best(self, epoch: int, val_auc: float, probs: np.ndarray) -> None:
+        """Hold the best weights in memory with their operating threshold, chosen on validation data only."""
         positive = (self.val_df["y"].to_numpy() == tasks.POSITIVE_INDEX).astype(int)
         score = probs[:, tasks.POSITIVE_INDEX]
         threshold = choose_threshold(positive, score, self.cfg.threshold_method, self.cfg.target_sensitivity)
-        save_checkpoint(self.out / "model.pt", self.model, self.meta(epoch, val_auc, float(threshold)))
-        self.val_df.assign(score=score)[["path", "source", "patient_id", "label", "score"]].to_csv(
-            self.out / "val_predictions.csv", index=False)
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.best = (state, self.meta(epoch, val_auc, float(threshold)), score)
+        self.best_dirty = True
+
+    def _checkpoint(self, epoch: int, val_auc: float, finished: bool) -> None:
+        """model.pt (best so far) first, then last.pt: a crash between the two leaves a resumable pair."""
+        if self.best_dirty:
+            state, meta, score = self.best
+            save_checkpoint(self.out / "model.pt", self.model, meta, state_dict=state)
+            self.val_df.assign(score=score)[["path", "source", "patient_id", "label", "score"]].to_csv(
+                self.out / "val_predictions.csv", index=False)
+            self.best_dirty = False
+        save_checkpoint(self.out / "last.pt", self.model, self.meta(epoch, val_auc),
+                        {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         "epoch": epoch, "best_auc": self.best_auc, "bad_epochs": self.bad_epochs,
+                         "finished": finished})
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:

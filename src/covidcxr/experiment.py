@@ -1,0 +1,169 @@
+"""`covidcxr experiment`: a grid of training settings under a cross-source protocol, compared with CIs over seeds.
+
+Each setting is trained once per seed on the in-distribution split and once per external fold (sources held out of
+training, then tested on), and scored on the same images with the same task, so settings are comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from scipy import stats  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+from .cache import ImageCache  # noqa: E402
+from .config import TrainConfig, from_dict, save_json, to_dict  # noqa: E402
+from .evaluate import predictions  # noqa: E402
+from .reproduce import external_folds  # noqa: E402
+from .train import train  # noqa: E402
+
+FIXED_SENSITIVITY = 0.9
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_grid(path: str | Path, data: str | None = None) -> dict:
+    """Experiment YAML: data, eval_task, base (TrainConfig settings), settings {name: overrides}, seeds, folds."""
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    if data:
+        spec["data"] = str(data)
+    missing = {"data", "settings"} - set(spec)
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(sorted(missing))}")
+    spec.setdefault("base", {})
+    spec.setdefault("seeds", [0])
+    spec.setdefault("eval_task", "covid-vs-normal")
+    for name, override in spec["settings"].items():  # fail before training anything
+        from_dict(TrainConfig, _merge(_merge(to_dict(TrainConfig()), spec["base"]), override or {}))
+    return spec
+
+
+def spec_at_fixed_sensitivity(y: np.ndarray, score: np.ndarray, sensitivity: float = FIXED_SENSITIVITY) -> float:
+    """Specificity where the ROC first reaches the given sensitivity: compares settings at one operating point."""
+    fpr, tpr, _ = roc_curve(y, score)
+    return float(1 - fpr[np.argmax(tpr >= sensitivity)])
+
+
+def score_run(run: Path, data: str, task: str) -> dict:
+    pred, meta, _ = predictions(run, data, "test", task=task)
+    y, s = pred["y"].to_numpy(), pred["score"].to_numpy()
+    both = 0 < y.sum() < len(y)
+    called = s >= meta["threshold"]
+    return {"n": len(y), "auc": roc_auc_score(y, s) if both else np.nan,
+            "sensitivity": called[y == 1].mean() if y.any() else np.nan,
+            "specificity": (~called[y == 0]).mean() if (y == 0).any() else np.nan,
+            "spec_at_sens90": spec_at_fixed_sensitivity(y, s) if both else np.nan}
+
+
+def run_experiment(config: str | Path, out: str | Path, data: str | None = None) -> pd.DataFrame:
+    """Train and score every (setting, seed, fold); write results.csv, summary.csv/md and comparison.png."""
+    spec, out = load_grid(config, data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    folds = [[]] + external_folds(ImageCache(spec["data"]).manifest(), spec["eval_task"])
+    if spec.get("folds"):
+        folds = [[]] + [f for f in folds[1:] if "+".join(f) in spec["folds"]]
+    results_path = out / "results.csv"
+    done = pd.read_csv(results_path) if results_path.exists() else pd.DataFrame()
+    rows = done.to_dict("records")
+    for seed in spec["seeds"]:  # seeds outermost: a grid cut short still compares every setting
+        for name, override in spec["settings"].items():
+            for held in folds:
+                fold = "+".join(held) or "in-distribution"
+                if any(r["setting"] == name and r["seed"] == seed and r["fold"] == fold for r in rows):
+                    continue  # finished earlier: an interrupted grid resumes where it stopped
+                run_dir = out / "runs" / name / f"seed{seed}" / fold
+                values = _merge(_merge(to_dict(TrainConfig()), spec["base"]), override or {})
+                cfg = replace(from_dict(TrainConfig, values), data=str(spec["data"]), out=str(run_dir), seed=seed,
+                              holdout_sources=held)
+                start = time.time()
+                train(cfg, resume=(run_dir / "last.pt").exists())
+                rows.append({"setting": name, "seed": seed, "fold": fold, **score_run(run_dir, spec["data"], spec["eval_task"]),
+                             "seconds": round(time.time() - start, 1)})
+                pd.DataFrame(rows).to_csv(results_path, index=False)
+                if not spec.get("keep_checkpoints", True):
+                    for name_pt in ("model.pt", "last.pt"):  # a large grid would fill the disk
+                        (run_dir / name_pt).unlink(missing_ok=True)
+    results = pd.DataFrame(rows)
+    summary = summarize(results)
+    summary.to_csv(out / "summary.csv")
+    (out / "summary.md").write_text(to_markdown(summary, spec))
+    plot_comparison(summary, out / "comparison.png")
+    return summary
+
+
+def _mean_ci(values: pd.Series) -> tuple[float, float, float]:
+    """Mean over seeds with a 95 % t-interval (NaN width for a single seed)."""
+    v = values.dropna().to_numpy()
+    if len(v) == 0:
+        return np.nan, np.nan, np.nan
+    if len(v) == 1:
+        return float(v[0]), np.nan, np.nan
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Per setting: in-distribution AUC and, averaged over external folds per seed, cross-source metrics."""
+    records = {}
+    for name, sub in results.groupby("setting", sort=False):
+        ind = sub[sub["fold"] == "in-distribution"].set_index("seed")
+        ext = sub[sub["fold"] != "in-distribution"].groupby("seed")
+        rec = {}
+        for label, series in [("in_auc", ind["auc"]), ("in_spec_at_sens90", ind["spec_at_sens90"]),
+                              ("cross_auc", ext["auc"].mean()), ("cross_spec_at_sens90", ext["spec_at_sens90"].mean()),
+                              ("cross_sensitivity", ext["sensitivity"].mean()), ("cross_specificity", ext["specificity"].mean())]:
+            rec[label], rec[label + "_lo"], rec[label + "_hi"] = _mean_ci(series)
+        rec["seeds"] = sub["seed"].nunique()
+        records[name] = rec
+    return pd.DataFrame.from_dict(records, orient="index").sort_values("cross_auc", ascending=False)
+
+
+def to_markdown(summary: pd.DataFrame, spec: dict) -> str:
+    cols = ["in_auc", "cross_auc", "cross_spec_at_sens90", "cross_sensitivity", "cross_specificity"]
+    def cell(row, c):
+        if np.isnan(row[c]):
+            return "n/a"
+        ci = "" if np.isnan(row[c + "_lo"]) else f" [{row[c + '_lo']:.3f}, {row[c + '_hi']:.3f}]"
+        return f"{row[c]:.3f}{ci}"
+    lines = ["| setting | " + " | ".join(cols) + " | seeds |", "|---" * (len(cols) + 2) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(row, c) for c in cols) + f" | {int(row['seeds'])} |"
+              for name, row in summary.iterrows()]
+    best = summary.index[0]
+    return ("# Experiment: cross-source comparison\n\n"
+            f"Evaluation task {spec['eval_task']}; mean over seeds with 95 % t-intervals; cross-source values are "
+            "averaged over the external folds (sources held out of training). spec_at_sens90: specificity where "
+            f"sensitivity first reaches {FIXED_SENSITIVITY:.0%} on the held-out images.\n\n" + "\n".join(lines)
+            + f"\n\nBest cross-source AUC: **{best}**.\n")
+
+
+def plot_comparison(summary: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(summary)), 4.5))
+    x = np.arange(len(summary))
+    for offset, (col, label) in zip((-0.2, 0.2), [("in_auc", "in-distribution AUC"), ("cross_auc", "cross-source AUC")]):
+        err = np.vstack([summary[col] - summary[col + "_lo"], summary[col + "_hi"] - summary[col]])
+        ax.bar(x + offset, summary[col], 0.4, yerr=np.nan_to_num(err), capsize=3, label=label)
+    ax.axhline(0.5, color="gray", lw=1, ls="--", label="chance")
+    ax.set_xticks(x, summary.index, rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("AUC (mean over seeds, 95 % CI)")
+    ax.set_title("Settings: in-distribution vs cross-source AUC")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

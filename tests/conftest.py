@@ -1,0 +1,92 @@
+"""Shared fixtures: where the real chest X-rays live, and writers for tiny test images (PNG/JPEG/DICOM...)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+
+def shared_cxr_path() -> Path:
+    """../shared/cxr beside the repository root, or $COVIDCXR_SHARED."""
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "cxr"
+    return Path(os.environ.get("COVIDCXR_SHARED", default))
+
+
+@pytest.fixture(scope="session")
+def shared_cxr() -> Path:
+    """The real data folder; tests using it are skipped when it is absent."""
+    root = shared_cxr_path()
+    if not (root / "metadata.csv").is_file():
+        pytest.skip(f"real chest X-rays not found at {root} (set COVIDCXR_SHARED)")
+    return root
+
+
+class Images:
+    """Writers for small synthetic images; each returns the path it wrote."""
+
+    @staticmethod
+    def smooth(seed: int, height: int = 96, width: int = 80) -> np.ndarray:
+        """A smooth random gray image in [0, 1]: different seeds give uncorrelated images, like different X-rays."""
+        coarse = np.random.default_rng(seed).integers(0, 256, (6, 6), dtype=np.uint8)
+        img = Image.fromarray(coarse, mode="L").resize((width, height), Image.BICUBIC)
+        return np.asarray(img, dtype=np.float32) / 255.0
+
+    @staticmethod
+    def to_u8(img: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+
+    @classmethod
+    def save(cls, path: Path, img: np.ndarray | Image.Image, **save_args) -> Path:
+        """Save a float [0, 1] gray array (or a PIL image) in the format the suffix names."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pil = img if isinstance(img, Image.Image) else Image.fromarray(cls.to_u8(img), mode="L")
+        pil.save(path, **save_args)
+        return path
+
+    @staticmethod
+    def dicom(path: Path | None, pixels: np.ndarray | None, photometric: str = "MONOCHROME2",
+              bits_stored: int = 12, **tags) -> bytes:
+        """A minimal valid DICOM file (uint16 pixels); pixels=None leaves out the pixel data. Written when path."""
+        meta = FileMetaDataset()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality = "CR"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+        if pixels is not None:
+            ds.Rows, ds.Columns = pixels.shape
+            ds.PixelData = pixels.astype(np.uint16).tobytes()
+        for key, value in tags.items():
+            setattr(ds, key, value)
+        buf = io.BytesIO()
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(buf.getvalue())
+        return buf.getvalue()
+
+    @staticmethod
+    def truncated_png(path: Path, img: np.ndarray) -> Path:
+        """A PNG cut off in the middle of its image data: the header is valid, decoding fails."""
+        buf = io.BytesIO()
+        Image.fromarray(Images.to_u8(img), mode="L").save(buf, format="PNG")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        return path
+
+
+@pytest.fixture
+def images() -> type[Images]:
+    return Images

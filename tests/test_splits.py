@@ -1,0 +1,115 @@
+"""Patient-level splits: no patient in two parts, requested fractions per label, stable as the data grows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidcxr.splits import LeakageError, assert_patient_disjoint, kfold_split, leave_sources_out, patient_split
+
+
+def _frame(n_patients: int = 3000, seed: int = 0, prefix: str = "p") -> pd.DataFrame:
+    """1-6 images per patient; one label and one source per patient, as in the real databases."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 7, n_patients)
+    patients = np.repeat([f"{prefix}{i}" for i in range(n_patients)], counts)
+    labels = np.repeat(rng.choice(["covid", "normal", "pneumonia"], n_patients, p=[0.5, 0.35, 0.15]), counts)
+    sources = np.repeat(rng.choice(["a", "b", "c"], n_patients), counts)
+    return pd.DataFrame({"path": [f"/img/{i}.png" for i in range(len(patients))], "patient_id": patients,
+                         "label": labels, "source": sources})
+
+
+def _parts_per_patient(df: pd.DataFrame, split: pd.Series) -> pd.Series:
+    return pd.DataFrame({"p": df["patient_id"], "s": split}).groupby("p")["s"].nunique()
+
+
+def test_no_patient_in_two_parts():
+    df = _frame()
+    split = patient_split(df)
+    assert df.groupby("patient_id").size().max() > 1  # the check below means something
+    assert _parts_per_patient(df, split).max() == 1
+    assert set(split) == {"train", "val", "test"} and split.index.equals(df.index)
+
+
+@pytest.mark.parametrize("fractions", [(0.7, 0.15, 0.15), (0.5, 0.2, 0.3)])
+def test_fractions_hold_per_label(fractions):
+    df = _frame(6000)
+    split = patient_split(df, fractions, seed=3)
+    patients = pd.DataFrame({"p": df["patient_id"], "label": df["label"], "s": split}).drop_duplicates("p")
+    for label, group in patients.groupby("label"):
+        got = group["s"].value_counts(normalize=True).reindex(["train", "val", "test"], fill_value=0)
+        # the smallest label has ~900 patients: binomial sd of a fraction is < 0.017
+        np.testing.assert_allclose(got.to_numpy(), fractions, atol=0.05, err_msg=label)
+
+
+def test_existing_patients_keep_their_part_when_data_is_added():
+    df = _frame(2000)
+    before = patient_split(df, seed=1)
+    grown = pd.concat([df, _frame(500, seed=9, prefix="new"), df.sample(300, random_state=0)], ignore_index=True)
+    after = patient_split(grown.sample(frac=1.0, random_state=1), seed=1).sort_index()  # shuffled rows too
+    old_part = dict(zip(df["patient_id"], before))
+    kept = grown["patient_id"].map(old_part)
+    known = kept.notna()
+    assert known.sum() == len(df) + 300 and (~known).sum() > 0
+    assert (after[known] == kept[known]).all()
+
+
+def test_seed_changes_the_split_and_is_reproducible():
+    df = _frame(1000)
+    a, b = patient_split(df, seed=0), patient_split(df, seed=1)
+    assert (a != b).mean() > 0.2
+    assert patient_split(df, seed=0).equals(a)
+
+
+def test_bad_fractions_are_rejected():
+    with pytest.raises(ValueError, match="sum to 1"):
+        patient_split(_frame(10), (0.7, 0.2, 0.2))
+    with pytest.raises(ValueError, match=">= 0"):
+        patient_split(_frame(10), (1.2, -0.1, -0.1))
+
+
+def test_kfold_assigns_each_patient_one_fold_of_similar_size():
+    df = _frame(3000)
+    folds = kfold_split(df, k=5, seed=2)
+    assert set(folds) == set(range(5))
+    assert _parts_per_patient(df, folds).max() == 1
+    per_fold = pd.DataFrame({"p": df["patient_id"], "f": folds}).drop_duplicates("p")["f"].value_counts(normalize=True)
+    np.testing.assert_allclose(per_fold.sort_index().to_numpy(), 0.2, atol=0.03)
+
+
+def test_leave_sources_out_tests_on_the_held_out_sources_only():
+    df = _frame(2000)
+    split = leave_sources_out(df, ["b"], fractions=(0.8, 0.2), seed=0)
+    held = df["source"] == "b"
+    assert (split[held] == "test").all()
+    assert set(split[~held]) == {"train", "val"}
+    val_share = pd.DataFrame({"p": df["patient_id"], "s": split})[~held].drop_duplicates("p")["s"].eq("val").mean()
+    assert val_share == pytest.approx(0.2, abs=0.04)
+    assert _parts_per_patient(df, split).max() == 1
+
+
+def test_leave_sources_out_rejects_unknown_sources():
+    with pytest.raises(ValueError, match="unknown source.*zzz"):
+        leave_sources_out(_frame(50), ["zzz"])
+
+
+def test_leave_sources_out_finds_a_patient_shared_across_sources():
+    df = _frame(200)
+    df.loc[df.index[0], "source"] = "held"  # one image of a patient whose other images stay in training
+    assert (df["patient_id"] == df.at[df.index[0], "patient_id"]).sum() > 1
+    with pytest.raises(LeakageError):
+        leave_sources_out(df, ["held"])
+
+
+def test_assert_patient_disjoint_raises_on_a_leak():
+    df = _frame(300)
+    split = patient_split(df)
+    assert_patient_disjoint(df["patient_id"], split)  # no leak: passes
+    leaky = split.copy()
+    patient = df.groupby("patient_id").size().idxmax()
+    rows = df.index[df["patient_id"] == patient]
+    leaky[rows[0]] = "test" if leaky[rows[1]] != "test" else "train"
+    with pytest.raises(LeakageError, match="1 patient") as err:
+        assert_patient_disjoint(df["patient_id"], leaky)
+    assert patient in str(err.value)
