@@ -43,15 +43,24 @@ def cam_overlay_png(predictor, square: np.ndarray) -> bytes:
 
 
 def write_cams(predictor, paths: list[Path], out_dir: Path) -> list[Path]:
-    """One overlay PNG per image, named after the file; unreadable files are skipped (the caller lists them)."""
+    """One overlay PNG per image, named <stem>_cam.png (<stem>_2_cam.png ... when stems repeat, e.g. a.png and a.jpg,
+    so no overlay overwrites another); unreadable files are skipped (the caller lists them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[Path] = []
     for path in tqdm(paths, desc="grad-cam", unit="img", disable=len(paths) < 2):
         try:
             square = predictor.preprocess(read_image(path))
         except ImageReadError:
             continue
-        target = out_dir / f"{path.stem}_cam.png"
+        target = _unused_name(out_dir, path.stem, set(written))
         cam_overlay(predictor, square).save(target)
         written.append(target)
     return written
+
+
+def _unused_name(out_dir: Path, stem: str, taken: set[Path]) -> Path:
+    target, n = out_dir / f"{stem}_cam.png", 1
+    while target in taken:
+        n += 1
+        target = out_dir / f"{stem}_{n}_cam.png"
+    return target

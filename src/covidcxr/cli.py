@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -132,8 +133,17 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the exit-code contract's one-line usage error (the usage text stays in --help).
+
+    Sub-command parsers are built from the parent's class, so this covers every sub-command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="covidcxr", description="Chest X-ray COVID-19 screening you can check.")
+    parser = _Parser(prog="covidcxr", description="Chest X-ray COVID-19 screening you can check.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -146,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default: all cores)")
     p.set_defaults(func=_ingest)
 
-    data = sub.add_parser("data", help="data set utilities").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="data set utilities").add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     p = data.add_parser("summary", help="counts label x source, patients, duplicates, unreadable files")
     p.add_argument("data")
     p.set_defaults(func=_summary)
@@ -228,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as exc:
         if args.debug:
             raise
-        print(f"covidcxr: error: {exc}", file=sys.stderr)
+        print(f"covidcxr: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message
         return 2
 
 

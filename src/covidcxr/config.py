@@ -51,7 +51,7 @@ class TrainConfig:
     arch: str = "alexnet"
     weights: str = "imagenet"  # imagenet | none | PATH
     task: str = "covid-vs-normal"
-    image_size: int = 224
+    image_size: int = 112  # model input side: CPU-friendly; 224 for the paper's resolution on a GPU
     epochs: int = 10
     batch_size: int = 64
     lr: float = 0.01  # new head; the pretrained layers use lr * backbone_lr_scale

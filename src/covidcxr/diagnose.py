@@ -164,7 +164,8 @@ def occlusion_test(model: torch.nn.Module, meta: dict, images: np.ndarray, masks
     conditions: dict[str, Any] = {}
     for condition in CONDITIONS:
         x = torch.from_numpy(np.ascontiguousarray(occlude(images, masks, condition, fill)))
-        score = predict_probs(model, x, augment, int(meta["image_size"]), device)[:, int(meta["positive_index"])].numpy()
+        probs = predict_probs(model, x, augment, int(meta["image_size"]), device)
+        score = probs[:, int(meta["positive_index"])].numpy()
         m = binary_metrics(y, score, threshold)
         frame = rows[["path", "source", "patient_id"]].assign(y=y, score=score)
         auc_ci = bootstrap_ci(frame, threshold, n_boot)["auc"] if 0 < y.sum() < len(y) else (math.nan, math.nan)
@@ -334,8 +335,9 @@ def _sentence(check: str, r: dict[str, Any]) -> str:
         return f"- Source probe {mark}: {probe.describe(r['source_probe'])}"
     if check == "occlusion":
         o = r["occlusion"]["conditions"]
-        return (f"- Occlusion {mark}: AUC {_fmt(o['intact']['auc'])} on intact images, {_fmt(o['lungs blanked']['auc'])} "
-                f"with the lung fields blanked and {_fmt(o['lungs only']['auc'])} with only the lungs kept; "
+        return (f"- Occlusion {mark}: AUC {_fmt(o['intact']['auc'])} on intact images, "
+                f"{_fmt(o['lungs blanked']['auc'])} with the lung fields blanked and {_fmt(o['lungs only']['auc'])} "
+                "with only the lungs kept; "
                 f"with the lungs blanked, {_pct(o['lungs blanked']['sensitivity'])} of {pos} images are still "
                 f"called {pos} (intact: {_pct(o['intact']['sensitivity'])}). A model that reads the disease "
                 "should drop to about 0.5 without the lungs.")
@@ -346,8 +348,8 @@ def _sentence(check: str, r: dict[str, Any]) -> str:
         best = max(FEATURE_GROUPS, key=lambda k: g[k]["auc"])
         return (f"- Image statistics {mark}: size, padding, histogram and sharpness alone (no anatomy) predict the "
                 f"label with AUC {_fmt(g['all']['auc'])} (balanced accuracy {_fmt(g['all']['balanced_accuracy'])}), "
-                f"{best} alone {_fmt(g[best]['auc'])}: the data {'carry' if r['flags']['image_stats'] else 'carry little of'} "
-                "this shortcut.")
+                f"{best} alone {_fmt(g[best]['auc'])}: the data "
+                f"{'carry' if r['flags']['image_stats'] else 'carry little of'} this shortcut.")
     c = r["cam"]["overall"]
     return (f"- Grad-CAM {mark}: {_pct(c['lung_share'])} of the {pos} attribution lies inside the lung fields, "
             f"which cover {_pct(c['lung_area'])} of the image (ratio {_fmt(c['enrichment'], 2)}; above 1 means "
@@ -455,7 +457,8 @@ def diagnostics_html(result: dict[str, Any], out_dir: str | Path) -> str:
     lm = result["lung_masks"]
     setup = (f'{result["n_images"]} images ({result["split"]} split of {Path(result["data"]).name}); lung fields: '
              f'{lm["method"]}, {_pct(lm["sides_refined"])} of lungs also traced in the image (the rest: template '
-             f'only); blanked regions set to one gray level for all images ({result["occlusion"]["fill_level"]} of 255).')
+             f'only); blanked regions set to one gray level for all images '
+             f'({result["occlusion"]["fill_level"]} of 255).')
     return (f'<div class="diagnostics"><p>{_md_inline(head)}</p>'
             f'<ul>{"".join(f"<li>{_md_inline(line)}</li>" for line in lines)}</ul>'
             f'<p class="sub">{html.escape(setup)}</p>'
@@ -512,10 +515,12 @@ def _md_inline(text: str) -> str:
     return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222;line-height:1.4;padding:0 1em}
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222;line-height:1.4;padding:0 1em}
 table{border-collapse:collapse;margin:.8em 0}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:right}
-th{background:#f4f4f4}td.k,th.k{text-align:left}.sub{color:#555}.figs img{max-width:100%;border:1px solid #eee}
-figure{margin:1em 0}"""
+th{background:#f4f4f4}td.k,th.k{text-align:left}.sub{color:#555}
+.figs img{max-width:100%;border:1px solid #eee}figure{margin:1em 0}
+"""
 
 
 def _page(result: dict[str, Any], out_dir: Path) -> str:

@@ -124,12 +124,17 @@ class Predictor:
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[Prediction]]:
-    """Files as given plus image files found in folders (recursively); missing inputs become error rows."""
+    """Files as given plus image files found in folders (recursively); missing inputs and folders without image
+    files become error rows, so every input shows up in the output."""
     paths, missing = [], []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                missing.append(Prediction(str(p), None, None, float("nan"),
+                                          f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+            paths += found
         elif p.exists():
             paths.append(p)
         else:

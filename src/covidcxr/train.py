@@ -141,6 +141,15 @@ def positive_auc(y: np.ndarray, probs: np.ndarray) -> float:
     return float(roc_auc_score(positive, probs[:, tasks.POSITIVE_INDEX])) if positive.min() != positive.max() else float("nan")
 
 
+def _tensorboard(log_dir: Path):
+    """A TensorBoard writer when tensorboard is installed (optional); history.csv is written either way."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir))
+
+
 class Trainer:
     """One training run; `fit()` runs (or resumes) it to the end."""
 
@@ -183,6 +192,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.step_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
+        self.tensorboard = _tensorboard(self.out / "tensorboard") if self.d.main else None
 
     def _build_model(self) -> torch.nn.Module:
         n_sources = len(self.sources) if self.cfg.domain_adversarial > 0 else 0
@@ -295,6 +305,11 @@ class Trainer:
         with open(self.out / "history.csv", "a", newline="") as fh:
             csv.writer(fh).writerow([epoch, f"{train_loss:.5f}", f"{val_loss:.5f}", f"{val_auc:.5f}", f"{lr:.6g}",
                                      f"{speed:.1f}", f"{seconds:.1f}"])
+        if self.tensorboard:
+            for key, value in {"loss/train": train_loss, "loss/val": val_loss, "auc/val": val_auc, "lr": lr,
+                               "images_per_s": speed}.items():
+                self.tensorboard.add_scalar(key, value, epoch)
+            self.tensorboard.flush()
         improved = val_auc > self.best_auc or (np.isnan(self.best_auc) and not np.isnan(val_auc))
         if improved:
             self.best_auc, self.bad_epochs = val_auc, 0
