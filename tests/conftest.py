@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pydicom
 import pytest
 from PIL import Image
@@ -90,3 +91,59 @@ class Images:
 @pytest.fixture
 def images() -> type[Images]:
     return Images
+
+
+def xray(rng: np.random.Generator, covid: bool) -> np.ndarray:
+    """A toy 'X-ray': bright body, two dark lungs; COVID cases get hazy blobs in the lungs."""
+    h, w = 72, 64
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    img = 0.75 - 0.5 * ((((xx - 0.3) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2) < 1)
+    img = img - 0.5 * ((((xx - 0.7) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2) < 1)
+    if covid:
+        img = img + 0.35 * ((((xx - rng.uniform(0.25, 0.75)) / 0.1) ** 2 + ((yy - rng.uniform(0.4, 0.7)) / 0.12) ** 2) < 1)
+    texture = np.asarray(Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8)).resize((w, h), Image.BICUBIC))
+    return np.clip(0.6 * img + 0.4 * texture / 255.0 + rng.normal(0, 0.03, img.shape), 0, 1)  # no two alike
+
+
+def write_xray_source(root: Path, n: int, seed: int, sources: tuple[str, str] = ("a", "b")) -> Path:
+    """n toy X-rays (even i: covid) with a generic-CSV metadata.csv; image i comes from sources[0] unless i % 3 == 0."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        covid = i % 2 == 0
+        name = f"img{i:03d}.png"
+        Image.fromarray((xray(rng, covid) * 255).astype(np.uint8)).save(root / name)
+        rows.append({"path": name, "label": "covid" if covid else "normal", "patient_id": f"p{i // 2}",
+                     "source": sources[0] if i % 3 else sources[1]})
+    pd.DataFrame(rows).to_csv(root / "metadata.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """An ingested data folder of 96 toy X-rays (64 px cache), sources a (64 images) and b (32), both classes in each."""
+    from covidcxr.config import IngestConfig
+    from covidcxr.ingest import ingest
+
+    root = write_xray_source(tmp_path_factory.mktemp("tiny_src"), 96, seed=0)
+    data = tmp_path_factory.mktemp("tiny_data")
+    report = ingest([root], data, IngestConfig(size=64, workers=1))
+    assert report.kept == 96, "toy images must not look like copies of each other"
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """One small training run on tiny_data, shared by every test that only reads a run folder."""
+    from covidcxr.config import TrainConfig
+    from covidcxr.train import train
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    return train(TrainConfig(data=str(tiny_data), out=str(out), weights="none", image_size=64, epochs=2,
+                             device="cpu", seed=0, amp=False))
+
+
+@pytest.fixture(scope="session")
+def xray_source():
+    """The toy X-ray source writer, for tests that need another data set than tiny_data."""
+    return write_xray_source

@@ -52,7 +52,8 @@ def _write_source(root: Path, n: int, seed: int) -> Path:
 def shortcut_run(tmp_path_factory) -> tuple[Path, Path]:
     """(data, run): a real training run on data whose only label cue is the corner marker."""
     data = tmp_path_factory.mktemp("data")
-    assert ingest([_write_source(tmp_path_factory.mktemp("src"), 200, 0)], data, IngestConfig(size=SIZE, workers=1)).kept == 200
+    source = _write_source(tmp_path_factory.mktemp("src"), 200, 0)
+    assert ingest([source], data, IngestConfig(size=SIZE, workers=1)).kept == 200
     run = train(TrainConfig(data=str(data), out=str(tmp_path_factory.mktemp("run")), weights="none", image_size=SIZE,
                             epochs=5, batch_size=16, lr=0.05, device="cpu", seed=0, deterministic=True, amp=False,
                             patience=10, split_fractions=(0.5, 0.2, 0.3)))
@@ -109,7 +110,7 @@ def test_other_data_set_is_scored_whole(shortcut_run, tmp_path):
     ingest([_write_source(src, 40, 7)], other, IngestConfig(size=SIZE, workers=1))
     result = dg.diagnose(run, other, tmp_path / "diag", max_cam_images=10)
     assert result["split"] == "all" and result["n_images"] == 40
-    assert result["cam"]["overall"]["n"] <= 10
+    assert result["cam"]["overall"]["sampled"] == 10 and result["cam"]["overall"]["with_evidence"] <= 10
 
 
 class _RegionReader(torch.nn.Module):
@@ -144,8 +145,8 @@ def _inner_lungs(shape: tuple[int, int]) -> np.ndarray:
     """The middle of the toy lungs in padded input coordinates (120 x 100 films padded to squares)."""
     rows, cols = np.mgrid[: shape[0], : shape[1]] / np.array(shape)[:, None, None]
     cols = (cols - 10 / 120) * 120 / 100  # undo the side padding
-    return np.any([((rows - cy) / (0.6 * ry)) ** 2 + ((cols - cx) / (0.6 * rx)) ** 2 <= 1 for cy, cx, ry, rx in TOY_LUNGS],
-                  axis=0)
+    return np.any([((rows - cy) / (0.6 * ry)) ** 2 + ((cols - cx) / (0.6 * rx)) ** 2 <= 1
+                   for cy, cx, ry, rx in TOY_LUNGS], axis=0)
 
 
 @pytest.mark.parametrize("label_in_lungs", [True, False])
@@ -194,7 +195,7 @@ def test_image_stats_find_size_but_not_noise():
     assert one_class["groups"] == {} and "too few" in one_class["note"]
 
 
-def test_lung_share():
+def test_lung_share_and_its_summary():
     masks = np.zeros((3, 10, 10), bool)
     masks[:, :, :5] = True
     cams = np.zeros((3, 10, 10), np.float32)
@@ -202,3 +203,8 @@ def test_lung_share():
     cams[1] = 1  # spread evenly: the lungs' area share
     share = dg.lung_share(cams, masks)
     assert share[0] == 1.0 and share[1] == pytest.approx(0.5) and math.isnan(share[2])
+    rows = pd.DataFrame({"source": ["a", "a", "b"], "label": ["covid", "normal", "covid"]})
+    summary = dg.cam_lung_share(cams, masks, rows)
+    assert summary["overall"]["sampled"] == 3 and summary["overall"]["with_evidence"] == 2
+    assert summary["overall"]["lung_share"] == pytest.approx(0.75) and summary["overall"]["enrichment"] == pytest.approx(1.5)
+    assert summary["per_source"]["b"]["with_evidence"] == 0 and math.isnan(summary["per_source"]["b"]["lung_share"])

@@ -13,43 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from covidcxr import train as train_mod
-from covidcxr.config import IngestConfig, TrainConfig
-from covidcxr.ingest import ingest
+from covidcxr.config import TrainConfig
 from covidcxr.model import load_checkpoint
 from covidcxr.splits import assert_patient_disjoint
-
-
-def _xray(rng: np.random.Generator, covid: bool) -> np.ndarray:
-    """A toy 'X-ray': bright body, two dark lungs; COVID cases get hazy blobs in the lungs."""
-    h, w = 72, 64
-    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
-    img = 0.75 - 0.5 * ((((xx - 0.3) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2) < 1)
-    img = img - 0.5 * ((((xx - 0.7) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2) < 1)
-    if covid:
-        img = img + 0.35 * ((((xx - rng.uniform(0.25, 0.75)) / 0.1) ** 2 + ((yy - rng.uniform(0.4, 0.7)) / 0.12) ** 2) < 1)
-    texture = np.asarray(Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8)).resize((w, h), Image.BICUBIC))
-    return np.clip(0.6 * img + 0.4 * texture / 255.0 + rng.normal(0, 0.03, img.shape), 0, 1)  # no two alike
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_src")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(96):
-        covid = i % 2 == 0
-        name = f"img{i:03d}.png"
-        Image.fromarray((_xray(rng, covid) * 255).astype(np.uint8)).save(root / name)
-        rows.append({"path": name, "label": "covid" if covid else "normal", "patient_id": f"p{i // 2}",
-                     "source": "a" if i % 3 else "b"})
-    pd.DataFrame(rows).to_csv(root / "metadata.csv", index=False)
-    data = tmp_path_factory.mktemp("tiny_data")
-    report = ingest([root], data, IngestConfig(size=64, workers=1))
-    assert report.kept == 96, "toy images must not look like copies of each other"
-    return data
 
 
 def _cfg(data: Path, out: Path, **kw) -> TrainConfig:

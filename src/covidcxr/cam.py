@@ -59,6 +59,7 @@ def write_cams(predictor, paths: list[Path], out_dir: Path) -> list[Path]:
 
 
 def _unused_name(out_dir: Path, stem: str, taken: set[Path]) -> Path:
+    """<stem>_cam.png, or <stem>_<n>_cam.png when this call already wrote that name."""
     target, n = out_dir / f"{stem}_cam.png", 1
     while target in taken:
         n += 1

@@ -40,7 +40,8 @@ def score_rows(model: torch.nn.Module, meta: dict, cache: ImageCache, rows: pd.D
     """Positive-class probability for manifest rows, read from the cache (no decoding)."""
     images = cache.load(rows["cache_index"])
     augment = from_dict(AugmentConfig, meta["augment"])
-    probs = predict_probs(model, images, augment, int(meta["image_size"]), device)
+    # scored in the precision the run's validation (and so its threshold) used
+    probs = predict_probs(model, images, augment, int(meta["image_size"]), device, amp=meta.get("amp", True))
     return probs[:, int(meta["positive_index"])].numpy()
 
 

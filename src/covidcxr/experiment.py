@@ -21,8 +21,9 @@ import yaml  # noqa: E402
 from scipy import stats  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
+from . import tasks  # noqa: E402
 from .cache import ImageCache  # noqa: E402
-from .config import TrainConfig, from_dict, save_json, to_dict  # noqa: E402
+from .config import TrainConfig, config_hash, from_dict, to_dict  # noqa: E402
 from .evaluate import predictions  # noqa: E402
 from .reproduce import external_folds  # noqa: E402
 from .train import train  # noqa: E402
@@ -37,20 +38,45 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+GRID_KEYS = {"data", "settings", "base", "seeds", "eval_task", "folds", "keep_checkpoints"}
+
+
 def load_grid(path: str | Path, data: str | None = None) -> dict:
-    """Experiment YAML: data, eval_task, base (TrainConfig settings), settings {name: overrides}, seeds, folds."""
+    """Experiment YAML: data, eval_task, base (TrainConfig settings), settings {name: overrides}, seeds, folds,
+    keep_checkpoints. Every key and setting is checked here, before anything is trained (a typo must not cost a grid)."""
     spec = yaml.safe_load(Path(path).read_text()) or {}
     if data:
         spec["data"] = str(data)
-    missing = {"data", "settings"} - set(spec)
-    if missing:
-        raise ValueError(f"{path}: missing key(s) {', '.join(sorted(missing))}")
+    missing, unknown = {"data", "settings"} - set(spec), set(spec) - GRID_KEYS
+    if missing or unknown:
+        problems = [f"missing key(s) {', '.join(sorted(missing))}"] if missing else []
+        problems += [f"unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(GRID_KEYS))})"] if unknown else []
+        raise ValueError(f"{path}: {'; '.join(problems)}")
+    if not isinstance(spec["settings"], dict) or not spec["settings"]:
+        raise ValueError(f"{path}: settings must map setting names to TrainConfig overrides")
     spec.setdefault("base", {})
     spec.setdefault("seeds", [0])
     spec.setdefault("eval_task", "covid-vs-normal")
-    for name, override in spec["settings"].items():  # fail before training anything
-        from_dict(TrainConfig, _merge(_merge(to_dict(TrainConfig()), spec["base"]), override or {}))
+    tasks.check_task(spec["eval_task"])
+    for name, override in spec["settings"].items():
+        try:
+            from_dict(TrainConfig, _merge(_merge(to_dict(TrainConfig()), spec["base"]), override or {}))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: setting {name!r}: {exc}") from None
     return spec
+
+
+def held_out_folds(spec: dict) -> list[list[str]]:
+    """The in-distribution fold ([]) and the external folds of the data, limited to the spec's `folds` if given."""
+    available = external_folds(ImageCache(spec["data"]).manifest(), spec["eval_task"])
+    if not spec.get("folds"):
+        return [[]] + available
+    names = ["+".join(f) for f in available]
+    unknown = [f for f in spec["folds"] if f not in names]
+    if unknown:
+        raise ValueError(f"folds {', '.join(unknown)} are not external folds of {spec['data']} "
+                         f"(available: {', '.join(names) or 'none'})")
+    return [[]] + [f for f in available if "+".join(f) in spec["folds"]]
 
 
 def spec_at_fixed_sensitivity(y: np.ndarray, score: np.ndarray, sensitivity: float = FIXED_SENSITIVITY) -> float:
@@ -74,37 +100,54 @@ def run_experiment(config: str | Path, out: str | Path, data: str | None = None)
     """Train and score every (setting, seed, fold); write results.csv, summary.csv/md and comparison.png."""
     spec, out = load_grid(config, data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    folds = [[]] + external_folds(ImageCache(spec["data"]).manifest(), spec["eval_task"])
-    if spec.get("folds"):
-        folds = [[]] + [f for f in folds[1:] if "+".join(f) in spec["folds"]]
     results_path = out / "results.csv"
-    done = pd.read_csv(results_path) if results_path.exists() else pd.DataFrame()
+    done = pd.read_csv(results_path, dtype={"setting": str, "fold": str}) if results_path.exists() else pd.DataFrame()
     rows = done.to_dict("records")
-    for seed in spec["seeds"]:  # seeds outermost: a grid cut short still compares every setting
-        for name, override in spec["settings"].items():
-            for held in folds:
-                fold = "+".join(held) or "in-distribution"
-                if any(r["setting"] == name and r["seed"] == seed and r["fold"] == fold for r in rows):
-                    continue  # finished earlier: an interrupted grid resumes where it stopped
-                run_dir = out / "runs" / name / f"seed{seed}" / fold
-                values = _merge(_merge(to_dict(TrainConfig()), spec["base"]), override or {})
-                cfg = replace(from_dict(TrainConfig, values), data=str(spec["data"]), out=str(run_dir), seed=seed,
-                              holdout_sources=held)
-                start = time.time()
-                train(cfg, resume=(run_dir / "last.pt").exists())
-                rows.append({"setting": name, "seed": seed, "fold": fold, **score_run(run_dir, spec["data"], spec["eval_task"]),
-                             "seconds": round(time.time() - start, 1)})
-                pd.DataFrame(rows).to_csv(results_path, index=False)
-                if not spec.get("keep_checkpoints", True):
-                    for name_pt in ("model.pt", "last.pt"):  # a large grid would fill the disk
-                        (run_dir / name_pt).unlink(missing_ok=True)
+    finished = {(r["setting"], r["seed"], r["fold"]) for r in rows}
+    jobs = grid_jobs(spec, held_out_folds(spec), out)
+    for name, seed, fold, cfg in jobs:  # all reused rows checked before anything is trained
+        if (name, seed, fold) in finished:
+            check_same_settings(Path(cfg.out), cfg)
+    (out / "experiment.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    for name, seed, fold, cfg in jobs:
+        if (name, seed, fold) in finished:
+            continue  # finished earlier: an interrupted grid resumes where it stopped
+        run_dir, start = Path(cfg.out), time.time()
+        train(cfg, resume=(run_dir / "last.pt").exists())
+        rows.append({"setting": name, "seed": seed, "fold": fold, **score_run(run_dir, spec["data"], spec["eval_task"]),
+                     "seconds": round(time.time() - start, 1)})
+        pd.DataFrame(rows).to_csv(results_path, index=False)
+        if not spec.get("keep_checkpoints", True):
+            for checkpoint in ("model.pt", "last.pt"):  # a large grid would fill the disk
+                (run_dir / checkpoint).unlink(missing_ok=True)
     results = pd.DataFrame(rows)
     summary = summarize(results)
     summary.to_csv(out / "summary.csv")
     (out / "summary.md").write_text(to_markdown(summary, spec))
     plot_comparison(summary, out / "comparison.png")
     return summary
+
+
+def grid_jobs(spec: dict, folds: list[list[str]], out: Path) -> list[tuple[str, int, str, TrainConfig]]:
+    """(setting, seed, fold, config) of every run; seeds outermost, so a grid cut short still compares every setting."""
+    jobs = []
+    for seed in spec["seeds"]:
+        for name, override in spec["settings"].items():
+            values = _merge(_merge(to_dict(TrainConfig()), spec["base"]), override or {})
+            for held in folds:
+                fold = "+".join(held) or "in-distribution"
+                cfg = replace(from_dict(TrainConfig, values), data=str(spec["data"]),
+                              out=str(out / "runs" / name / f"seed{seed}" / fold), seed=seed, holdout_sources=held)
+                jobs.append((name, seed, fold, cfg))
+    return jobs
+
+
+def check_same_settings(run_dir: Path, cfg: TrainConfig) -> None:
+    """A finished row is only reused when its run was trained with the settings asked for now."""
+    saved = run_dir / "config.json"
+    if saved.exists() and json.loads(saved.read_text()).get("config_hash") != config_hash(cfg):
+        raise ValueError(f"{run_dir} was trained with other settings than the experiment now asks for; "
+                         "use a new --out (or remove its row from results.csv to retrain it)")
 
 
 def _mean_ci(values: pd.Series) -> tuple[float, float, float]:

@@ -347,6 +347,8 @@ def load_run(
 ) -> tuple[GrayClassifier, dict[str, Any]]:
     """The model saved in a run folder, in eval mode on `device`, and its meta."""
     path = Path(run_dir) / which
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a covidcxr run folder (no {which}); covidcxr train writes one")
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
     try:

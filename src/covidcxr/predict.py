@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
@@ -41,15 +42,30 @@ def autocast(device: torch.device, amp: bool):
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, images: torch.Tensor, augment: AugmentConfig, image_size: int,
                   device: torch.device, amp: bool = True, batch_size: int = 256) -> torch.Tensor:
-    """Softmax probabilities (N, classes) for uint8 square images (N, S, S), evaluation preprocessing."""
+    """Softmax probabilities (N, classes) for uint8 square images (N, S, S), evaluation preprocessing.
+
+    A model already cast to bf16 (see `scoring_model`) gets bf16 input and is run as it is."""
     model.eval()
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
     out = []
     for i in range(0, len(images), batch_size):
         x = prepare_batch(images[i:i + batch_size].to(device, non_blocking=True), False, augment, image_size)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             out.append(model(x).float().softmax(1).cpu())
     return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def scoring_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model to score single files with: a bf16 copy where `predict_probs` would autocast to bf16, else itself.
+
+    Autocast re-casts every weight on every call: for AlexNet's 57M parameters that is most of a single-image prediction
+    on a CPU (92 ms -> 18 ms per 512 px PNG on one core, benchmarks/bench_predict.py). A copy cast once gives
+    bit-identical scores (a bf16 conv/linear under autocast is a bf16 conv/linear), so a file is still scored exactly
+    as `evaluate` scores its cached copy; it costs half the float32 model's memory again."""
+    if not bf16_supported(device):
+        return model
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
 
 
 @dataclass
@@ -66,6 +82,8 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, meta: dict, model_id: str, device: torch.device):
         self.model, self.meta, self.model_id, self.device = model, meta, model_id, device
+        # self.model stays float32 for Grad-CAM's gradients; the scorer uses the precision the threshold was chosen in
+        self.scorer = scoring_model(model, device) if meta.get("amp", True) else model
         self.augment = from_dict(AugmentConfig, meta["augment"])
         self.threshold = float(meta["threshold"])
         self.positive_index = int(meta["positive_index"])
@@ -85,7 +103,7 @@ class Predictor:
     def probabilities(self, squares: list[np.ndarray]) -> np.ndarray:
         """Positive-class probability for uint8 squares (already preprocessed)."""
         batch = torch.from_numpy(np.stack(squares))
-        probs = predict_probs(self.model, batch, self.augment, int(self.meta["image_size"]), self.device)
+        probs = predict_probs(self.scorer, batch, self.augment, int(self.meta["image_size"]), self.device, amp=False)
         return probs[:, self.positive_index].numpy()
 
     def model_input(self, square: np.ndarray) -> torch.Tensor:

@@ -1,0 +1,120 @@
+"""`covidcxr predict`: good files scored, each broken file its own line with the reason, exit code 1."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from covidcxr import cli
+from covidcxr.evaluate import predictions
+from covidcxr.predict import Predictor
+
+GOOD = ("chest_png.png", "chest_jpeg.jpg", "chest_dicom.dcm")
+BROKEN = {"empty.png": "empty file", "notes.png": "not an image", "cut.png": "truncated"}
+MISSING = "no_such_file.png"
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_run) -> Predictor:
+    return Predictor.from_run(tiny_run)
+
+
+@pytest.fixture
+def mixed(tmp_path, images) -> Path:
+    """A folder of good PNG/JPEG/DICOM X-rays and broken files, plus a metadata file that is not an image."""
+    folder = tmp_path / "in"
+    images.save(folder / GOOD[0], images.smooth(0))
+    images.save(folder / GOOD[1], images.smooth(1), quality=95)
+    images.dicom(folder / GOOD[2], np.rint(images.smooth(2) * 4095))
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not a picture, just text with a .png name\n")
+    images.truncated_png(folder / "cut.png", images.smooth(3))
+    (folder / "readme.txt").write_text("ignored: not an image suffix")
+    return folder
+
+
+def _predict(capsys, run: Path, *args: str) -> tuple[int, str, str]:
+    code = cli.main(["predict", str(run), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _check_rows(rows: dict[str, dict], threshold: float) -> None:
+    """Every good file scored and labelled at the run's threshold; every broken one with its reason."""
+    assert set(rows) == set(GOOD) | set(BROKEN) | {MISSING}
+    for name in GOOD:
+        r = rows[name]
+        p = float(r["probability"])
+        assert 0 <= p <= 1 and not r["error"], name
+        assert r["label"] == ("covid" if p >= threshold else "normal")
+        assert float(r["threshold"]) == pytest.approx(threshold)
+    for name, reason in {**BROKEN, MISSING: "file not found"}.items():
+        assert reason in rows[name]["error"] and rows[name]["probability"] in (None, ""), name
+
+
+def test_json_output_scores_good_files_lists_broken_ones_and_writes_cams(tiny_run, predictor, mixed, tmp_path, capsys):
+    cams = tmp_path / "cams"
+    code, out, err = _predict(capsys, tiny_run, str(mixed), str(mixed / MISSING), "--format", "json", "--cam", str(cams))
+    assert code == 1
+    rows = {Path(r["path"]).name: r for r in json.loads(out)}
+    _check_rows(rows, predictor.threshold)
+    failed = [line for line in err.splitlines() if line.startswith("covidcxr: cannot score")]
+    assert len(failed) == len(BROKEN) + 1
+    written = sorted(cams.iterdir())
+    assert [p.name for p in written] == sorted(f"{Path(n).stem}_cam.png" for n in GOOD)
+    for path in written:
+        with Image.open(path) as img:
+            assert img.mode == "RGB" and img.size == (predictor.meta["image_size"],) * 2
+
+
+def test_csv_output_parses_and_matches_the_predictor(tiny_run, predictor, mixed, capsys):
+    code, out, _ = _predict(capsys, tiny_run, str(mixed), str(mixed / MISSING), "--format", "csv")
+    assert code == 1
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(io.StringIO(out))}
+    _check_rows(rows, predictor.threshold)
+    direct = {Path(r.path).name: r.probability for r in predictor.predict_paths([mixed / n for n in GOOD])}
+    for name in GOOD:
+        assert float(rows[name]["probability"]) == pytest.approx(direct[name], abs=1e-12)
+
+
+def test_table_gives_each_file_its_own_line(tiny_run, predictor, mixed, capsys):
+    code, out, _ = _predict(capsys, tiny_run, str(mixed), str(mixed / MISSING))
+    assert code == 1
+    lines = out.splitlines()[1:]
+    assert len(lines) == len(GOOD) + len(BROKEN) + 1
+    for name, reason in {**BROKEN, MISSING: "file not found"}.items():
+        line = next(line for line in lines if Path(line.split()[0]).name == name)
+        assert "ERROR" in line and reason in line
+    for name in GOOD:
+        line = next(line for line in lines if Path(line.split()[0]).name == name)
+        assert line.split()[2] in ("covid", "normal")
+
+
+def test_all_good_inputs_exit_0_and_an_empty_folder_is_reported(tiny_run, mixed, tmp_path, capsys):
+    code, out, _ = _predict(capsys, tiny_run, *(str(mixed / n) for n in GOOD), "--format", "json")
+    assert code == 0 and len(json.loads(out)) == len(GOOD)
+    (tmp_path / "nothing").mkdir()
+    code, out, _ = _predict(capsys, tiny_run, str(tmp_path / "nothing"), "--format", "json")
+    assert code == 1 and "no image files" in json.loads(out)[0]["error"]
+
+
+def test_paths_and_bytes_score_identically(predictor, mixed):
+    for name in GOOD:
+        by_path = predictor.predict_paths([mixed / name])[0]
+        by_bytes = predictor.predict_bytes((mixed / name).read_bytes(), name)
+        assert by_bytes["probability"] == by_path.probability, name
+        assert by_bytes["label"] == by_path.label and by_bytes["threshold"] == predictor.threshold
+
+
+def test_a_file_scores_as_its_cached_copy_does_in_evaluation(tiny_run, tiny_data, predictor):
+    """The model-input contract: decoding a file now gives the score evaluate gives its cached copy."""
+    pred, _, _ = predictions(tiny_run, tiny_data, "test", device="cpu")
+    scored = predictor.predict_paths([Path(p) for p in pred["path"]])
+    assert [r.path for r in scored] == pred["path"].tolist()
+    np.testing.assert_allclose([r.probability for r in scored], pred["score"], atol=1e-6)
