@@ -64,8 +64,6 @@ PROBE_LIFT = 0.5  # (balanced accuracy - chance) / (1 - chance) of the source pr
 BLANKED_AUC = 0.75  # the classes are still separated this well with the lungs blanked
 STATS_AUC = 0.80  # non-anatomical image statistics predict the label this well
 CAM_ENRICHMENT = 1.0  # Grad-CAM lung share / lung area share below this: attribution is not drawn to the lungs
-# SMALL_FITS: the scikit-learn fits (a few hundred images) run on one thread. After PyTorch's passes, BLAS and
-# OpenMP thread pools fight over the cores: on 2 cores the source probe took 180 s with two threads, 6 s with one.
 CHECKS = {"source_probe": "source probe", "occlusion": "occlusion", "image_stats": "image statistics",
           "cam": "Grad-CAM"}
 FIGURES = {"occlusion.png": "Scores per class, intact and occluded", "masks.png": "Lung masks",
@@ -97,18 +95,17 @@ def diagnose(run: str | Path, data: str | Path, out: str | Path, split: str | No
         "lung_masks": {"method": "heuristic (lungs.py: anatomical template united with the dark lung regions)",
                        "mean_area_fraction": float(masks.mean()), "sides_refined": float(refined.mean() / 2)},
     }
-    _log("source probe")
+    _log("model passes: features, occlusion, Grad-CAM")
     features = probe.extract_features(model, meta, cache, rows, dev)
-    with threadpool_limits(1):  # see SMALL_FITS
-        result["source_probe"] = probe.source_probe(features, rows, seed)
-    _log("occlusion")
     result["occlusion"] = occlusion_test(model, meta, images, masks, rows, y, dev)
-    _log("image statistics")
-    with threadpool_limits(1):
-        result["image_stats"] = image_stats_check(image_features(images, rows), y, patient_codes(rows), seed)
-    _log("Grad-CAM")
     cam_pick, cams, cam_masks = _cam_sample(model, meta, images, masks, rows, dev, max_cam_images, seed)
     result["cam"] = cam_lung_share(cams, cam_masks, rows.iloc[cam_pick])
+    _log("source probe and image statistics")
+    # These fits are small (hundreds of images): one thread. After PyTorch's passes, BLAS and OpenMP thread pools
+    # fight over the cores; on 2 cores the source probe took 180 s with two threads and 6 s with one.
+    with threadpool_limits(1):
+        result["source_probe"] = probe.source_probe(features, rows, seed)
+        result["image_stats"] = image_stats_check(image_features(images, rows), y, patient_codes(rows), seed)
     result["flags"] = flags(result)
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(result, out / "diagnose.json")

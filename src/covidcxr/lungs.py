@@ -10,7 +10,8 @@ Method, on a cached uint8 square (any size):
    the 388 hand-drawn lung masks that torchxrayvision's wheel ships (data/semantic_masks_v7labs_lungs.zip) for
    cohen COVID-19 images.
 3. Refinement: lungs are the dark regions inside the body. The image is smoothed and thresholded (Otsu) inside
-   the template grown by `SEARCH_GROW`; on each side of the box's midline the dark component that overlaps that
+   the template grown by `SEARCH_GROW`; dark regions that reach the edge of the content box (air around the body)
+   are dropped; on each side of the box's midline the dark component that overlaps that
    side's ellipse most is taken, as its convex hull (so that dense opacities inside a lung, which are bright, stay
    inside), unless it is implausible as a lung (area far from the ellipse's, or little overlap with it).
 4. The mask is the template united with the refined lungs: generous on purpose, since the occlusion test must
@@ -80,7 +81,8 @@ def lung_mask(image: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def lung_masks(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Masks (N, H, W) bool for uint8 images (N, H, W), and the number of refined sides per image."""
+    """Masks (N, H, W) bool for uint8 images (N, H, W), and per image the number of sides where a dark lung was
+    found in the image (the rest is the template alone)."""
     pairs = [lung_mask(np.asarray(img)) for img in images]
     if not pairs:
         return np.zeros((0, *images.shape[1:]), bool), np.zeros(0, int)

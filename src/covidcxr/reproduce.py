@@ -13,15 +13,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from . import tasks
 from .cache import CACHE_META, ImageCache
 from .config import IngestConfig, TrainConfig, save_json, to_dict
 from .evaluate import evaluate
 from .ingest import ingest
-from .model import WeightsUnavailableError, build_model, load_run
-from .probe import describe, extract_features, source_probe
+from .diagnose import diagnose, diagnostics_html, verdict
+from .model import WeightsUnavailableError, build_model
+from .probe import describe
 from .train import train
 
 PAPER = {"accuracy": 0.965, "sensitivity": 0.980, "specificity": 0.917}
@@ -100,8 +100,8 @@ def _table_row(name: str, metrics: dict) -> str:
     return f"| {name} | " + " | ".join(cell(k) for k in METRICS) + f" | {metrics['n']} |"
 
 
-def write_summary(out: Path, main: dict, external: dict[str, dict], probe: dict, weights_note: str | None,
-                  cfg: TrainConfig) -> Path:
+def write_summary(out: Path, main: dict, external: dict[str, dict], probe: dict, diagnosis_verdict: str,
+                  weights_note: str | None, cfg: TrainConfig) -> Path:
     lines = ["# covidcxr reproduce: summary", ""]
     if weights_note:
         lines += [f"> **Warning:** {weights_note}", ""]
@@ -113,7 +113,8 @@ def write_summary(out: Path, main: dict, external: dict[str, dict], probe: dict,
               _table_row("ours, in-distribution test split", main)]
     lines += [_table_row(f"ours, external: trained without {name}", m) for name, m in external.items()]
     lines += ["", "## What the external validation shows", "", _external_words(main, external), "",
-              "## Shortcut probe", "", describe(probe), "", _probe_words(probe), "",
+              "## Shortcut diagnostics", "", describe(probe), "", _probe_words(probe), "", diagnosis_verdict, "",
+              "Details, figures and lung masks: `main/diagnose/diagnose.html`.", "",
               "## Settings", "", f"```json\n{json.dumps(to_dict(cfg), indent=1)}\n```", "",
               "Reports: `main/report/report.html`, " + ", ".join(f"`external/{n}/report/report.html`" for n in external)]
     path = out / "summary.md"
@@ -151,15 +152,6 @@ def _probe_words(probe: dict) -> str:
             "The features encode the collection only moderately.")
 
 
-def run_probe(run: Path, data: Path, device: torch.device) -> dict:
-    model, meta = load_run(run, device=device)
-    cache = ImageCache(data)
-    split = pd.read_csv(run / "split.csv")
-    rows = cache.manifest()
-    rows = rows[rows["path"].isin(split.loc[split["split"] == "test", "path"])].reset_index(drop=True)
-    return source_probe(extract_features(model, meta, cache, rows, device), rows)
-
-
 def reproduce(data: str | Path, out: str | Path, weights: str = "auto", quick: bool = False, device: str = "auto",
               n_boot: int = 1000) -> Path:
     """Run everything; returns the path of summary.md."""
@@ -171,10 +163,9 @@ def reproduce(data: str | Path, out: str | Path, weights: str = "auto", quick: b
     cfg = recipe(data_dir, out / "main" / "run", weights, device, quick)
     save_json(cfg, out / "config.json")
     run = train(cfg, resume=(out / "main" / "run" / "last.pt").exists())
-    main = evaluate(run, data_dir, "test", out / "main" / "report", n_boot=n_boot, extra_sections=extra,
-                    title="In-distribution test split")
-    probe = run_probe(run, data_dir, torch.device("cuda" if torch.cuda.is_available() and device != "cpu" else "cpu"))
-    save_json(probe, out / "main" / "probe.json")
+    diagnosis = diagnose(run, data_dir, out / "main" / "diagnose", split="test", device=device)
+    main = evaluate(run, data_dir, "test", out / "main" / "report", n_boot=n_boot, title="In-distribution test split",
+                    extra_sections=extra + [("Shortcut diagnostics", diagnostics_html(diagnosis, out / "main" / "diagnose"))])
     external = {}
     for held in external_folds(ImageCache(data_dir).manifest(), cfg.task):
         name = "+".join(held)
@@ -183,4 +174,4 @@ def reproduce(data: str | Path, out: str | Path, weights: str = "auto", quick: b
         fold_run = train(fold_cfg, resume=(fold_out / "run" / "last.pt").exists())
         external[name] = evaluate(fold_run, data_dir, "test", fold_out / "report", n_boot=n_boot, extra_sections=extra,
                                   title=f"External validation: trained without {name}")
-    return write_summary(out, main, external, probe, note, cfg)
+    return write_summary(out, main, external, diagnosis["source_probe"], verdict(diagnosis), note, cfg)
