@@ -105,3 +105,27 @@ def test_ddp_two_processes_gloo(tiny_data, tmp_path):
     hist = pd.read_csv(out / "history.csv")
     assert hist["epoch"].tolist() == [0, 1]  # one writer: no duplicated rows from rank 1
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_source_class_balance_draws_every_group_equally(tiny_data):
+    cfg = _cfg(tiny_data, Path("unused"), balance="source-class")
+    _, df = train_mod.load_data(cfg)
+    train = df[df["split"] == "train"].reset_index(drop=True)
+    drawn = torch.cat([train_mod.epoch_order(train, cfg, epoch, train_mod.Dist()) for epoch in range(20)])
+    groups = train.loc[drawn.numpy(), ["source", "y"]].value_counts(normalize=True)
+    assert len(groups) == 4 and np.allclose(groups.to_numpy(), 0.25, atol=0.03)  # raw shares are about 1/3 : 2/3
+    assert not np.allclose(train[["source", "y"]].value_counts(normalize=True).to_numpy(), 0.25, atol=0.03)
+
+
+def test_domain_adversarial_run_trains_and_saves_its_source_head(tiny_data, tmp_path):
+    run = train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1, domain_adversarial=0.3))
+    ckpt = load_checkpoint(run / "model.pt")
+    assert ckpt["meta"]["num_sources"] == 2
+    assert any(k.startswith("source_head.") for k in ckpt["model"])
+
+
+def test_target_sensitivity_flag_sets_the_threshold_method(tiny_data, tmp_path):
+    from covidcxr.cli import build_parser, train_config
+    args = build_parser().parse_args(["train", str(tiny_data), "--out", str(tmp_path / "r"), "--target-sensitivity", "0.9"])
+    cfg = train_config(args)
+    assert cfg.threshold_method == "sensitivity" and cfg.target_sensitivity == 0.9

@@ -49,6 +49,8 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
     values["data"], values["out"] = str(a.data), str(a.out)
     if a.holdout:
         values["holdout_sources"] = a.holdout
+    if a.target_sensitivity is not None:
+        values["threshold_method"] = "sensitivity"
     return from_dict(TrainConfig, values)
 
 
@@ -129,6 +131,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels (slower)")
     p.add_argument("--holdout", nargs="+", metavar="SOURCE", help="sources kept out of training (external test)")
     p.add_argument("--balance", help="class | source-class sampling (default class)")
+    p.add_argument("--target-sensitivity", dest="target_sensitivity", type=float,
+                   help="choose the threshold on validation data for this sensitivity (default: Youden's J)")
+    p.add_argument("--domain-adversarial", dest="domain_adversarial", type=float,
+                   help="weight of a gradient-reversal source head (0 = off)")
     p.add_argument("--max-train-images", dest="max_train_images", type=int, help="subsample training images")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
