@@ -6,6 +6,7 @@ out of training) -> shortcut probe -> summary.md with the paper's table beside o
 
 from __future__ import annotations
 
+import html
 import json
 import sys
 import warnings
@@ -21,7 +22,6 @@ from .evaluate import evaluate
 from .ingest import ingest
 from .diagnose import diagnose, diagnostics_html, verdict
 from .model import WeightsUnavailableError, build_model
-from .probe import describe
 from .train import train
 
 PAPER = {"accuracy": 0.965, "sensitivity": 0.980, "specificity": 0.917}
@@ -100,7 +100,7 @@ def _table_row(name: str, metrics: dict) -> str:
     return f"| {name} | " + " | ".join(cell(k) for k in METRICS) + f" | {metrics['n']} |"
 
 
-def write_summary(out: Path, main: dict, external: dict[str, dict], probe: dict, diagnosis_verdict: str,
+def write_summary(out: Path, main: dict, external: dict[str, dict], diagnosis_verdict: str,
                   weights_note: str | None, cfg: TrainConfig) -> Path:
     lines = ["# covidcxr reproduce: summary", ""]
     if weights_note:
@@ -113,7 +113,7 @@ def write_summary(out: Path, main: dict, external: dict[str, dict], probe: dict,
               _table_row("ours, in-distribution test split", main)]
     lines += [_table_row(f"ours, external: trained without {name}", m) for name, m in external.items()]
     lines += ["", "## What the external validation shows", "", _external_words(main, external), "",
-              "## Shortcut diagnostics", "", describe(probe), "", _probe_words(probe), "", diagnosis_verdict, "",
+              "## Shortcut diagnostics", "", diagnosis_verdict, "",
               "Details, figures and lung masks: `main/diagnose/diagnose.html`.", "",
               "## Settings", "", f"```json\n{json.dumps(to_dict(cfg), indent=1)}\n```", "",
               "Reports: `main/report/report.html`, " + ", ".join(f"`external/{n}/report/report.html`" for n in external)]
@@ -122,34 +122,33 @@ def write_summary(out: Path, main: dict, external: dict[str, dict], probe: dict,
     return path
 
 
+def _both_classes(metrics: dict) -> bool:
+    """An AUC worth averaging: at least MIN_CLASS images of each class in the held-out test."""
+    c = metrics["confusion"]
+    return min(c["tp"] + c["fn"], c["tn"] + c["fp"]) >= MIN_CLASS and metrics["auc"]["value"] is not None
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _external_words(main: dict, external: dict[str, dict]) -> str:
+    """One clause per held-out fold, then the mean cross-source AUC against the in-distribution one, in words."""
     if not external:
         return "No source could be held out (every class comes from one source)."
+    parts = [f"held out {name}: AUC {_fmt(m['auc']['value'])}, sensitivity {_fmt(m['sensitivity']['value'])}, "
+             f"specificity {_fmt(m['specificity']['value'])}" for name, m in external.items()]
+    aucs = [m["auc"]["value"] for m in external.values() if _both_classes(m)]
     in_auc = main["auc"]["value"]
-    parts = []
-    for name, m in external.items():
-        auc, sens, spec = (m[k]["value"] for k in ("auc", "sensitivity", "specificity"))
-        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-        parts.append(f"held out {name}: AUC {fmt(auc)}, sensitivity {fmt(sens)}, specificity {fmt(spec)}")
-    aucs = [m["auc"]["value"] for m in external.values() if m["auc"]["value"] is not None]
-    verdict = ""
-    if aucs and in_auc is not None:
-        drop = in_auc - sum(aucs) / len(aucs)
-        verdict = (f" On collections it never saw, the mean AUC is {sum(aucs) / len(aucs):.2f} against {in_auc:.2f} "
-                   f"in-distribution ({'a drop of ' + format(drop, '.2f') if drop > 0 else 'no drop'}). "
-                   + ("A large drop means the in-distribution figures mostly measure recognising the collection, "
-                      "not the disease." if drop > 0.1 else "The model's signal largely survives a change of collection."))
-    return "; ".join(parts) + "." + verdict
-
-
-def _probe_words(probe: dict) -> str:
-    overall = probe.get("overall")
-    if not overall:
-        return ""
-    ratio = overall["balanced_accuracy"] / overall["chance"]
-    return ("The features encode the collection strongly: the model can tell hospitals and archives apart, and "
-            "in these data the collection almost decides the label." if ratio > 2.5 else
-            "The features encode the collection only moderately.")
+    if not aucs or in_auc is None:
+        return "; ".join(parts) + "."
+    mean = sum(aucs) / len(aucs)
+    drop = in_auc - mean
+    conclusion = ("A large drop means the in-distribution figures mostly measure recognising the collection, not the "
+                  "disease." if drop > 0.1 else "The model's signal largely survives a change of collection.")
+    return ("; ".join(parts) + f". On collections it never saw (folds with at least {MIN_CLASS} images of each class), "
+            f"the mean AUC is {mean:.2f} against {in_auc:.2f} in-distribution "
+            f"({'a drop of ' + format(drop, '.2f') if drop > 0 else 'no drop'}). {conclusion}")
 
 
 def reproduce(data: str | Path, out: str | Path, weights: str = "auto", quick: bool = False, device: str = "auto",
@@ -159,7 +158,7 @@ def reproduce(data: str | Path, out: str | Path, weights: str = "auto", quick: b
     out.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_data(data, out)
     weights, note = resolve_weights(weights, TrainConfig().arch)
-    extra = [("Warning", f"<p>{note}</p>")] if note else []
+    extra = [("Warning", f"<p>{html.escape(note)}</p>")] if note else []
     cfg = recipe(data_dir, out / "main" / "run", weights, device, quick)
     save_json(cfg, out / "config.json")
     run = train(cfg, resume=(out / "main" / "run" / "last.pt").exists())
@@ -174,4 +173,4 @@ def reproduce(data: str | Path, out: str | Path, weights: str = "auto", quick: b
         fold_run = train(fold_cfg, resume=(fold_out / "run" / "last.pt").exists())
         external[name] = evaluate(fold_run, data_dir, "test", fold_out / "report", n_boot=n_boot, extra_sections=extra,
                                   title=f"External validation: trained without {name}")
-    return write_summary(out, main, external, diagnosis["source_probe"], verdict(diagnosis), note, cfg)
+    return write_summary(out, main, external, verdict(diagnosis), note, cfg)
