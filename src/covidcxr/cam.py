@@ -30,10 +30,16 @@ def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.nda
     return show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=1 - alpha)
 
 
+OVERLAY_MIN_SIDE = 448  # model inputs are small (112 px by default); a person needs a larger picture
+
+
 def cam_overlay(predictor, square: np.ndarray) -> Image.Image:
+    """The overlay of what the model saw, enlarged (bicubic) to at least OVERLAY_MIN_SIDE pixels for viewing."""
     x = predictor.model_input(square)
     heatmap = grad_cam(predictor.model, x, predictor.positive_index)[0]
-    return Image.fromarray(overlay(x[0, 0].detach().cpu().numpy(), heatmap))
+    image = Image.fromarray(overlay(x[0, 0].detach().cpu().numpy(), heatmap))
+    scale = -(-OVERLAY_MIN_SIDE // image.width)  # ceil: whole-number enlargement keeps the map aligned
+    return image.resize((image.width * scale, image.height * scale), Image.BICUBIC) if scale > 1 else image
 
 
 def cam_overlay_png(predictor, square: np.ndarray) -> bytes:
