@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from covidcxr.cam import OVERLAY_MIN_SIDE
+
 from covidcxr.serve import background_server, create_app
 from covidcxr.serve.log import PredictionLog
 
@@ -64,7 +66,7 @@ def test_upload_shows_probability_and_heatmap(page_url: str, tmp_path: Path) -> 
             heatmap = page.locator("#heatmap")
             sync_api.expect(heatmap).to_be_visible()
             assert re.match(r"data:image/png;base64,", heatmap.get_attribute("src"))
-            assert page.evaluate("document.getElementById('heatmap').naturalWidth") == 224  # the model's input size
+            assert page.evaluate("document.getElementById('heatmap').naturalWidth") >= OVERLAY_MIN_SIDE  # enlarged overlay
             page.screenshot(path=str(tmp_path / "page-result.png"), full_page=True)
 
             page.set_input_files("#file-input", str(tmp_path / "notes.png"))

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +25,9 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from . import tasks
-from .augment import prepare_batch
+from .augment import equalize, prepare_batch
 from .cache import ImageCache
-from .config import TrainConfig, config_hash, save_json, to_dict
+from .config import AugmentConfig, TrainConfig, config_hash, save_json, to_dict
 from .manifest import manifest_hash
 from .metrics import choose_threshold
 from .model import build_model, forward_with_features, load_checkpoint, parameter_groups, save_checkpoint, source_logits
@@ -141,6 +141,15 @@ def positive_auc(y: np.ndarray, probs: np.ndarray) -> float:
     return float(roc_auc_score(positive, probs[:, tasks.POSITIVE_INDEX])) if positive.min() != positive.max() else float("nan")
 
 
+def equalize_once(images: torch.Tensor, augment: AugmentConfig) -> tuple[torch.Tensor, AugmentConfig]:
+    """Histogram-equalize the training images once, not every epoch (it is deterministic and comes before any random
+    augmentation), and augment the result without equalizing again. Rounding the result to uint8 moves a pixel by at
+    most half a gray level; it takes about 40 % of the augmentation time out of every training step on a CPU."""
+    if not augment.equalize:
+        return images, augment
+    return equalize(images).mul_(255).round_().to(torch.uint8), replace(augment, equalize=False)
+
+
 def _tensorboard(log_dir: Path):
     """A TensorBoard writer when tensorboard is installed (optional); history.csv is written either way."""
     try:
@@ -163,7 +172,7 @@ class Trainer:
         train = self.df[self.df["split"] == "train"].reset_index(drop=True)
         self.train_df = train
         self.sources = sorted(train["source"].unique())
-        self.train_x = self.cache.load(train["cache_index"]).to(self.device)
+        self.train_x, self.train_augment = equalize_once(self.cache.load(train["cache_index"]).to(self.device), cfg.augment)
         self.train_y = torch.tensor(train["y"].to_numpy()).to(self.device)
         self.train_src = torch.tensor(train["source"].map({s: i for i, s in enumerate(self.sources)}).to_numpy()).to(self.device)
         val = self.df[self.df["split"] == "val"].reset_index(drop=True)
@@ -251,7 +260,7 @@ class Trainer:
                    disable=not self.d.main, leave=False)
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = prepare_batch(self.train_x[idx], True, cfg.augment, cfg.image_size, gen)
+            x = prepare_batch(self.train_x[idx], True, self.train_augment, cfg.image_size, gen)
             loss = self._loss(model, x.contiguous(memory_format=torch.channels_last), idx, epoch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
