@@ -85,12 +85,24 @@ def test_each_augmentation_changes_the_image_on_its_own() -> None:
         "blur": 1.0,
         "noise": 0.05,
         "resolution_jitter": 1.0,
+        "jpeg": 1.0,
         "hflip": True,
     }
     for name, value in settings.items():
         cfg = dataclasses.replace(STILL, **{name: value})
         out = prepare_batch(images, True, cfg, 64, torch.Generator().manual_seed(1))
         assert (out - plain).abs().mean() > 0.003, name
+
+
+def test_jpeg_recompression_adds_block_artefacts_and_keeps_the_rest() -> None:
+    """A re-compressed image stays close to the original (same picture) but not equal; prob 0 leaves it untouched."""
+    images = _images()
+    plain = images.float().unsqueeze(1) / 255
+    out = prepare_batch(images, True, dataclasses.replace(STILL, jpeg=1.0), 64, torch.Generator().manual_seed(2))
+    diff = (out - plain).abs()
+    assert 0.001 < diff.mean() < 0.05 and out.shape == plain.shape
+    untouched = prepare_batch(images, True, dataclasses.replace(STILL, jpeg=0.0), 64, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(untouched, plain, atol=1e-5, rtol=0)
 
 
 def test_affine_grid_matches_torch() -> None:

@@ -37,6 +37,7 @@ class AugmentConfig:
     blur: float = 0.0  # probability of a Gaussian blur
     noise: float = 0.0  # std of additive Gaussian noise (in [0, 1] units)
     resolution_jitter: float = 0.0  # probability of a down- then up-sample
+    jpeg: float = 0.0  # probability of a JPEG re-compression (quality 30-90): web figures carry such artefacts
     equalize: bool = True  # per-image histogram equalization (train and eval): removes collection-specific
     # intensity curves; the mitigation that most improved cross-source AUC (docs/experiments)
     hflip: bool = False  # off: the heart is on the left; flipping makes anatomy implausible
