@@ -168,5 +168,5 @@ def _jpeg(x: torch.Tensor, prob: float, uniform: Uniform) -> torch.Tensor:
     for i in chosen:
         buf = io.BytesIO()
         Image.fromarray(pixels[i, 0]).save(buf, format="JPEG", quality=quality)
-        out[i, 0] = torch.from_numpy(np.asarray(Image.open(buf))).to(x.device, x.dtype).div_(255)
+        out[i, 0] = torch.from_numpy(np.array(Image.open(buf))).to(x.device, x.dtype).div_(255)
     return out
