@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import yaml
 
-from .config import AugmentConfig, IngestConfig, TrainConfig, from_dict, to_dict
+from .config import IngestConfig, TrainConfig, from_dict, to_dict
 
 
 def _ingest(a: argparse.Namespace) -> int:

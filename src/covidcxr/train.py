@@ -168,6 +168,7 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.d.local_rank)
         seed_everything(cfg.seed, cfg.deterministic)
         self.cache, self.df = load_data(cfg)
+        self.manifest_hash = manifest_hash(self.df)  # identity of the data this run uses, written with every checkpoint
         self.classes = tasks.class_names(cfg.task)
         train = self.df[self.df["split"] == "train"].reset_index(drop=True)
         self.train_df = train
@@ -223,10 +224,6 @@ class Trainer:
         self.df[cols].to_csv(self.out / "split.csv", index=False)
         with open(self.out / "history.csv", "w", newline="") as fh:
             csv.writer(fh).writerow(HISTORY_FIELDS)
-
-    @property
-    def manifest_hash(self) -> str:
-        return manifest_hash(self.df)
 
     def _resume(self) -> None:
         """Continue from last.pt: model, optimizer, schedule, early-stopping state; history cut back to match."""
