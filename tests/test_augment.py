@@ -1,4 +1,4 @@
-"""Batch augmentation: shapes, determinism, reproducibility, identity at zero magnitude, equalization."""
+"""Batch augmentation: shapes, determinism, reproducibility, identity at zero magnitude, equalization, crops."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from covidcxr.augment import affine_grid, equalize, prepare_batch
-from covidcxr.config import AugmentConfig
+from covidcxr.augment import (affine_grid, clahe, content_boxes, crop_to_boxes, equalize, normalise, normalise_once,
+                              prepare_batch)
+from covidcxr.config import AugmentConfig, from_dict
 
-STRONG = AugmentConfig(gamma=0.3, blur=0.5, noise=0.05, resolution_jitter=0.5, hflip=True, equalize=True)
-STILL = AugmentConfig(rotate_deg=0.0, scale=(1.0, 1.0), translate=0.0, brightness=0.0, contrast=0.0, equalize=False)
+STRONG = AugmentConfig(gamma=0.3, blur=0.5, noise=0.05, resolution_jitter=0.5, hflip=True, equalize="global")
+STILL = AugmentConfig(rotate_deg=0.0, scale=(1.0, 1.0), translate=0.0, brightness=0.0, contrast=0.0, equalize="none")
 
 
 def _images(batch: int = 6, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -40,7 +41,7 @@ def test_shape_dtype_and_range(train: bool, cfg: AugmentConfig) -> None:
 
 def test_eval_is_deterministic_and_a_plain_antialiased_resize() -> None:
     images = _images(size=96)
-    plain = AugmentConfig(equalize=False)
+    plain = AugmentConfig(equalize="none")
     out = prepare_batch(images, False, plain, 40)
     again = prepare_batch(images, False, plain, 40, torch.Generator().manual_seed(123))
     assert torch.equal(out, again)
@@ -51,7 +52,7 @@ def test_eval_is_deterministic_and_a_plain_antialiased_resize() -> None:
 
 def test_eval_equalizes_when_asked() -> None:
     images = _images()
-    out = prepare_batch(images, False, dataclasses.replace(STILL, equalize=True), 64)
+    out = prepare_batch(images, False, dataclasses.replace(STILL, equalize="global"), 64)
     torch.testing.assert_close(out[:, 0], equalize(images))
 
 
@@ -162,3 +163,74 @@ def test_rejects_non_uint8_or_non_square_input() -> None:
         prepare_batch(torch.rand(2, 32, 32), False, AugmentConfig(), 32)
     with pytest.raises(ValueError, match="square uint8 images"):
         prepare_batch(torch.zeros(2, 32, 40, dtype=torch.uint8), False, AugmentConfig(), 32)
+
+
+def test_configs_saved_with_a_boolean_equalize_still_load() -> None:
+    assert from_dict(AugmentConfig, {"equalize": True}).equalize == "global"
+    assert from_dict(AugmentConfig, {"equalize": False}).equalize == "none"
+
+
+@pytest.mark.parametrize("bad", [{"equalize": "adaptive"}, {"crop": "centre"}, {"crop": "lungs"}, {"border": 0.5}])
+def test_unknown_or_incomplete_preprocessing_settings_are_errors(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        AugmentConfig(**bad)
+
+
+def _gradient(size: int = 64) -> torch.Tensor:
+    """A left-to-right brightness ramp (an acquisition trait) with faint texture (the anatomy)."""
+    ramp = np.linspace(50, 200, size)[None, :].repeat(size, 0) + np.random.default_rng(0).normal(0, 4, (size, size))
+    return torch.from_numpy(np.clip(ramp, 0, 255).astype(np.uint8))[None]
+
+
+def _texture(x: torch.Tensor) -> float:
+    """Local contrast: the spread of what a 5 x 5 mean filter removes, away from the edges."""
+    high = x - F.avg_pool2d(x[None, None], 5, 1, 2)[0, 0]
+    return float(high[4:-4, 4:-4].std())
+
+
+def test_clahe_keeps_local_texture_and_flattens_a_global_ramp() -> None:
+    image = _gradient()
+    glob = equalize(image)[0]
+    local = clahe(image[:, None].float() / 255, 2.0)[0, 0]
+    assert _texture(local) > 1.5 * _texture(glob)
+    span = lambda x: float(x[:, -16:].mean() - x[:, :16].mean())  # noqa: E731
+    assert 0 < span(local) < 0.5 * span(glob)
+    torch.testing.assert_close(normalise(image, AugmentConfig(equalize="clahe"))[0, 0], local)
+
+
+def _padded_with_marker() -> torch.Tensor:
+    """A 64 x 64 cache image: content in rows 16-47 (black padding above and below), a bright marker in a corner."""
+    image = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    image[0, 16:48] = 120
+    image[0, 17:20, 1:4] = 255
+    return image
+
+
+def test_content_boxes_find_the_padding_and_an_all_dark_image_is_whole() -> None:
+    images = torch.cat([_padded_with_marker(), torch.zeros(1, 64, 64, dtype=torch.uint8)])
+    torch.testing.assert_close(content_boxes(images), torch.tensor([[16 / 64, 0, 48 / 64, 1], [0, 0, 1, 1]]))
+
+
+def test_the_whole_box_is_the_identity_and_a_half_box_zooms_in() -> None:
+    images = _images()
+    assert torch.equal(crop_to_boxes(images, torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(6, 4)), images)
+    half = crop_to_boxes(images, torch.tensor([[0.25, 0.25, 0.75, 0.75]]).expand(6, 4))
+    reference = F.interpolate(images[:, None, 16:48, 16:48].float(), size=64, mode="bilinear", align_corners=False)
+    # the first and last output rows and columns blend in the pixels just outside the box; the rest match
+    assert (half.float() - reference[:, 0])[:, 1:-1, 1:-1].abs().max() <= 1
+
+
+def test_border_crop_removes_padding_and_edge_markers() -> None:
+    out = normalise(_padded_with_marker(), AugmentConfig(crop="border", border=0.1, equalize="none"))
+    assert out.shape == (1, 1, 64, 64)
+    assert out.min() == out.max() == pytest.approx(120 / 255)  # no black band, no marker: only the content
+
+
+@pytest.mark.parametrize("cfg", [AugmentConfig(crop="border", equalize="clahe"), AugmentConfig(crop="border")])
+def test_normalise_once_matches_evaluation_and_switches_itself_off(cfg: AugmentConfig) -> None:
+    images = _images(size=64)
+    once, rest = normalise_once(images, cfg, chunk=4)
+    assert once.dtype == torch.uint8 and (rest.equalize, rest.crop) == ("none", "none")
+    assert rest.rotate_deg == cfg.rotate_deg  # the random part is kept
+    expected = prepare_batch(images, False, cfg, 64)
+    assert (prepare_batch(once, False, rest, 64) - expected).abs().max() <= 0.5 / 255 + 1e-6
