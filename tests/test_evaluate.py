@@ -85,6 +85,33 @@ def test_report_folder_holds_the_test_split_scored_at_the_runs_threshold(test_re
     assert page.count("data:image/png;base64,") >= 3 and "<script src" not in page  # self-contained
 
 
+def test_every_report_holds_the_shortcut_diagnostics_of_its_images(test_report):
+    diagnosis = json.loads((test_report / "diagnose" / "diagnose.json").read_text())
+    scored = len(pd.read_csv(test_report / "predictions.csv"))
+    assert diagnosis["split"] == "test" and diagnosis["n_images"] == scored
+    assert {"source_probe", "occlusion", "image_stats", "cam", "flags"} <= set(diagnosis)
+    page = (test_report / "report.html").read_text()
+    assert "Shortcut diagnostics" in page and 'alt="Lung masks"' in page  # figures embedded: one file to send
+
+
+def test_no_diagnose_skips_them_and_failing_diagnostics_keep_the_report(tiny_run, tiny_data, tmp_path, monkeypatch,
+                                                                        capsys):
+    argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--out", str(tmp_path / "plain"), "--n-boot", "20"]
+    assert cli.main([*argv, "--no-diagnose"]) == 0
+    assert not (tmp_path / "plain" / "diagnose").exists()
+    assert "Shortcut diagnostics" not in (tmp_path / "plain" / "report.html").read_text()
+
+    def broken(*args, **kwargs):
+        raise ValueError("too few images of each source")
+
+    monkeypatch.setattr("covidcxr.diagnose.diagnose", broken)
+    assert cli.main([*argv[:-4], "--out", str(tmp_path / "failed"), "--n-boot", "20"]) == 0
+    assert "diagnostics skipped: too few images of each source" in capsys.readouterr().err
+    page = (tmp_path / "failed" / "report.html").read_text()
+    assert "could not run on these images: too few images of each source" in page
+    assert (tmp_path / "failed" / "metrics.json").is_file()
+
+
 def test_split_all_on_the_runs_own_data_leaves_out_what_it_trained_on(tiny_run, tiny_data, tmp_path, capsys):
     out = tmp_path / "all"
     argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--split", "all", "--out", str(out), "--n-boot", str(N_BOOT)]

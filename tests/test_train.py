@@ -129,3 +129,15 @@ def test_target_sensitivity_flag_sets_the_threshold_method(tiny_data, tmp_path):
     args = build_parser().parse_args(["train", str(tiny_data), "--out", str(tmp_path / "r"), "--target-sensitivity", "0.9"])
     cfg = train_config(args)
     assert cfg.threshold_method == "sensitivity" and cfg.target_sensitivity == 0.9
+
+
+def test_preprocessing_flags_override_the_yaml_and_keep_its_other_augment_settings(tiny_data, tmp_path):
+    from covidcxr.cli import build_parser, train_config
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("augment: {equalize: none, jpeg: 0.5}\n")
+    args = build_parser().parse_args(["train", str(tiny_data), "--out", str(tmp_path / "r"), "--config", str(yaml_file),
+                                      "--crop", "border", "--equalize", "clahe"])
+    augment = train_config(args).augment
+    assert (augment.crop, augment.equalize, augment.jpeg) == ("border", "clahe", 0.5)
+    plain = train_config(build_parser().parse_args(["train", str(tiny_data), "--out", str(tmp_path / "r")])).augment
+    assert (plain.crop, plain.equalize) == ("none", "global")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import sys
 from datetime import datetime, timezone
@@ -78,11 +79,28 @@ def predictions(run: str | Path, data: str | Path, split: str = "test", device: 
 
 
 def evaluate(run: str | Path, data: str | Path, split: str, out: str | Path, n_boot: int = 1000,
-             title: str | None = None, extra_sections=(), device: str = "auto") -> dict:
-    """Write the report folder (predictions.csv, metrics.json, figures, report.html); return the metrics."""
+             title: str | None = None, extra_sections=(), device: str = "auto", diagnostics: bool = True) -> dict:
+    """Write the report folder (predictions.csv, metrics.json, figures, report.html); return the metrics.
+
+    `diagnostics`: also run the shortcut checks (diagnose.py) on the same images into REPORT/diagnose/ and show them
+    in the report: a figure such as the AUC means little until one knows whether it measures the disease."""
     pred, meta, provenance = predictions(run, data, split, device)
     metrics = evaluate_predictions(pred, meta["threshold"], meta["threshold_method"], n_boot=n_boot,
                                    provenance=provenance, positive_label=meta["classes"][int(meta["positive_index"])])
     title = title or f"{Path(run).name} on {Path(data).name} ({split})"
-    write_report(out, pred, metrics, title, provenance, extra_sections)
+    sections = list(extra_sections)
+    write_report(out, pred, metrics, title, provenance, sections)  # on disk before the slower checks start
+    if diagnostics:
+        sections.append(("Shortcut diagnostics", _diagnostics_section(run, data, split, Path(out) / "diagnose", device)))
+        write_report(out, pred, metrics, title, provenance, sections)
     return metrics
+
+
+def _diagnostics_section(run: str | Path, data: str | Path, split: str, out: Path, device: str) -> str:
+    """The diagnostics as an HTML section; when they cannot run, the reason, in the report and on stderr."""
+    from .diagnose import diagnose, diagnostics_html
+    try:
+        return diagnostics_html(diagnose(run, data, out, split=split, device=device), out)
+    except ValueError as e:
+        print(f"diagnostics skipped: {e}", file=sys.stderr)
+        return f"<p>The shortcut diagnostics could not run on these images: {html.escape(str(e))}</p>"
