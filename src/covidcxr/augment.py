@@ -129,17 +129,27 @@ def _lung_model(path: str, device: torch.device) -> torch.nn.Module:
 def content_boxes(images: torch.Tensor) -> torch.Tensor:
     """(B, 4) boxes (top, left, bottom, right), as fractions of the side, of the rows and columns that hold image
     content: the dark bands of padding to square (or of a scanner's frame) are left out; an all-dark image is whole."""
-    size = images.shape[-1]
-    rows, cols = images.amax(2) > CONTENT_LEVEL, images.amax(1) > CONTENT_LEVEL  # (B, S) each
+    return mask_boxes(images > CONTENT_LEVEL)[0]
 
-    def span(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        first = hit.int().argmax(1)
-        last = size - hit.flip(1).int().argmax(1)
-        empty = ~hit.any(1)
-        return torch.where(empty, 0, first), torch.where(empty, size, last)
 
-    (top, bottom), (left, right) = span(rows), span(cols)
-    return torch.stack([top, left, bottom, right], dim=1).to(torch.float32) / size
+def mask_boxes(masks: torch.Tensor, margin: float = 0.0, min_area: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes (B, 4) = (top, left, bottom, right) as fractions of the side around each mask (B, [1,] H, W), grown by
+    `margin` of the box's height (width) on each side and clipped to [0, 1]; and (B,) bool, True where the mask is
+    empty or covers less than `min_area` of the image, whose box is then the whole image."""
+    masks = masks.reshape(masks.shape[0], *masks.shape[-2:]).bool()
+    h, w = masks.shape[-2:]
+
+    def span(filled: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = filled.int().argmax(dim=1)
+        last = n - filled.flip(1).int().argmax(dim=1)  # exclusive end
+        grow = margin * (last - first) / n
+        return (first / n - grow).clamp(0, 1), (last / n + grow).clamp(0, 1)
+
+    (top, bottom), (left, right) = span(masks.any(dim=2), h), span(masks.any(dim=1), w)
+    boxes = torch.stack([top, left, bottom, right], dim=1).float()
+    whole = ~masks.flatten(1).any(1) | (masks.float().mean(dim=(1, 2)) < min_area)
+    boxes[whole] = torch.tensor([0.0, 0.0, 1.0, 1.0], device=masks.device)
+    return boxes, whole
 
 
 def crop_to_boxes(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import yaml
 
-from .config import IngestConfig, TrainConfig, from_dict, to_dict
+from .config import CROP_CHOICES, EQUALIZE_CHOICES, IngestConfig, TrainConfig, from_dict, to_dict
 
 
 def _ingest(a: argparse.Namespace) -> int:
@@ -51,6 +51,8 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
         values["holdout_sources"] = a.holdout
     if a.target_sensitivity is not None:
         values["threshold_method"] = "sensitivity"
+    preprocessing = {"equalize": a.equalize, "crop": a.crop, "lung_model": a.lung_model}
+    values["augment"] = {**values["augment"], **{k: v for k, v in preprocessing.items() if v is not None}}
     return from_dict(TrainConfig, values)
 
 
@@ -63,7 +65,7 @@ def _train(a: argparse.Namespace) -> int:
 
 def _evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    metrics = evaluate(a.run, a.data, a.split, a.out, n_boot=a.n_boot)
+    metrics = evaluate(a.run, a.data, a.split, a.out, n_boot=a.n_boot, diagnostics=a.diagnose)
     auc = metrics["auc"]
     print(f"AUC {auc['value']:.3f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]  report: {Path(a.out) / 'report.html'}")
     return 0
@@ -113,6 +115,21 @@ def _experiment(a: argparse.Namespace) -> int:
     return 0
 
 
+def _lungs_fetch(a: argparse.Namespace) -> int:
+    from .lungseg import fetch_masks
+    print(fetch_masks(Path(a.out), a.find_links))
+    return 0
+
+
+def _lungs_train(a: argparse.Namespace) -> int:
+    from .lungseg import paired_images, train_lung_model
+    m = train_lung_model(paired_images(Path(a.data), Path(a.masks)), Path(a.out), size=a.size, epochs=a.epochs,
+                         seed=a.seed)["metrics"]
+    print(f"val Dice {m['val_dice']:.3f} on {m['val_images']} held-out films ({m['train_images']} trained on); "
+          f"model written to {a.out}")
+    return 0
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("data", help="ingested data folder (covidcxr ingest --out)")
@@ -136,6 +153,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain-adversarial", dest="domain_adversarial", type=float,
                    help="weight of a gradient-reversal source head (0 = off)")
     p.add_argument("--max-train-images", dest="max_train_images", type=int, help="subsample training images")
+    p.add_argument("--equalize", choices=EQUALIZE_CHOICES, help="histogram equalization of every image (default global)")
+    p.add_argument("--crop", choices=CROP_CHOICES, help="crop to the content box less its border, or to the lungs "
+                   "(default none)")
+    p.add_argument("--lung-model", dest="lung_model", help="lung checkpoint for --crop lungs (covidcxr lungs train)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
@@ -181,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "all"], help="test: the run's test part; all: every image")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--n-boot", dest="n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--no-diagnose", dest="diagnose", action="store_false",
+                   help="skip the shortcut diagnostics (about a minute of CPU per few hundred images)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="score image files or folders")
@@ -228,6 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="ingested data folder (overrides the YAML's data)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_experiment)
+
+    lungs = sub.add_parser("lungs", help="learned lung masks").add_subparsers(dest="lungs_command", required=True, metavar="COMMAND")
+    p = lungs.add_parser("fetch", help="extract the hand-drawn lung masks from torchxrayvision's wheel (via pip)")
+    p.add_argument("--out", required=True, help="folder to put semantic_masks_v7labs_lungs/ in")
+    p.add_argument("--find-links", dest="find_links", help="folder holding the wheel (no package index is asked)")
+    p.set_defaults(func=_lungs_fetch)
+    p = lungs.add_parser("train", help="train the lung segmentation model on the masks")
+    p.add_argument("data", help="raw data folder with metadata.csv (path, origin_path) whose images have masks")
+    p.add_argument("--masks", required=True, help="mask folder (covidcxr lungs fetch prints it)")
+    p.add_argument("--out", required=True, help="checkpoint file to write (a .json summary is written beside it)")
+    p.add_argument("--size", type=int, default=128, help="model input side in pixels (default 128)")
+    p.add_argument("--epochs", type=int, default=30, help="default 30")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.set_defaults(func=_lungs_train)
     return parser
 
 

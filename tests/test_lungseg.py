@@ -1,0 +1,203 @@
+"""Learned lung masks: fetching the masks from a wheel, pairing them with images, training, segmenting, boxes."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from covidcxr import lungseg
+from covidcxr.cli import main
+from covidcxr.download import DownloadError
+
+
+def build_wheel(folder: Path, masks: dict[str, np.ndarray] | None) -> Path:
+    """A minimal torchxrayvision 1.5.7 wheel in folder; with the masks zip holding masks (name -> bool array) unless
+    masks is None."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info = "torchxrayvision-1.5.7.dist-info"
+    files = {
+        f"{info}/METADATA": "Metadata-Version: 2.1\nName: torchxrayvision\nVersion: 1.5.7\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    wheel = folder / "torchxrayvision-1.5.7-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+        if masks is not None:
+            inner = folder / "masks.zip"
+            with zipfile.ZipFile(inner, "w") as mz:
+                for name, mask in masks.items():
+                    png = folder / name
+                    Image.fromarray(mask.astype(np.uint8) * 255).save(png)
+                    mz.write(png, f"{lungseg.MASK_FOLDER}/{name}")
+            zf.write(inner, lungseg.MASKS_ZIP)
+        zf.writestr(f"{info}/RECORD", "".join(f"{n},,\n" for n in zf.namelist()) + f"{info}/RECORD,,\n")
+    return wheel
+
+
+def toy_film(rng: np.random.Generator, height: int = 48, width: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """(gray image in [0, 1], lung mask): two dark ellipses, jittered in place and size, on a brighter body, with
+    a random exposure and noise."""
+    rows, cols = np.mgrid[:height, :width] / np.array([height, width])[:, None, None]
+    body = ((rows - 0.55) / 0.6) ** 2 + ((cols - 0.5) / 0.47) ** 2 <= 1
+    lung = np.zeros((height, width), bool)
+    for cx in (0.3, 0.7):
+        cy, ry, rx = rng.uniform(0.4, 0.5), rng.uniform(0.22, 0.32), rng.uniform(0.11, 0.16)
+        lung |= ((rows - cy) / ry) ** 2 + ((cols - cx + rng.uniform(-0.03, 0.03)) / rx) ** 2 <= 1
+    img = rng.uniform(0.05, 0.15) + rng.uniform(0.5, 0.7) * body - 0.35 * lung + rng.normal(0, 0.05, lung.shape)
+    return np.clip(img, 0, 1), lung
+
+
+def write_toy_data(root: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
+    """A raw data folder (metadata.csv with path and origin_path) of n toy films and a mask folder named like the
+    films' origin files."""
+    rng = np.random.default_rng(seed)
+    data, masks = root / "data", root / "masks"
+    (data / "images").mkdir(parents=True)
+    masks.mkdir()
+    rows = []
+    for i in range(n):
+        img, lung = toy_film(rng)
+        Image.fromarray((img * 255).astype(np.uint8)).save(data / "images" / f"{i:03d}.png")
+        Image.fromarray(lung.astype(np.uint8) * 255).save(masks / f"orig{i:03d}.jpg")
+        rows.append({"path": f"images/{i:03d}.png", "origin_path": f"images/orig{i:03d}.jpg",
+                     "patient_id": f"p{i}"})
+    pd.DataFrame(rows).to_csv(data / "metadata.csv", index=False)
+    return data, masks
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, pd.DataFrame, dict]:
+    """One small model trained on 40 toy films, shared by the tests that use a trained model."""
+    root = tmp_path_factory.mktemp("lungseg")
+    pairs = lungseg.paired_images(*write_toy_data(root, 40))
+    out = root / "model" / "lungs.pt"
+    result = lungseg.train_lung_model(pairs, out, size=48, epochs=12, batch_size=8, seed=0, val_fraction=0.2)
+    return out, pairs, result
+
+
+def test_fetch_masks_from_a_wheel(tmp_path):
+    mask = np.zeros((30, 40), bool)
+    mask[5:20, 8:30] = True
+    wheel_dir = build_wheel(tmp_path / "wheels", {"a.jpeg": mask, "b.png": ~mask}).parent
+    folder = lungseg.fetch_masks(tmp_path / "out", find_links=str(wheel_dir))
+    assert folder == tmp_path / "out" / lungseg.MASK_FOLDER
+    assert sorted(p.name for p in folder.iterdir()) == ["a.jpeg", "b.png"]
+    assert np.array_equal(np.asarray(Image.open(folder / "a.jpeg")) > 127, mask)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [lungseg.MASK_FOLDER]  # no temporary folder left
+    # masks present: pip is not run again (this folder has no wheel, so pip would fail)
+    assert lungseg.fetch_masks(tmp_path / "out", find_links=str(tmp_path / "out")) == folder
+
+
+def test_fetch_masks_errors_are_one_line(tmp_path):
+    no_masks = build_wheel(tmp_path / "wheels", None).parent
+    with pytest.raises(DownloadError, match=f"has no member {lungseg.MASKS_ZIP}") as err:
+        lungseg.fetch_masks(tmp_path / "out", find_links=str(no_masks))
+    assert "\n" not in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DownloadError, match=r"pip download torchxrayvision==1\.5\.7 failed: .+") as err:
+        lungseg.fetch_masks(tmp_path / "out", find_links=str(tmp_path / "empty"))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out" / lungseg.MASK_FOLDER).exists()
+
+
+def test_paired_images_by_origin_path_or_path(tmp_path):
+    data, masks = tmp_path / "data", tmp_path / "masks"
+    (data / "images").mkdir(parents=True)
+    masks.mkdir()
+    for name in ("x1.jpg", "x3.jpeg", "2.png"):
+        (masks / name).write_bytes(b"")
+    pd.DataFrame({"path": ["images/1.png", "images/2.png", "images/3.png"],
+                  "origin_path": ["repo/images/x1.jpg", None, "x3.jpeg"]}).to_csv(data / "metadata.csv", index=False)
+    pairs = lungseg.paired_images(data, masks)
+    assert list(pairs.columns) == ["image", "mask"]
+    assert pairs.values.tolist() == [[str(data / "images/1.png"), str(masks / "x1.jpg")],
+                                     [str(data / "images/3.png"), str(masks / "x3.jpeg")]]
+    pd.DataFrame({"path": ["images/1.png", "images/2.png"]}).to_csv(data / "metadata.csv", index=False)
+    assert lungseg.paired_images(data, masks).values.tolist() == [[str(data / "images/2.png"), str(masks / "2.png")]]
+    pd.DataFrame({"path": ["images/9.png"]}).to_csv(data / "metadata.csv", index=False)
+    with pytest.raises(ValueError, match="no image of .* has a mask"):
+        lungseg.paired_images(data, masks)
+    with pytest.raises(FileNotFoundError, match="mask folder"):
+        lungseg.paired_images(data, tmp_path / "nowhere")
+
+
+def test_a_mask_of_another_shape_is_refused(tmp_path):
+    """A shrunk copy of the original film pairs with its full-size mask; a film of another aspect ratio does not."""
+    pairs = []
+    for i, (img_shape, mask_shape) in enumerate([((20, 30), (40, 60)), ((20, 40), (40, 40))]):
+        Image.fromarray(np.full(img_shape, 100, np.uint8)).save(tmp_path / f"{i}.png")
+        Image.fromarray(np.full(mask_shape, 255, np.uint8)).save(tmp_path / f"{i}_mask.png")
+        pairs.append({"image": str(tmp_path / f"{i}.png"), "mask": str(tmp_path / f"{i}_mask.png")})
+    images, masks = lungseg._load_pairs(pd.DataFrame(pairs[:1]), 16)
+    assert images.shape == masks.shape == (1, 1, 16, 16) and bool(masks.all())
+    with pytest.raises(ValueError, match="differ in aspect ratio"):
+        lungseg.train_lung_model(pd.DataFrame(pairs), tmp_path / "m.pt", size=16, epochs=1)
+
+
+def test_unet_learns_toy_lungs(trained):
+    metrics = trained[2]["metrics"]
+    assert metrics["val_dice"] > 0.8
+    assert (metrics["train_images"], metrics["val_images"]) == (32, 8)
+    assert trained[2]["config"]["size"] == 48
+
+
+def test_checkpoint_round_trip_reproduces_the_val_dice(trained):
+    out, pairs, result = trained
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["metrics"] == result["metrics"]
+    assert json.loads(out.with_suffix(".json").read_text()) == result
+    model = lungseg.load_lung_model(out)
+    assert not model.training and model.size == 48
+    val = pairs[pairs["image"].isin(ckpt["val_set"])]
+    assert len(val) == result["metrics"]["val_images"]
+    images, masks = lungseg._load_pairs(val, 48)
+    dice = lungseg._dice(lungseg.segment(model, images), masks.bool()).mean()
+    assert dice == pytest.approx(result["metrics"]["val_dice"], abs=1e-4)
+    untrained = lungseg.LungUNet(size=48).eval()
+    assert lungseg._dice(lungseg.segment(untrained, images), masks.bool()).mean() < 0.6
+
+
+def test_segment_returns_masks_at_the_input_size(trained):
+    model = lungseg.load_lung_model(trained[0])
+    films = [toy_film(np.random.default_rng(100 + i), 96, 72) for i in range(3)]
+    images = torch.from_numpy(np.stack([f for f, _ in films])[:, None]).float()
+    masks = lungseg.segment(model, images)
+    assert masks.shape == (3, 1, 96, 72) and masks.dtype == torch.bool
+    truth = torch.from_numpy(np.stack([m for _, m in films])[:, None])
+    assert lungseg._dice(masks, truth).min() > 0.75
+
+
+def test_lung_boxes_on_drawn_masks():
+    masks = torch.zeros(4, 1, 100, 50, dtype=torch.bool)
+    masks[0, 0, 20:60, 10:40] = True
+    masks[1, 0, 0:50, 5:20] = True
+    masks[1, 0, 10:60, 30:48] = True  # two lungs: one box around both
+    masks[3, 0, 10:20, 10:19] = True  # 1.8 % of the image: too small to be lungs
+    boxes, fallback = lungseg.lung_boxes(masks, margin=0.0)
+    assert fallback.tolist() == [False, False, True, True]
+    assert torch.allclose(boxes, torch.tensor([[0.2, 0.2, 0.6, 0.8], [0.0, 0.1, 0.6, 0.96],
+                                               [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]))
+    boxes, _ = lungseg.lung_boxes(masks[:2, 0], margin=0.1)  # (B, H, W) works too
+    assert torch.allclose(boxes, torch.tensor([[0.16, 0.14, 0.64, 0.86], [0.0, 0.014, 0.66, 1.0]]))
+
+
+def test_cli_lungs_train(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["lungs", "train", "--help"])
+    assert done.value.code == 0 and "--masks" in capsys.readouterr().out
+    data, masks = write_toy_data(tmp_path, 8)
+    out = tmp_path / "lungs.pt"
+    code = main(["lungs", "train", str(data), "--masks", str(masks), "--out", str(out), "--size", "32",
+                 "--epochs", "1"])
+    assert code == 0 and out.is_file()
+    assert "val Dice" in capsys.readouterr().out
+    assert main(["lungs", "train", str(data), "--masks", str(tmp_path), "--out", str(out)]) == 2
+    assert "no image of" in capsys.readouterr().err
