@@ -201,3 +201,42 @@ def test_cli_lungs_train(tmp_path, capsys):
     assert "val Dice" in capsys.readouterr().out
     assert main(["lungs", "train", str(data), "--masks", str(tmp_path), "--out", str(out)]) == 2
     assert "no image of" in capsys.readouterr().err
+
+
+def test_lung_crop_boxes_follow_the_lungs_and_report_films_without_them(trained):
+    from covidcxr.augment import crop_boxes
+    from covidcxr.config import AugmentConfig
+    cfg = AugmentConfig(crop="lungs", lung_model=str(trained[0]))
+    films = [toy_film(np.random.default_rng(200 + i), 64, 64) for i in range(3)]
+    images = torch.from_numpy((np.stack([f for f, _ in films]) * 255).astype(np.uint8))
+    truth, _ = lungseg.lung_boxes(torch.from_numpy(np.stack([m for _, m in films])), margin=0.1)
+    torch.testing.assert_close(crop_boxes(images, cfg), truth, atol=0.08, rtol=0)
+    with pytest.warns(UserWarning, match="1 of 1 images have no lung mask"):
+        box = crop_boxes(torch.zeros(1, 64, 64, dtype=torch.uint8), cfg)
+    assert box.tolist() == [[0.0, 0.0, 1.0, 1.0]]
+
+
+def test_a_lung_cropped_run_keeps_its_lung_model_and_is_scored_and_diagnosed_with_it(trained, tiny_data, tmp_path):
+    from covidcxr.diagnose import diagnose
+    from covidcxr.evaluate import evaluate
+    from covidcxr.model import LUNG_MODEL, load_run
+    from covidcxr.predict import Predictor
+    from covidcxr.train import TrainConfig, train
+    lung_copy = tmp_path / "my-lungs.pt"
+    lung_copy.write_bytes(trained[0].read_bytes())
+    cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), weights="none", image_size=64, epochs=1,
+                      device="cpu", seed=0, amp=False)
+    cfg.augment.crop, cfg.augment.lung_model = "lungs", str(lung_copy)
+    run = train(cfg)
+    assert (run / LUNG_MODEL).read_bytes() == trained[0].read_bytes()
+    lung_copy.unlink()  # the run must not depend on the file it was given
+    _, meta = load_run(run)
+    assert meta["augment"]["lung_model"] == str(run / LUNG_MODEL)
+    metrics = evaluate(run, tiny_data, "test", tmp_path / "report", n_boot=20, diagnostics=False)
+    assert 0.0 <= metrics["auc"]["value"] <= 1.0
+    predictor = Predictor.from_run(run)
+    square = predictor.preprocess(toy_film(np.random.default_rng(5), 80, 64)[0])
+    assert 0.0 <= float(predictor.probabilities([square])[0]) <= 1.0
+    result = diagnose(run, tiny_data, tmp_path / "diag", max_cam_images=20)
+    assert result["lung_masks"]["method"].startswith("learned")
+    assert 0.1 < result["lung_masks"]["mean_area_fraction"] < 0.6

@@ -104,7 +104,7 @@ def _compare(a: argparse.Namespace) -> int:
 
 def _diagnose(a: argparse.Namespace) -> int:
     from .diagnose import diagnose
-    diagnose(a.run, a.data, a.out)
+    diagnose(a.run, a.data, a.out, lung_model=a.lung_model)
     print(f"diagnostics written to {a.out}")
     return 0
 
@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--lung-model", dest="lung_model", help="lung checkpoint (covidcxr lungs train) for the lung fields; "
+                   "default: the run's own, else a heuristic")
     p.set_defaults(func=_diagnose)
 
     p = sub.add_parser("experiment", help="train a grid of settings under a cross-source protocol")

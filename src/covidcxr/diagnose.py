@@ -12,7 +12,8 @@ Four checks, on the run's test images (or on all unseen images of another ingest
    cross-validated by patient. High means the data itself carries a shortcut, whatever the model does;
 4. Grad-CAM lung share: the share of the COVID-19 attribution that falls inside the lung fields, beside the
    share of the image the lungs cover (what an attribution spread evenly would give).
-Lung fields come from `lungs.py` (a documented heuristic). Everything is written to one folder: diagnose.json,
+Lung fields come from a learned lung model (lungseg.py) when one is given or the run has one, else from `lungs.py`
+(a documented heuristic); diagnose.json names which. Everything is written to one folder: diagnose.json,
 figures, diagnose.html and verdict.md.
 """
 
@@ -47,7 +48,8 @@ from .cam import grad_cam, overlay  # noqa: E402
 from .config import AugmentConfig, from_dict  # noqa: E402
 from .evaluate import select_images  # noqa: E402
 from .metrics import binary_metrics, bootstrap_ci, patient_codes, write_metrics  # noqa: E402
-from .model import load_run  # noqa: E402
+from .lungseg import MIN_LUNG_AREA, load_lung_model, segment  # noqa: E402
+from .model import LUNG_MODEL, load_run  # noqa: E402
 from .predict import predict_probs  # noqa: E402
 from .train import resolve_device  # noqa: E402
 
@@ -71,11 +73,13 @@ FIGURES = {"occlusion.png": "Scores per class, intact and occluded", "masks.png"
 
 
 def diagnose(run: str | Path, data: str | Path, out: str | Path, split: str | None = None, device: str = "auto",
-             max_cam_images: int = 200, seed: int = 0) -> dict[str, Any]:
+             max_cam_images: int = 200, seed: int = 0, lung_model: str | Path | None = None) -> dict[str, Any]:
     """Run the four checks and write DIR/diagnose.json, the figures, diagnose.html and verdict.md; return the numbers.
 
     `split`: "test" (the run's own test images in DATA) or "all" (every image of DATA the run did not train or
     validate on); by default "test" when DATA holds the run's test images, else "all".
+    `lung_model`: a lung segmentation checkpoint (covidcxr lungs train) for the lung fields; by default the run's own
+    copy when it was trained with crop="lungs", else the heuristic of lungs.py.
     """
     run, out = Path(run), Path(out)
     dev = resolve_device(device)
@@ -86,14 +90,14 @@ def diagnose(run: str | Path, data: str | Path, out: str | Path, split: str | No
     y = (tasks.encode(rows["label"], meta["task"]) == int(meta["positive_index"])).astype(int)
     images = cache.load(rows["cache_index"]).numpy()
     _log(f"{len(rows)} images ({split}); lung masks")
-    masks, refined = lungs.lung_masks(images)
+    lung_model = lung_model or (run / LUNG_MODEL if (run / LUNG_MODEL).is_file() else None)
+    masks, mask_info = lung_fields(images, lung_model, dev)
     result: dict[str, Any] = {
         "run": str(run.resolve()), "data": str(Path(data).resolve()), "split": split, "task": meta["task"],
         "positive_label": meta["classes"][int(meta["positive_index"])], "threshold": float(meta["threshold"]),
         "n_images": len(rows), "n_patients": int(patient_codes(rows).max()) + 1,
         "counts": {f"{src}/{lab}": int(n) for (src, lab), n in rows.groupby(["source", "label"]).size().items()},
-        "lung_masks": {"method": "heuristic (lungs.py: anatomical template united with the dark lung regions)",
-                       "mean_area_fraction": float(masks.mean()), "sides_refined": float(refined.mean() / 2)},
+        "lung_masks": {**mask_info, "mean_area_fraction": float(masks.mean())},
     }
     _log("model passes: features, occlusion, Grad-CAM")
     features = probe.extract_features(model, meta, cache, rows, dev)
@@ -113,6 +117,22 @@ def diagnose(run: str | Path, data: str | Path, out: str | Path, split: str | No
     (out / "verdict.md").write_text(verdict(result) + "\n", encoding="utf-8")
     (out / "diagnose.html").write_text(_page(result, out), encoding="utf-8")
     return json.loads((out / "diagnose.json").read_text())
+
+
+def lung_fields(images: np.ndarray, lung_model: str | Path | None, device: torch.device,
+                chunk: int = 256) -> tuple[np.ndarray, dict[str, Any]]:
+    """(N, S, S) bool lung masks and how they were made: the learned model when given, else the heuristic."""
+    if lung_model is None:
+        masks, refined = lungs.lung_masks(images)
+        return masks, {"method": "heuristic (lungs.py: anatomical template united with the dark lung regions)",
+                       "sides_refined": float(refined.mean() / 2)}
+    model = load_lung_model(lung_model).to(device)
+    masks = np.concatenate([
+        segment(model, torch.from_numpy(images[i:i + chunk]).to(device).unsqueeze(1).float().div_(255))[:, 0].cpu().numpy()
+        for i in range(0, len(images), chunk)]) if len(images) else np.zeros(images.shape, bool)
+    found = masks.reshape(len(masks), -1).mean(1) >= MIN_LUNG_AREA
+    return masks, {"method": f"learned (lungseg.py U-Net trained on hand-drawn masks): {lung_model}",
+                   "images_without_lungs": int((~found).sum())}
 
 
 def _log(message: str) -> None:
@@ -461,9 +481,10 @@ def diagnostics_html(result: dict[str, Any], out_dir: str | Path) -> str:
     """HTML snippet (a report section body): the verdict, the key numbers and the figures embedded from out_dir."""
     head, *lines = verdict(result).split("\n\n")
     lm = result["lung_masks"]
+    detail = (f'{_pct(lm["sides_refined"])} of lungs also traced in the image (the rest: template only)'
+              if "sides_refined" in lm else f'{lm["images_without_lungs"]} image(s) without lungs found')
     setup = (f'{result["n_images"]} images ({result["split"]} split of {Path(result["data"]).name}); lung fields: '
-             f'{lm["method"]}, {_pct(lm["sides_refined"])} of lungs also traced in the image (the rest: template '
-             f'only); blanked regions set to one gray level for all images '
+             f'{lm["method"]}, {detail}; blanked regions set to one gray level for all images '
              f'({result["occlusion"]["fill_level"]} of 255).')
     return (f'<div class="diagnostics"><p>{_md_inline(head)}</p>'
             f'<ul>{"".join(f"<li>{_md_inline(line)}</li>" for line in lines)}</ul>'

@@ -35,6 +35,9 @@ DOWNLOAD_TIMEOUT_S = 20.0  # per socket operation, so an offline machine fails f
 SOURCE_HIDDEN = 256
 
 
+LUNG_MODEL = "lungs.pt"  # a run's copy of the lung model its crop="lungs" preprocessing uses
+
+
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights are neither cached nor downloadable (e.g. offline)."""
 
@@ -356,4 +359,6 @@ def load_run(
         model.load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as e:
         raise ValueError(f"{path}: checkpoint does not match its meta ({_one_line(e)})") from None
+    if meta.get("augment", {}).get("crop") == "lungs":  # score with the run's copy of its lung model
+        meta["augment"]["lung_model"] = str(Path(run_dir) / LUNG_MODEL)
     return model.to(device).eval(), meta

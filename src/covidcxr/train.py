@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from .cache import ImageCache
 from .config import AugmentConfig, TrainConfig, config_hash, save_json, to_dict
 from .manifest import manifest_hash
 from .metrics import choose_threshold
-from .model import build_model, forward_with_features, load_checkpoint, parameter_groups, save_checkpoint, source_logits
+from .model import LUNG_MODEL, build_model, forward_with_features, load_checkpoint, parameter_groups, save_checkpoint, source_logits
 from .predict import autocast, predict_probs
 from .splits import leave_sources_out, patient_split
 
@@ -210,6 +211,8 @@ class Trainer:
                 "config_hash": config_hash(cfg), "manifest_hash": self.manifest_hash}
 
     def _write_run_files(self) -> None:
+        if self.cfg.augment.crop == "lungs":  # the run needs its lung model to score anything: it keeps a copy
+            shutil.copyfile(self.cfg.augment.lung_model, self.out / LUNG_MODEL)
         save_json({**to_dict(self.cfg), "manifest_hash": self.manifest_hash, "config_hash": config_hash(self.cfg),
                    "train_sources": self.sources, "torch": torch.__version__}, self.out / "config.json")
         cols = ["path", "source", "patient_id", "label", "split"]
