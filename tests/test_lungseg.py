@@ -240,3 +240,12 @@ def test_a_lung_cropped_run_keeps_its_lung_model_and_is_scored_and_diagnosed_wit
     result = diagnose(run, tiny_data, tmp_path / "diag", max_cam_images=20)
     assert result["lung_masks"]["method"].startswith("learned")
     assert 0.1 < result["lung_masks"]["mean_area_fraction"] < 0.6
+
+
+def test_evaluate_can_take_a_lung_model_for_its_diagnostics(trained, tiny_run, tiny_data, tmp_path):
+    out = tmp_path / "report"
+    argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--out", str(out), "--n-boot", "20",
+            "--lung-model", str(trained[0])]
+    assert main(argv) == 0
+    method = json.loads((out / "diagnose" / "diagnose.json").read_text())["lung_masks"]["method"]
+    assert method.startswith("learned") and str(trained[0]) in method

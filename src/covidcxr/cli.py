@@ -65,7 +65,7 @@ def _train(a: argparse.Namespace) -> int:
 
 def _evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    metrics = evaluate(a.run, a.data, a.split, a.out, n_boot=a.n_boot, diagnostics=a.diagnose)
+    metrics = evaluate(a.run, a.data, a.split, a.out, n_boot=a.n_boot, diagnostics=a.diagnose, lung_model=a.lung_model)
     auc = metrics["auc"]
     print(f"AUC {auc['value']:.3f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]  report: {Path(a.out) / 'report.html'}")
     return 0
@@ -128,6 +128,11 @@ def _lungs_train(a: argparse.Namespace) -> int:
     print(f"val Dice {m['val_dice']:.3f} on {m['val_images']} held-out films ({m['train_images']} trained on); "
           f"model written to {a.out}")
     return 0
+
+
+def _add_lung_model_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lung-model", dest="lung_model", help="lung checkpoint (covidcxr lungs train) for the diagnostics' "
+                   "lung fields; default: the run's own, else a heuristic")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -204,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", dest="n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--no-diagnose", dest="diagnose", action="store_false",
                    help="skip the shortcut diagnostics (about a minute of CPU per few hundred images)")
+    _add_lung_model_flag(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="score image files or folders")
@@ -244,8 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--lung-model", dest="lung_model", help="lung checkpoint (covidcxr lungs train) for the lung fields; "
-                   "default: the run's own, else a heuristic")
+    _add_lung_model_flag(p)
     p.set_defaults(func=_diagnose)
 
     p = sub.add_parser("experiment", help="train a grid of settings under a cross-source protocol")

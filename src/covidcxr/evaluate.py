@@ -79,11 +79,13 @@ def predictions(run: str | Path, data: str | Path, split: str = "test", device: 
 
 
 def evaluate(run: str | Path, data: str | Path, split: str, out: str | Path, n_boot: int = 1000,
-             title: str | None = None, extra_sections=(), device: str = "auto", diagnostics: bool = True) -> dict:
+             title: str | None = None, extra_sections=(), device: str = "auto", diagnostics: bool = True,
+             lung_model: str | Path | None = None) -> dict:
     """Write the report folder (predictions.csv, metrics.json, figures, report.html); return the metrics.
 
     `diagnostics`: also run the shortcut checks (diagnose.py) on the same images into REPORT/diagnose/ and show them
-    in the report: a figure such as the AUC means little until one knows whether it measures the disease."""
+    in the report: a figure such as the AUC means little until one knows whether it measures the disease.
+    `lung_model`: lung segmentation checkpoint for the diagnostics' lung fields (see `diagnose`)."""
     pred, meta, provenance = predictions(run, data, split, device)
     metrics = evaluate_predictions(pred, meta["threshold"], meta["threshold_method"], n_boot=n_boot,
                                    provenance=provenance, positive_label=meta["classes"][int(meta["positive_index"])])
@@ -91,16 +93,18 @@ def evaluate(run: str | Path, data: str | Path, split: str, out: str | Path, n_b
     sections = list(extra_sections)
     write_report(out, pred, metrics, title, provenance, sections)  # on disk before the slower checks start
     if diagnostics:
-        sections.append(("Shortcut diagnostics", _diagnostics_section(run, data, split, Path(out) / "diagnose", device)))
+        sections.append(("Shortcut diagnostics", _diagnostics_section(run, data, split, Path(out) / "diagnose", device,
+                                                                     lung_model)))
         write_report(out, pred, metrics, title, provenance, sections)
     return metrics
 
 
-def _diagnostics_section(run: str | Path, data: str | Path, split: str, out: Path, device: str) -> str:
+def _diagnostics_section(run: str | Path, data: str | Path, split: str, out: Path, device: str,
+                         lung_model: str | Path | None) -> str:
     """The diagnostics as an HTML section; when they cannot run, the reason, in the report and on stderr."""
     from .diagnose import diagnose, diagnostics_html
     try:
-        return diagnostics_html(diagnose(run, data, out, split=split, device=device), out)
+        return diagnostics_html(diagnose(run, data, out, split=split, device=device, lung_model=lung_model), out)
     except ValueError as e:
         print(f"diagnostics skipped: {e}", file=sys.stderr)
         return f"<p>The shortcut diagnostics could not run on these images: {html.escape(str(e))}</p>"
