@@ -34,7 +34,8 @@ def batch() -> np.ndarray:
 
 def test_onnx_export_of_a_run(tmp_path: Path, batch: np.ndarray) -> None:
     model = _model(0)
-    meta = {"classes": ["normal", "covid"], "positive_index": 1, "image_size": SIZE, "threshold": 0.37, "task": "t"}
+    meta = {"classes": ["normal", "covid"], "positive_index": 1, "image_size": SIZE, "threshold": 0.37, "task": "t",
+            "square": "pad", "cache_size": 64, "augment": {"equalize": "global", "crop": "none"}}
     save_checkpoint(tmp_path / "model.pt", model, meta)
     out = tmp_path / "deploy" / "model.onnx"
     result = export_run(tmp_path, "onnx", out)
@@ -45,6 +46,8 @@ def test_onnx_export_of_a_run(tmp_path: Path, batch: np.ndarray) -> None:
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-6)
     props = {p.key: json.loads(p.value) for p in onnx.load(out, load_external_data=False).metadata_props}
     assert props["classes"] == ["normal", "covid"] and props["threshold"] == 0.37 and props["arch"] == "alexnet"
+    # a deployer must know the preprocessing that comes before the graph
+    assert props["augment"]["equalize"] == "global" and (props["square"], props["cache_size"]) == ("pad", 64)
     with pytest.raises(ExportParityError, match="differ from PyTorch"):
         check_parity(_model(1), "onnx", out, SIZE)  # another model's weights: the check must notice
 

@@ -2,7 +2,8 @@
 
 The exported graph takes `image`: float32 (B, 1, H, W) gray in [0, 1] (the same input contract as the model) and
 returns `probabilities`: (B, num_classes) softmax; the batch axis is dynamic. Run facts (classes, positive class,
-threshold, image size) travel inside the file: ONNX metadata_props (each value JSON-encoded), or TorchScript's
+threshold, image size, and the preprocessing that comes before the graph: square mode, cache size, equalization and
+crop settings) travel inside the file: ONNX metadata_props (each value JSON-encoded), or TorchScript's
 extra file `meta.json`.
 
 ONNX uses torch's default (dynamo, torch.export-based) exporter, which needs `onnxscript`; it writes weights
@@ -67,7 +68,10 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> dict[str, Any]
     from covidcxr.model import load_run
 
     model, meta = load_run(run_dir)
-    keep = ("arch", "task", "classes", "positive_index", "image_size", "threshold", "threshold_method")
+    # the preprocessing the caller must apply before the graph (covidcxr.augment.normalise): square mode, cache size,
+    # equalization and crop settings; a lung crop also needs the run's lungs.pt
+    keep = ("arch", "task", "classes", "positive_index", "image_size", "threshold", "threshold_method", "square",
+            "cache_size", "augment")
     return export_model(model, fmt, out, int(meta["image_size"]), {k: meta[k] for k in keep if k in meta})
 
 
