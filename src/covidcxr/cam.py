@@ -26,7 +26,7 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, class_index: int) -> np.nd
 
 def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     """RGB uint8 image: the gray X-ray with the heatmap in the jet colour map on top."""
-    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    rgb = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2).astype(np.float32)  # resizing can overshoot 1
     return show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=1 - alpha)
 
 
