@@ -83,7 +83,7 @@ def evaluate(run: str | Path, data: str | Path, split: str, out: str | Path, n_b
              lung_model: str | Path | None = None) -> dict:
     """Write the report folder (predictions.csv, metrics.json, figures, report.html); return the metrics.
 
-    `diagnostics`: also run the shortcut checks (diagnose.py) on the same images into REPORT/diagnose/ and show them
+    `diagnostics`: also run the shortcut checks (diagnose/) on the same images into REPORT/diagnose/ and show them
     in the report: a figure such as the AUC means little until one knows whether it measures the disease.
     `lung_model`: lung segmentation checkpoint for the diagnostics' lung fields (see `diagnose`)."""
     pred, meta, provenance = predictions(run, data, split, device)
