@@ -175,6 +175,20 @@ def test_segment_returns_masks_at_the_input_size(trained):
     assert lungseg._dice(masks, truth).min() > 0.75
 
 
+def test_two_largest_parts_drops_stray_blobs():
+    masks = torch.zeros(3, 1, 60, 60, dtype=torch.bool)
+    masks[0, 0, 10:50, 5:25] = masks[0, 0, 10:45, 35:55] = True  # two lungs
+    masks[0, 0, 55:58, 0:4] = True  # a blob at the film's edge
+    masks[1, 0, 10:50, 5:25] = True  # one part only
+    masks[1, 0, 10:20, 35:40] = True  # second part, small: kept
+    kept = lungseg.two_largest_parts(masks)
+    expected = masks.clone()
+    expected[0, 0, 55:58, 0:4] = False
+    assert torch.equal(kept, expected)  # and the empty third mask stays empty
+    boxes, _ = lungseg.lung_boxes(kept, margin=0.0)
+    assert torch.allclose(boxes[0], torch.tensor([10 / 60, 5 / 60, 50 / 60, 55 / 60]))
+
+
 def test_lung_boxes_on_drawn_masks():
     masks = torch.zeros(4, 1, 100, 50, dtype=torch.bool)
     masks[0, 0, 20:60, 10:40] = True

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
@@ -287,7 +288,20 @@ def segment(model: LungUNet, images: torch.Tensor) -> torch.Tensor:
     predicted at the model's size, the probabilities resized back to H x W."""
     device = next(model.parameters()).device
     prob = torch.sigmoid(model(_resize(images.to(device, torch.float32), model.size)))
-    return (_resize(prob, tuple(images.shape[-2:])) > 0.5).to(images.device)
+    return two_largest_parts(_resize(prob, tuple(images.shape[-2:])) > 0.5).to(images.device)
+
+
+def two_largest_parts(masks: torch.Tensor) -> torch.Tensor:
+    """Masks (B, 1, H, W) with only their two largest connected parts, the two lungs, kept. On ../shared/cxr one mask
+    in ten has more parts, nearly always a blob outside the chest (an arm, bowel gas, a film edge) that would widen the
+    lung box by up to half the film; a lung cut in two by the heart or an effusion, which loses its smaller part here,
+    is far rarer, and the lung box's margin covers most of what it loses."""
+    out = masks.cpu().numpy().copy()
+    for mask in out.reshape(-1, *out.shape[-2:]):
+        labels, n = ndimage.label(mask)
+        if n > 2:
+            mask[:] = np.isin(labels, 1 + np.argsort(np.bincount(labels.ravel())[1:])[-2:])
+    return torch.from_numpy(out).to(masks.device)
 
 
 def lung_boxes(masks: torch.Tensor, margin: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
