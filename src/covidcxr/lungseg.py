@@ -285,7 +285,7 @@ def load_lung_model(path: Path) -> LungUNet:
 @torch.no_grad()  # not inference_mode: callers may edit the masks in place
 def segment(model: LungUNet, images: torch.Tensor) -> torch.Tensor:
     """Boolean lung masks (B, 1, H, W), on the images' device, for gray images (B, 1, H, W) in [0, 1] of any size:
-    predicted at the model's size, the probabilities resized back to H x W."""
+    predicted at the model's size, the probabilities resized back to H x W, only the two largest parts kept."""
     device = next(model.parameters()).device
     prob = torch.sigmoid(model(_resize(images.to(device, torch.float32), model.size)))
     return two_largest_parts(_resize(prob, tuple(images.shape[-2:])) > 0.5).to(images.device)
