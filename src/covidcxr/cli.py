@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_experiment)
 
-    lungs = sub.add_parser("lungs", help="learned lung masks").add_subparsers(dest="lungs_command", required=True, metavar="COMMAND")
+    lungs = sub.add_parser("lungs", help="learned lung masks").add_subparsers(dest="lungs_command", required=True,
+                                                                              metavar="COMMAND")
     p = lungs.add_parser("fetch", help="extract the hand-drawn lung masks from torchxrayvision's wheel (via pip)")
     p.add_argument("--out", required=True, help="folder to put semantic_masks_v7labs_lungs/ in")
     p.add_argument("--find-links", dest="find_links", help="folder holding the wheel (no package index is asked)")

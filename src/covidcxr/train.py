@@ -28,10 +28,11 @@ from tqdm import tqdm
 from . import tasks
 from .augment import normalise_once, prepare_batch
 from .cache import ImageCache
-from .config import AugmentConfig, TrainConfig, config_hash, save_json, to_dict
+from .config import TrainConfig, config_hash, save_json, to_dict
 from .manifest import manifest_hash
 from .metrics import choose_threshold
-from .model import LUNG_MODEL, build_model, forward_with_features, load_checkpoint, parameter_groups, save_checkpoint, source_logits
+from .model import (LUNG_MODEL, build_model, forward_with_features, load_checkpoint, parameter_groups, save_checkpoint,
+                    source_logits)
 from .predict import autocast, predict_probs
 from .splits import leave_sources_out, patient_split
 

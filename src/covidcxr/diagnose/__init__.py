@@ -100,9 +100,10 @@ def lung_fields(images: np.ndarray, lung_model: str | Path | None, device: torch
         return masks, {"method": "heuristic (lungs.py: anatomical template united with the dark lung regions)",
                        "sides_refined": float(refined.mean() / 2)}
     model = load_lung_model(lung_model).to(device)
-    masks = np.concatenate([
-        segment(model, torch.from_numpy(images[i:i + chunk]).to(device).unsqueeze(1).float().div_(255))[:, 0].cpu().numpy()
-        for i in range(0, len(images), chunk)]) if len(images) else np.zeros(images.shape, bool)
+    def masks_of(batch: np.ndarray) -> np.ndarray:
+        return segment(model, torch.from_numpy(batch).to(device).unsqueeze(1).float().div_(255))[:, 0].cpu().numpy()
+    masks = np.concatenate([masks_of(images[i:i + chunk]) for i in range(0, len(images), chunk)]) if len(images) \
+        else np.zeros(images.shape, bool)
     found = masks.reshape(len(masks), -1).mean(1) >= MIN_LUNG_AREA
     return masks, {"method": f"learned (lungseg.py U-Net trained on hand-drawn masks): {lung_model}",
                    "images_without_lungs": int((~found).sum())}
