@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covidcxr.cache import CachedDataset, ImageCache
+from covidcxr.data.cache import CachedDataset, ImageCache
 from covidcxr.config import IngestConfig
-from covidcxr.ingest import ingest
-from covidcxr.manifest import find_duplicates
-from covidcxr.tasks import encode
+from covidcxr.data.ingest import ingest
+from covidcxr.data.manifest import find_duplicates
+from covidcxr.data.tasks import encode
 
 BATCH = 64
 

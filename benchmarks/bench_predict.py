@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from covidcxr.config import IngestConfig, TrainConfig
-    from covidcxr.predict import Predictor
-    from covidcxr.reader import read_image
+    from covidcxr.deploy.predict import Predictor
+    from covidcxr.data.reader import read_image
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else write_random_run(

@@ -28,8 +28,8 @@ def write_random_run(run_dir: Path, image_size: int = 224, cache_size: int = 256
     import torch
 
     from covidcxr.config import AugmentConfig, to_dict
-    from covidcxr.model import build_model, save_checkpoint
-    from covidcxr.tasks import POSITIVE_INDEX, class_names
+    from covidcxr.model.network import build_model, save_checkpoint
+    from covidcxr.data.tasks import POSITIVE_INDEX, class_names
 
     torch.manual_seed(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.run) == args.random:
         parser.error("give a RUN folder or --random, not both")
 
-    from covidcxr.predict import Predictor
-    from covidcxr.serve.app import background_server, create_app
+    from covidcxr.deploy.predict import Predictor
+    from covidcxr.deploy.serve.app import background_server, create_app
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else write_random_run(Path(tmp) / "random-run")

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from covidcxr.config import TrainConfig
-from covidcxr.model import build_model, parameter_groups
-from covidcxr.predict import autocast
-from covidcxr.train import Trainer, resolve_device
+from covidcxr.model.network import build_model, parameter_groups
+from covidcxr.deploy.predict import autocast
+from covidcxr.training.trainer import Trainer, resolve_device
 
 
 def sync(device: torch.device) -> None:

@@ -123,7 +123,7 @@ def write_xray_source(root: Path, n: int, seed: int, sources: tuple[str, str] = 
 def tiny_data(tmp_path_factory) -> Path:
     """An ingested data folder of 96 toy X-rays (64 px cache), sources a (64 images) and b (32), both classes in each."""
     from covidcxr.config import IngestConfig
-    from covidcxr.ingest import ingest
+    from covidcxr.data.ingest import ingest
 
     root = write_xray_source(tmp_path_factory.mktemp("tiny_src"), 96, seed=0)
     data = tmp_path_factory.mktemp("tiny_data")
@@ -136,7 +136,7 @@ def tiny_data(tmp_path_factory) -> Path:
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
     """One small training run on tiny_data, shared by every test that only reads a run folder."""
     from covidcxr.config import TrainConfig
-    from covidcxr.train import train
+    from covidcxr.training.trainer import train
 
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     return train(TrainConfig(data=str(tiny_data), out=str(out), weights="none", image_size=64, epochs=2,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from covidcxr.augment import (affine_grid, clahe, content_boxes, crop_to_boxes, equalize, normalise, normalise_once,
+from covidcxr.preprocess.augment import (affine_grid, clahe, content_boxes, crop_to_boxes, equalize, normalise, normalise_once,
                               prepare_batch)
 from covidcxr.config import AugmentConfig, from_dict
 

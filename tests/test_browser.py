@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from covidcxr.cam import OVERLAY_MIN_SIDE
+from covidcxr.model.cam import OVERLAY_MIN_SIDE
 
-from covidcxr.serve import background_server, create_app
-from covidcxr.serve.log import PredictionLog
+from covidcxr.deploy.serve import background_server, create_app
+from covidcxr.deploy.serve.log import PredictionLog
 
 pytestmark = pytest.mark.browser
 
@@ -41,7 +41,7 @@ def _bench_helpers():
 
 @pytest.fixture
 def page_url(tmp_path: Path):
-    from covidcxr.predict import Predictor
+    from covidcxr.deploy.predict import Predictor
 
     bench = _bench_helpers()
     predictor = Predictor.from_run(bench.write_random_run(tmp_path / "run"))

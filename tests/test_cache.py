@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from covidcxr.cache import CACHE_FILE, CACHE_META, MANIFEST_FILE, CachedDataset, ImageCache, to_square
+from covidcxr.data.cache import CACHE_FILE, CACHE_META, MANIFEST_FILE, CachedDataset, ImageCache, to_square
 
 
 def _landscape() -> np.ndarray:

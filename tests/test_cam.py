@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from covidcxr.cam import OVERLAY_MIN_SIDE, cam_overlay_png, grad_cam, write_cams
-from covidcxr.model import GrayClassifier, build_model
-from covidcxr.predict import Predictor
+from covidcxr.model.cam import OVERLAY_MIN_SIDE, cam_overlay_png, grad_cam, write_cams
+from covidcxr.model.network import GrayClassifier, build_model
+from covidcxr.deploy.predict import Predictor
 
 SIDE = 128  # AlexNet's last conv map is 7x7 here: coarse, but enough to tell one corner from another
 BLOB = (32, 92)  # (row, column): off-centre and off the diagonal, so a transposed or flipped map misses it

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidcxr.compare import compare_reports, to_markdown
-from covidcxr.metrics import METRIC_NAMES, evaluate_predictions, write_metrics
+from covidcxr.evaluation.compare import compare_reports, to_markdown
+from covidcxr.evaluation.metrics import METRIC_NAMES, evaluate_predictions, write_metrics
 
 
 def _make_report(folder, seed: int, noise: float, negatives_only: bool = False):

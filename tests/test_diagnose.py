@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from test_lungs import TOY_LUNGS, toy_xray
 
-from covidcxr import diagnose as dg
-from covidcxr import lungs
-from covidcxr.cache import to_square
+from covidcxr.evaluation import diagnose as dg
+from covidcxr.lungs import heuristic as lungs
+from covidcxr.data.cache import to_square
 from covidcxr.config import AugmentConfig, IngestConfig, TrainConfig, to_dict
-from covidcxr.ingest import ingest
-from covidcxr.train import train
+from covidcxr.data.ingest import ingest
+from covidcxr.training.trainer import train
 
 SIZE = 64
 META = {"augment": to_dict(AugmentConfig()), "image_size": SIZE, "positive_index": 1, "threshold": 0.5}

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from covidcxr import download as dl
-from covidcxr.sources import LAYOUTS, load_source
+from covidcxr.data import download as dl
+from covidcxr.data.sources import LAYOUTS, load_source
 from test_sources import build_cohen
 
 ARCHIVE_PATH = "/covid-chestxray-dataset-master.zip"

@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 
 from covidcxr import cli
-from covidcxr import evaluate as evaluate_mod
-from covidcxr import metrics as metrics_mod
+from covidcxr.evaluation import evaluate as evaluate_mod
+from covidcxr.evaluation import metrics as metrics_mod
 from covidcxr.config import IngestConfig
-from covidcxr.evaluate import evaluate
-from covidcxr.ingest import ingest
-from covidcxr.metrics import METRIC_NAMES, choose_threshold
-from covidcxr.model import load_checkpoint
+from covidcxr.evaluation.evaluate import evaluate
+from covidcxr.data.ingest import ingest
+from covidcxr.evaluation.metrics import METRIC_NAMES, choose_threshold
+from covidcxr.model.network import load_checkpoint
 
 N_BOOT = 50  # enough to exercise the bootstrap; the intervals' accuracy is test_metrics' business
 
@@ -104,7 +104,7 @@ def test_no_diagnose_skips_them_and_failing_diagnostics_keep_the_report(tiny_run
     def broken(*args, **kwargs):
         raise ValueError("too few images of each source")
 
-    monkeypatch.setattr("covidcxr.diagnose.diagnose", broken)
+    monkeypatch.setattr("covidcxr.evaluation.diagnose.diagnose", broken)
     assert cli.main([*argv[:-4], "--out", str(tmp_path / "failed"), "--n-boot", "20"]) == 0
     assert "diagnostics skipped: too few images of each source" in capsys.readouterr().err
     page = (tmp_path / "failed" / "report.html").read_text()

@@ -10,9 +10,9 @@ from PIL import Image
 
 from covidcxr import cli
 from covidcxr import experiment as ex
-from covidcxr.cache import ImageCache
+from covidcxr.data.cache import ImageCache
 from covidcxr.config import TrainConfig
-from covidcxr.metrics import evaluate_predictions
+from covidcxr.evaluation.metrics import evaluate_predictions
 from covidcxr.reproduce import MIN_CLASS, PAPER, external_folds, write_summary
 
 SETTINGS = {"plain": {}, "no-equalize": {"augment": {"equalize": False}}}

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from covidcxr.export import ExportParityError, check_parity, export_model, export_run
-from covidcxr.model import build_model, save_checkpoint
+from covidcxr.deploy.export import ExportParityError, check_parity, export_model, export_run
+from covidcxr.model.network import build_model, save_checkpoint
 
 SIZE = 64  # AlexNet's adaptive pooling accepts it; keeps inference quick on 2 cores
 

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 
 from covidcxr import cli
-from covidcxr import ingest as ingest_mod
-from covidcxr.cache import ImageCache, to_square
+from covidcxr.data import ingest as ingest_mod
+from covidcxr.data.cache import ImageCache, to_square
 from covidcxr.config import IngestConfig
-from covidcxr.ingest import DUPLICATES_FILE, REPORT_FILE, ingest, summarize
-from covidcxr.reader import read_image
+from covidcxr.data.ingest import DUPLICATES_FILE, REPORT_FILE, ingest, summarize
+from covidcxr.data.reader import read_image
 
 SIZE = 32
 CFG = IngestConfig(size=SIZE, workers=2)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from covidcxr import lungseg
+from covidcxr.lungs import unet as lungseg
 from covidcxr.cli import main
-from covidcxr.download import DownloadError
+from covidcxr.data.download import DownloadError
 
 
 def build_wheel(folder: Path, masks: dict[str, np.ndarray] | None) -> Path:
@@ -218,7 +218,7 @@ def test_cli_lungs_train(tmp_path, capsys):
 
 
 def test_lung_crop_boxes_follow_the_lungs_and_report_films_without_them(trained):
-    from covidcxr.augment import crop_boxes
+    from covidcxr.preprocess.augment import crop_boxes
     from covidcxr.config import AugmentConfig
     cfg = AugmentConfig(crop="lungs", lung_model=str(trained[0]))
     films = [toy_film(np.random.default_rng(200 + i), 64, 64) for i in range(3)]
@@ -231,11 +231,11 @@ def test_lung_crop_boxes_follow_the_lungs_and_report_films_without_them(trained)
 
 
 def test_a_lung_cropped_run_keeps_its_lung_model_and_is_scored_and_diagnosed_with_it(trained, tiny_data, tmp_path):
-    from covidcxr.diagnose import diagnose
-    from covidcxr.evaluate import evaluate
-    from covidcxr.model import LUNG_MODEL, load_run
-    from covidcxr.predict import Predictor
-    from covidcxr.train import TrainConfig, train
+    from covidcxr.evaluation.diagnose import diagnose
+    from covidcxr.evaluation.evaluate import evaluate
+    from covidcxr.model.network import LUNG_MODEL, load_run
+    from covidcxr.deploy.predict import Predictor
+    from covidcxr.training.trainer import TrainConfig, train
     lung_copy = tmp_path / "my-lungs.pt"
     lung_copy.write_bytes(trained[0].read_bytes())
     cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), weights="none", image_size=64, epochs=1,

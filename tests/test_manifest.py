@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidcxr import manifest
-from covidcxr.manifest import THUMB, content_hash, find_duplicates, manifest_hash, perceptual_hash, thumbnail
+from covidcxr.data import manifest
+from covidcxr.data.manifest import THUMB, content_hash, find_duplicates, manifest_hash, perceptual_hash, thumbnail
 
 
 def _row(name: str, img: np.ndarray, label: str = "covid", sha1: str | None = None) -> dict:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from covidcxr import metrics as M
+from covidcxr.evaluation import metrics as M
 
 # Ten predictions, positive when score >= 0.5. A positive and a negative tie at 0.6.
 Y10 = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]

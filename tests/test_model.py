@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from covidcxr.model import (
+from covidcxr.model.network import (
     ARCHS,
     IMAGENET_MEAN,
     IMAGENET_STD,

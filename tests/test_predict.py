@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from covidcxr import cli
-from covidcxr.cam import OVERLAY_MIN_SIDE
-from covidcxr.evaluate import predictions
-from covidcxr.predict import Predictor
+from covidcxr.model.cam import OVERLAY_MIN_SIDE
+from covidcxr.evaluation.evaluate import predictions
+from covidcxr.deploy.predict import Predictor
 
 GOOD = ("chest_png.png", "chest_jpeg.jpg", "chest_dicom.dcm")
 BROKEN = {"empty.png": "empty file", "notes.png": "not an image", "cut.png": "truncated"}

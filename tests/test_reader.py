@@ -13,8 +13,8 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from covidcxr import reader
-from covidcxr.reader import ImageReadError, read_image
+from covidcxr.data import reader
+from covidcxr.data.reader import ImageReadError, read_image
 
 LUMA = np.array([0.299, 0.587, 0.114])
 

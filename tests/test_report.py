@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidcxr import plots
-from covidcxr.metrics import METRIC_NAMES, evaluate_predictions
-from covidcxr.report import FIGURES, write_report
+from covidcxr.evaluation import plots
+from covidcxr.evaluation.metrics import METRIC_NAMES, evaluate_predictions
+from covidcxr.evaluation.report import FIGURES, write_report
 
 
 def _predictions(seed: int = 0, n_patients: int = 60) -> pd.DataFrame:

@@ -18,10 +18,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from covidcxr.reader import read_image
-from covidcxr.serve import create_app
-from covidcxr.serve.app import MULTIPART_SLACK_BYTES
-from covidcxr.serve.log import PredictionLog
+from covidcxr.data.reader import read_image
+from covidcxr.deploy.serve import create_app
+from covidcxr.deploy.serve.app import MULTIPART_SLACK_BYTES
+from covidcxr.deploy.serve.log import PredictionLog
 
 LIMIT = 50_000
 

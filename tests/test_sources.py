@@ -15,8 +15,8 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from covidcxr.sources import COLUMNS, LABELS, LAYOUTS, detect_layout, load_source
-from covidcxr.sources._common import age_group
+from covidcxr.data.sources import COLUMNS, LABELS, LAYOUTS, detect_layout, load_source
+from covidcxr.data.sources._common import age_group
 
 SHARED_CXR = Path(
     os.environ.get("COVIDCXR_SHARED", Path(__file__).resolve().parents[1].parent / "shared" / "cxr")

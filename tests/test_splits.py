@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidcxr.splits import LeakageError, assert_patient_disjoint, kfold_split, leave_sources_out, patient_split
+from covidcxr.data.splits import LeakageError, assert_patient_disjoint, kfold_split, leave_sources_out, patient_split
 
 
 def _frame(n_patients: int = 3000, seed: int = 0, prefix: str = "p") -> pd.DataFrame:

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
-from covidcxr import train as train_mod
+from covidcxr.training import trainer as train_mod
 from covidcxr.config import TrainConfig
-from covidcxr.model import load_checkpoint
-from covidcxr.splits import assert_patient_disjoint
+from covidcxr.model.network import load_checkpoint
+from covidcxr.data.splits import assert_patient_disjoint
 
 
 def _cfg(data: Path, out: Path, **kw) -> TrainConfig:

@@ -14,11 +14,11 @@ from typing import NoReturn
 
 import yaml
 
-from .config import CROP_CHOICES, EQUALIZE_CHOICES, IngestConfig, TrainConfig, from_dict, to_dict
+from covidcxr.config import CROP_CHOICES, EQUALIZE_CHOICES, IngestConfig, TrainConfig, from_dict, to_dict
 
 
 def _ingest(a: argparse.Namespace) -> int:
-    from .ingest import ingest, summarize
+    from covidcxr.data.ingest import ingest, summarize
     report = ingest(a.sources, a.out, IngestConfig(size=a.size, workers=a.workers, layout=a.layout, square=a.square))
     for root, layout in report.layouts.items():
         print(f"{root}: layout {layout}")
@@ -27,13 +27,13 @@ def _ingest(a: argparse.Namespace) -> int:
 
 
 def _summary(a: argparse.Namespace) -> int:
-    from .ingest import summarize
+    from covidcxr.data.ingest import summarize
     print(summarize(a.data))
     return 0
 
 
 def _download(a: argparse.Namespace) -> int:
-    from .download import download
+    from covidcxr.data.download import download
     for path in download(Path(a.to), a.sources or None):
         print(path)
     return 0
@@ -57,14 +57,14 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
 
 
 def _train(a: argparse.Namespace) -> int:
-    from .train import train
+    from covidcxr.training.trainer import train
     run = train(train_config(a), resume=a.resume)
     print(f"run written to {run}")
     return 0
 
 
 def _evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from covidcxr.evaluation.evaluate import evaluate
     metrics = evaluate(a.run, a.data, a.split, a.out, n_boot=a.n_boot, diagnostics=a.diagnose, lung_model=a.lung_model)
     auc = metrics["auc"]
     print(f"AUC {auc['value']:.3f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]  report: {Path(a.out) / 'report.html'}")
@@ -72,57 +72,57 @@ def _evaluate(a: argparse.Namespace) -> int:
 
 
 def _predict(a: argparse.Namespace) -> int:
-    from .predict import run_predict
+    from covidcxr.deploy.predict import run_predict
     return run_predict(a.run, a.inputs, a.format, a.cam, a.batch_size)
 
 
 def _serve(a: argparse.Namespace) -> int:
-    from .serve.app import serve
+    from covidcxr.deploy.serve.app import serve
     serve(a.run, a.host, a.port, a.db)
     return 0
 
 
 def _export(a: argparse.Namespace) -> int:
-    from .export import export_run
+    from covidcxr.deploy.export import export_run
     result = export_run(a.run, a.format, a.out)
     print(f"wrote {a.out} ({a.format}); parity max |diff| on probabilities = {result['max_abs_diff']:.2e}")
     return 0
 
 
 def _reproduce(a: argparse.Namespace) -> int:
-    from .reproduce import reproduce
+    from covidcxr.reproduce import reproduce
     summary = reproduce(a.data, a.out, weights=a.weights, quick=a.quick, device=a.device)
     print(f"summary: {summary}")
     return 0
 
 
 def _compare(a: argparse.Namespace) -> int:
-    from .compare import compare_reports, to_markdown
+    from covidcxr.evaluation.compare import compare_reports, to_markdown
     print(to_markdown(compare_reports([Path(r) for r in a.reports], Path(a.out) if a.out else None)))
     return 0
 
 
 def _diagnose(a: argparse.Namespace) -> int:
-    from .diagnose import diagnose
+    from covidcxr.evaluation.diagnose import diagnose
     diagnose(a.run, a.data, a.out, lung_model=a.lung_model)
     print(f"diagnostics written to {a.out}")
     return 0
 
 
 def _experiment(a: argparse.Namespace) -> int:
-    from .experiment import run_experiment
+    from covidcxr.experiment import run_experiment
     run_experiment(a.config, a.out, data=a.data)
     return 0
 
 
 def _lungs_fetch(a: argparse.Namespace) -> int:
-    from .lungseg import fetch_masks
+    from covidcxr.lungs.unet import fetch_masks
     print(fetch_masks(Path(a.out), a.find_links))
     return 0
 
 
 def _lungs_train(a: argparse.Namespace) -> int:
-    from .lungseg import paired_images, train_lung_model
+    from covidcxr.lungs.unet import paired_images, train_lung_model
     m = train_lung_model(paired_images(Path(a.data), Path(a.masks)), Path(a.out), size=a.size, epochs=a.epochs,
                          seed=a.seed)["metrics"]
     print(f"val Dice {m['val_dice']:.3f} on {m['val_images']} held-out films ({m['train_images']} trained on); "

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import tasks
-from .cache import CACHE_META, ImageCache
-from .config import IngestConfig, TrainConfig, save_json, to_dict
-from .evaluate import evaluate
-from .ingest import ingest
-from .model import WeightsUnavailableError, build_model
-from .train import train
+from covidcxr.data import tasks
+from covidcxr.data.cache import CACHE_META, ImageCache
+from covidcxr.config import IngestConfig, TrainConfig, save_json, to_dict
+from covidcxr.evaluation.evaluate import evaluate
+from covidcxr.data.ingest import ingest
+from covidcxr.model.network import WeightsUnavailableError, build_model
+from covidcxr.training.trainer import train
 
 PAPER = {"accuracy": 0.965, "sensitivity": 0.980, "specificity": 0.917}
 METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc")

@@ -1,0 +1,1 @@
+"""Deployment: predicting files, the HTTP service, and exported models."""

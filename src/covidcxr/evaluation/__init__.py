@@ -1,0 +1,1 @@
+"""Evaluation: metrics with confidence intervals, figures, the report, comparisons and the shortcut diagnostics."""

@@ -1,0 +1,110 @@
+"""Scoring a run on data: its own test part, or all of another ingested data set (external validation)."""
+
+from __future__ import annotations
+
+import html
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from covidcxr.data import tasks
+from covidcxr.data.cache import ImageCache
+from covidcxr.config import AugmentConfig, from_dict
+from covidcxr.data.manifest import manifest_hash
+from covidcxr.evaluation.metrics import evaluate_predictions
+from covidcxr.model.network import load_run
+from covidcxr.deploy.predict import predict_probs
+from covidcxr.evaluation.report import write_report
+
+
+def select_images(run: Path, data: ImageCache, split: str) -> tuple[pd.DataFrame, int]:
+    """Rows of `data` to score; returns (rows, images left out because the run trained or validated on them)."""
+    df = data.manifest()
+    runs_split = pd.read_csv(run / "split.csv")
+    if split == "test":
+        test_paths = set(runs_split.loc[runs_split["split"] == "test", "path"])
+        rows = df[df["path"].isin(test_paths)]
+        if rows.empty:
+            raise ValueError(f"{data.dir} holds none of the test images of {run}; use --split all for another data set")
+        return rows.reset_index(drop=True), 0
+    seen = set(runs_split.loc[runs_split["split"].isin(["train", "val"]), "path"])
+    used = df["path"].isin(seen)
+    return df[~used].reset_index(drop=True), int(used.sum())
+
+
+def score_rows(model: torch.nn.Module, meta: dict, cache: ImageCache, rows: pd.DataFrame, device: torch.device) -> np.ndarray:
+    """Positive-class probability for manifest rows, read from the cache (no decoding)."""
+    images = cache.load(rows["cache_index"])
+    augment = from_dict(AugmentConfig, meta["augment"])
+    # scored in the precision the run's validation (and so its threshold) used
+    probs = predict_probs(model, images, augment, int(meta["image_size"]), device, amp=meta.get("amp", True))
+    return probs[:, int(meta["positive_index"])].numpy()
+
+
+def predictions(run: str | Path, data: str | Path, split: str = "test", device: str = "auto",
+                task: str | None = None) -> tuple[pd.DataFrame, dict, dict]:
+    """(predictions frame with y and score, the run's meta, provenance) for the images the task uses.
+
+    `task` overrides the run's own task for choosing and labelling images (e.g. score a covid-vs-rest model on
+    covid-vs-normal data, so that settings trained on different tasks are compared on the same images)."""
+    run = Path(run)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    model, meta = load_run(run, device=dev)
+    cache = ImageCache(data)
+    rows, excluded = select_images(run, cache, split)
+    task = task or meta["task"]
+    rows = rows[tasks.encode(rows["label"], task) >= 0].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(f"{data}: no images with labels that task {task} uses")
+    if excluded:
+        print(f"note: {excluded} image(s) of {data} were used to train or validate this run and are left out", file=sys.stderr)
+    pred = rows[["path", "source", "patient_id", "label"]].copy()
+    pred["y"] = (tasks.encode(rows["label"], task) == tasks.POSITIVE_INDEX).astype(int)
+    pred["score"] = score_rows(model, meta, cache, rows, dev)
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+    provenance = {
+        "run": str(run.resolve()), "run_config_hash": meta.get("config_hash", ""), "model_epoch": meta.get("epoch"),
+        "run_manifest_hash": meta.get("manifest_hash", ""), "data": str(Path(data).resolve()),
+        "data_manifest_hash": manifest_hash(rows), "split": split, "excluded_seen_images": excluded,
+        "task": task, "arch": meta["arch"], "weights": config.get("weights", ""),
+        "train_sources": ", ".join(config.get("train_sources", [])), "threshold_method": meta.get("threshold_method"),
+        "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+    }
+    return pred, meta, provenance
+
+
+def evaluate(run: str | Path, data: str | Path, split: str, out: str | Path, n_boot: int = 1000,
+             title: str | None = None, extra_sections=(), device: str = "auto", diagnostics: bool = True,
+             lung_model: str | Path | None = None) -> dict:
+    """Write the report folder (predictions.csv, metrics.json, figures, report.html); return the metrics.
+
+    `diagnostics`: also run the shortcut checks (diagnose/) on the same images into REPORT/diagnose/ and show them
+    in the report: a figure such as the AUC means little until one knows whether it measures the disease.
+    `lung_model`: lung segmentation checkpoint for the diagnostics' lung fields (see `diagnose`)."""
+    pred, meta, provenance = predictions(run, data, split, device)
+    metrics = evaluate_predictions(pred, meta["threshold"], meta["threshold_method"], n_boot=n_boot,
+                                   provenance=provenance, positive_label=meta["classes"][int(meta["positive_index"])])
+    title = title or f"{Path(run).name} on {Path(data).name} ({split})"
+    sections = list(extra_sections)
+    write_report(out, pred, metrics, title, provenance, sections)  # on disk before the slower checks start
+    if diagnostics:
+        sections.append(("Shortcut diagnostics", _diagnostics_section(run, data, split, Path(out) / "diagnose", device,
+                                                                     lung_model)))
+        write_report(out, pred, metrics, title, provenance, sections)
+    return metrics
+
+
+def _diagnostics_section(run: str | Path, data: str | Path, split: str, out: Path, device: str,
+                         lung_model: str | Path | None) -> str:
+    """The diagnostics as an HTML section; when they cannot run, the reason, in the report and on stderr."""
+    from covidcxr.evaluation.diagnose import diagnose, diagnostics_html
+    try:
+        return diagnostics_html(diagnose(run, data, out, split=split, device=device, lung_model=lung_model), out)
+    except ValueError as e:
+        print(f"diagnostics skipped: {e}", file=sys.stderr)
+        return f"<p>The shortcut diagnostics could not run on these images: {html.escape(str(e))}</p>"

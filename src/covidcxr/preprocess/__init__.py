@@ -1,0 +1,1 @@
+"""Preprocessing: one module from a decoded image to model input, and batch augmentation for training."""

@@ -1,0 +1,1 @@
+"""Training: the fine-tuning loop (one process, or DDP under torchrun)."""

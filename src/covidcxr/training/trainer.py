@@ -1,0 +1,360 @@
+"""Fine-tuning loop: uint8 cache -> batched on-device augmentation -> gray model; checkpoints every epoch, resumable.
+
+Launched as a plain process (one device) or by torchrun (DDP across GPUs/nodes; gloo on CPUs). Rank 0 alone writes
+files and prints; every rank sees the same epoch order (a DistributedSampler seeded by the run's seed and the epoch),
+so an interrupted run resumed from its last checkpoint ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from covidcxr.data import tasks
+from covidcxr.preprocess.augment import normalise_once, prepare_batch
+from covidcxr.data.cache import ImageCache
+from covidcxr.config import TrainConfig, config_hash, save_json, to_dict
+from covidcxr.data.manifest import manifest_hash
+from covidcxr.evaluation.metrics import choose_threshold
+from covidcxr.model.network import (LUNG_MODEL, build_model, forward_with_features, load_checkpoint, parameter_groups, save_checkpoint,
+                    source_logits)
+from covidcxr.deploy.predict import autocast, predict_probs
+from covidcxr.data.splits import leave_sources_out, patient_split
+
+HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds"]
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a (possibly single-process) job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the torchrun job when launched by torchrun; otherwise a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def make_split(df: pd.DataFrame, cfg: TrainConfig) -> pd.Series:
+    """Patient-level split, or held-out sources as the test part (external validation)."""
+    if cfg.holdout_sources:
+        val_frac = cfg.split_fractions[1] / (cfg.split_fractions[0] + cfg.split_fractions[1])
+        return leave_sources_out(df, cfg.holdout_sources, (1 - val_frac, val_frac), cfg.seed)
+    return patient_split(df, cfg.split_fractions, cfg.seed)
+
+
+def load_data(cfg: TrainConfig) -> tuple[ImageCache, pd.DataFrame]:
+    """The task's images with their split; training rows optionally subsampled (seeded) for quick grids."""
+    cache = ImageCache(cfg.data)
+    df = cache.manifest()
+    df["y"] = tasks.encode(df["label"], cfg.task)
+    df = df[df["y"] >= 0].reset_index(drop=True)
+    df["split"] = make_split(df, cfg)
+    if cfg.max_train_images and (df["split"] == "train").sum() > cfg.max_train_images:
+        train = df.index[df["split"] == "train"]
+        drop = np.random.default_rng(cfg.seed).permutation(train)[cfg.max_train_images:]
+        df.loc[drop, "split"] = "unused"
+    for part in ("train", "val"):
+        if df.loc[df["split"] == part, "y"].nunique() < 2:
+            raise ValueError(f"{cfg.data}: the {part} part of the split has fewer than two classes for task {cfg.task}")
+    return cache, df
+
+
+def class_weights(y: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency loss weights (mean 1): every class counts the same however rare it is."""
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    w = counts.sum() / np.maximum(counts, 1) / num_classes
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def epoch_order(train: pd.DataFrame, cfg: TrainConfig, epoch: int, d: Dist) -> torch.Tensor:
+    """This rank's image order for one epoch, a function of (seed, epoch) only."""
+    if cfg.balance == "source-class":  # every (source, class) group drawn equally often
+        groups = train.groupby(["source", "y"])["y"].transform("size").to_numpy()
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        drawn = torch.multinomial(torch.tensor(1.0 / groups), len(train), replacement=True, generator=gen)
+        per_rank = len(drawn) // d.world
+        return drawn[d.rank * per_rank:(d.rank + 1) * per_rank]
+    if cfg.balance != "class":
+        raise ValueError(f"unknown --balance {cfg.balance!r}; choose class or source-class")
+    sampler = DistributedSampler(range(len(train)), d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(iter(sampler)))
+
+
+def lr_lambda(total_steps: int, warmup: int):
+    """Linear warm-up, then cosine decay to zero: the new head starts gently on pretrained features."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    return f
+
+
+def positive_auc(y: np.ndarray, probs: np.ndarray) -> float:
+    """AUC of COVID-19 (class 1) against everything else; NaN when only one class is present."""
+    positive = (y == tasks.POSITIVE_INDEX).astype(int)
+    return float(roc_auc_score(positive, probs[:, tasks.POSITIVE_INDEX])) if positive.min() != positive.max() else float("nan")
+
+
+def _tensorboard(log_dir: Path):
+    """A TensorBoard writer when tensorboard is installed (optional); history.csv is written either way."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+class Trainer:
+    """One training run; `fit()` runs (or resumes) it to the end."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(cfg.device, self.d.local_rank)
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.cache, self.df = load_data(cfg)
+        self.manifest_hash = manifest_hash(self.df)  # identity of the data this run uses, written with every checkpoint
+        self.classes = tasks.class_names(cfg.task)
+        train = self.df[self.df["split"] == "train"].reset_index(drop=True)
+        self.train_df = train
+        self.sources = sorted(train["source"].unique())
+        self.train_x, self.train_augment = normalise_once(self.cache.load(train["cache_index"]).to(self.device), cfg.augment)
+        self.train_y = torch.tensor(train["y"].to_numpy()).to(self.device)
+        self.train_src = torch.tensor(train["source"].map({s: i for i, s in enumerate(self.sources)}).to_numpy()).to(self.device)
+        val = self.df[self.df["split"] == "val"].reset_index(drop=True)
+        self.val_df = val
+        self.val_x, self.val_augment = normalise_once(self.cache.load(val["cache_index"]), cfg.augment)
+        self.model = self._build_model()
+        scale = 1.0 if cfg.weights == "none" else cfg.backbone_lr_scale  # nothing pretrained to protect
+        self.optimizer = torch.optim.SGD(parameter_groups(self.model, cfg.lr, scale),
+                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = max(1, len(train) // (cfg.batch_size * self.d.world))
+        total = self.steps_per_epoch * cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(total, warmup=max(1, self.steps_per_epoch // 2)))
+        self.loss_weights = class_weights(train["y"].to_numpy(), len(self.classes)).to(self.device)
+        self.start_epoch, self.best_auc, self.bad_epochs = 0, -1.0, 0
+        self.best, self.best_dirty = None, False
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not resume and (self.out / "last.pt").exists():
+                raise FileExistsError(f"{self.out} already holds a run; add --resume to continue it or choose a new --out")
+        if resume:
+            self._resume()
+        elif self.d.main:
+            self._write_run_files()
+        self.ddp_model = self.model
+        if self.d.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.step_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
+        self.tensorboard = _tensorboard(self.out / "tensorboard") if self.d.main else None
+
+    def _build_model(self) -> torch.nn.Module:
+        n_sources = len(self.sources) if self.cfg.domain_adversarial > 0 else 0
+        model = build_model(self.cfg.arch, len(self.classes), self.cfg.weights, num_sources=n_sources).to(self.device)
+        return model.to(memory_format=torch.channels_last)
+
+    def meta(self, epoch: int, val_auc: float, threshold: float | None = None) -> dict:
+        cfg = self.cfg
+        return {"arch": cfg.arch, "task": cfg.task, "classes": self.classes, "positive_index": tasks.POSITIVE_INDEX,
+                "image_size": cfg.image_size, "cache_size": self.cache.size, "square": self.cache.square,
+                "augment": to_dict(cfg.augment), "num_sources": len(self.sources) if cfg.domain_adversarial > 0 else 0,
+                "threshold": threshold, "threshold_method": cfg.threshold_method, "amp": cfg.amp, "epoch": epoch, "val_auc": val_auc,
+                "config_hash": config_hash(cfg), "manifest_hash": self.manifest_hash}
+
+    def _write_run_files(self) -> None:
+        if self.cfg.augment.crop == "lungs":  # the run needs its lung model to score anything: it keeps a copy
+            shutil.copyfile(self.cfg.augment.lung_model, self.out / LUNG_MODEL)
+        save_json({**to_dict(self.cfg), "manifest_hash": self.manifest_hash, "config_hash": config_hash(self.cfg),
+                   "train_sources": self.sources, "torch": torch.__version__}, self.out / "config.json")
+        cols = ["path", "source", "patient_id", "label", "split"]
+        self.df[cols].to_csv(self.out / "split.csv", index=False)
+        with open(self.out / "history.csv", "w", newline="") as fh:
+            csv.writer(fh).writerow(HISTORY_FIELDS)
+
+    def _resume(self) -> None:
+        """Continue from last.pt: model, optimizer, schedule, early-stopping state; history cut back to match."""
+        path = self.out / "last.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: nothing to resume (no checkpoint yet); run without --resume")
+        saved = json.loads((self.out / "config.json").read_text())
+        if saved.get("config_hash") != config_hash(self.cfg):
+            raise ValueError(f"{self.out}: settings differ from the run being resumed; use the same options or a new --out")
+        ckpt = load_checkpoint(path)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.start_epoch, self.best_auc, self.bad_epochs = ckpt["epoch"] + 1, ckpt["best_auc"], ckpt["bad_epochs"]
+        if ckpt.get("finished"):
+            self.start_epoch = self.cfg.epochs  # early-stopped or complete: nothing left to do
+        if self.d.main:
+            hist = pd.read_csv(self.out / "history.csv")
+            hist[hist["epoch"] <= ckpt["epoch"]].to_csv(self.out / "history.csv", index=False)
+            print(f"resuming {self.out} after epoch {ckpt['epoch']} (best val AUC {self.best_auc:.4f})")
+
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        """One pass over this rank's shard; returns (mean loss, images/s)."""
+        cfg, model = self.cfg, self.step_model
+        model.train()
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + self.d.rank)  # dropout: a function of the epoch
+        gen = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + epoch)
+        order = epoch_order(self.train_df, cfg, epoch, self.d).to(self.device)
+        losses, seen, start = torch.zeros((), device=self.device), 0, time.perf_counter()
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=not self.d.main, leave=False)
+        for step in bar:
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            x = prepare_batch(self.train_x[idx], True, self.train_augment, cfg.image_size, gen)
+            loss = self._loss(model, x.contiguous(memory_format=torch.channels_last), idx, epoch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            losses += loss.detach()
+            seen += len(idx)
+            if step % 10 == 0 or step == self.steps_per_epoch - 1:
+                bar.set_postfix(loss=f"{losses.item() / (step + 1):.4f}",
+                                img_s=f"{seen * self.d.world / (time.perf_counter() - start):.0f}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return losses.item() / self.steps_per_epoch, seen * self.d.world / (time.perf_counter() - start)
+
+    def _loss(self, model, x: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        with autocast(self.device, self.cfg.amp):
+            if self.cfg.domain_adversarial > 0:
+                logits, feats = forward_with_features(model, x)
+                src_logits = source_logits(model, feats, self.cfg.domain_adversarial)
+                src_loss = F.cross_entropy(src_logits.float(), self.train_src[idx])
+            else:
+                logits, src_loss = model(x), 0.0
+            return F.cross_entropy(logits.float(), self.train_y[idx], weight=self.loss_weights) + src_loss
+
+    def validate(self) -> tuple[float, float, np.ndarray]:
+        probs = predict_probs(self.model, self.val_x, self.val_augment, self.cfg.image_size, self.device, self.cfg.amp)
+        y = self.val_df["y"].to_numpy()
+        loss = F.nll_loss(torch.log(probs.clamp_min(1e-7)), torch.tensor(y)).item()
+        return loss, positive_auc(y, probs.numpy()), probs.numpy()
+
+    def fit(self) -> Path:
+        cfg = self.cfg
+        for epoch in range(self.start_epoch, cfg.epochs):
+            start = time.perf_counter()
+            train_loss, speed = self.train_epoch(epoch)
+            stop = torch.zeros(1, device=self.device)
+            if self.d.main:
+                stop[0] = float(self._end_epoch(epoch, train_loss, speed, time.perf_counter() - start))
+            if self.d.world > 1:
+                dist.broadcast(stop, 0)
+            if stop.item():
+                break
+        if self.d.world > 1:
+            dist.barrier()
+        return self.out
+
+    def _end_epoch(self, epoch: int, train_loss: float, speed: float, seconds: float) -> bool:
+        """Validate, log, keep the best weights (by validation AUC), checkpoint; True when early stopping says stop."""
+        val_loss, val_auc, probs = self.validate()
+        lr = self.optimizer.param_groups[0]["lr"]
+        with open(self.out / "history.csv", "a", newline="") as fh:
+            csv.writer(fh).writerow([epoch, f"{train_loss:.5f}", f"{val_loss:.5f}", f"{val_auc:.5f}", f"{lr:.6g}",
+                                     f"{speed:.1f}", f"{seconds:.1f}"])
+        if self.tensorboard:
+            for key, value in {"loss/train": train_loss, "loss/val": val_loss, "auc/val": val_auc, "lr": lr,
+                               "images_per_s": speed}.items():
+                self.tensorboard.add_scalar(key, value, epoch)
+            self.tensorboard.flush()
+        improved = val_auc > self.best_auc or (np.isnan(self.best_auc) and not np.isnan(val_auc))
+        if improved:
+            self.best_auc, self.bad_epochs = val_auc, 0
+            self._keep_best(epoch, val_auc, probs)
+        else:
+            self.bad_epochs += 1
+        stop = self.bad_epochs >= self.cfg.patience
+        finished = stop or epoch + 1 == self.cfg.epochs
+        if finished or (epoch + 1) % self.cfg.checkpoint_every == 0:
+            self._checkpoint(epoch, val_auc, finished)
+        tqdm.write(f"epoch {epoch + 1}/{self.cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+                   f"val_auc {val_auc:.4f}{'  *best*' if improved else ''}  {speed:.0f} img/s  {seconds:.0f}s")
+        return stop
+
+    def _keep_best(self, epoch: int, val_auc: float, probs: np.ndarray) -> None:
+        """Hold the best weights in memory with their operating threshold, chosen on validation data only."""
+        positive = (self.val_df["y"].to_numpy() == tasks.POSITIVE_INDEX).astype(int)
+        score = probs[:, tasks.POSITIVE_INDEX]
+        threshold = choose_threshold(positive, score, self.cfg.threshold_method, self.cfg.target_sensitivity)
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.best = (state, self.meta(epoch, val_auc, float(threshold)), score)
+        self.best_dirty = True
+
+    def _checkpoint(self, epoch: int, val_auc: float, finished: bool) -> None:
+        """model.pt (best so far) first, then last.pt: a crash between the two leaves a resumable pair."""
+        if self.best_dirty:
+            state, meta, score = self.best
+            save_checkpoint(self.out / "model.pt", self.model, meta, state_dict=state)
+            self.val_df.assign(score=score)[["path", "source", "patient_id", "label", "score"]].to_csv(
+                self.out / "val_predictions.csv", index=False)
+            self.best_dirty = False
+        save_checkpoint(self.out / "last.pt", self.model, self.meta(epoch, val_auc),
+                        {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         "epoch": epoch, "best_auc": self.best_auc, "bad_epochs": self.bad_epochs,
+                         "finished": finished})
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Fine-tune as configured; returns the run folder."""
+    tasks.check_task(cfg.task)
+    trainer = Trainer(cfg, resume)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.d.world > 1:
+            dist.destroy_process_group()
