@@ -72,8 +72,13 @@ def _evaluate(a: argparse.Namespace) -> int:
 
 
 def _predict(a: argparse.Namespace) -> int:
-    from covidcxr.deploy.predict import run_predict
-    return run_predict(a.run, a.inputs, a.format, a.cam, a.batch_size)
+    from covidcxr.deploy.predict import format_predictions, predict_files
+    results = predict_files(a.run, a.inputs, a.cam, a.batch_size)
+    print(format_predictions(results, a.format))
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"covidcxr: cannot score {r.path}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _serve(a: argparse.Namespace) -> int:
@@ -85,7 +90,9 @@ def _serve(a: argparse.Namespace) -> int:
 def _export(a: argparse.Namespace) -> int:
     from covidcxr.deploy.export import export_run
     result = export_run(a.run, a.format, a.out)
-    print(f"wrote {a.out} ({a.format}); parity max |diff| on probabilities = {result['max_abs_diff']:.2e}")
+    print(f"wrote {a.out} ({a.format}, {result['size_bytes'] / 1e6:.1f} MB); parity with covidcxr on images of "
+          f"several sizes: max |diff| on probabilities = {result['max_abs_diff']:.2e}")
+    print(result["contract"])
     return 0
 
 

@@ -97,7 +97,7 @@ class TrainConfig:
     domain_adversarial: float = 0.0  # weight of a gradient-reversal source head, 0 = off
     threshold_method: str = "youden"  # youden | sensitivity
     target_sensitivity: float = 0.95
-    amp: bool = True  # bf16 autocast where the device has bf16 units (CUDA, AVX512-BF16 CPUs)
+    amp: bool = True  # bf16 autocast of training steps where the device has bf16 units; scoring is always float32
     compile: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

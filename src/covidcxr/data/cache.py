@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+import torch.nn.functional as F
+
+from covidcxr.errors import InputError
 
 CACHE_FILE = "cache.u8"
 CACHE_META = "cache.json"
@@ -20,28 +22,50 @@ MANIFEST_FILE = "manifest.parquet"
 SQUARE_MODES = ("pad", "squash", "crop")
 
 
-def to_square(img: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
-    """Gray float image in [0, 1] -> (size, size) uint8.
+def to_levels(x: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 1] -> the nearest of the 256 gray levels, as floats 0..255 (what uint8 storage holds)."""
+    return x.mul(255).round().clamp(0, 255)
 
-    `pad` (default) adds black borders around the shorter side: no lung tissue is cut off (a centre crop of a portrait
-    film loses the costophrenic angles) and anatomy keeps its proportions. `squash` resizes without keeping the aspect
-    ratio and `crop` takes the centre square; both are offered for the shortcut experiments, since the amount of
-    padding differs between databases and can itself be learned.
-    """
+
+def make_square(image: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, 1, S, S). `pad` (the default) adds black bands around the shorter side: no lung tissue is
+    cut off (a centre crop of a portrait film loses the costophrenic angles) and anatomy keeps its proportions;
+    `crop` takes the centre square; `squash` leaves the image as it is for the resize to stretch."""
+    h, w = image.shape[-2], image.shape[-1]
+    if mode == "pad":
+        if torch.jit.is_scripting():
+            side = max(h, w)
+        else:  # torch.export (the ONNX exporter) keeps H and W symbolic only through sym_max
+            side = torch.sym_max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        return F.pad(image, [left, side - w - left, top, side - h - top])
+    if mode == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return image[..., top:top + side, left:left + side]
+    return image
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize to size x size (a plain copy when already that size)."""
+    if x.shape[-2] == size and x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def to_cache_levels(image: torch.Tensor, mode: str, size: int) -> torch.Tensor:
+    """(B, 1, H, W) in [0, 1] -> (B, 1, size, size) gray levels: square, antialiased resize, rounded. This is the
+    first step of `covidcxr.preprocess.transform.Preprocess`, and so of every exported graph."""
+    return to_levels(resize(make_square(image, mode), size))
+
+
+def to_square(img: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
+    """Gray float image (H, W) in [0, 1] -> (size, size) uint8: what the cache stores for it."""
     if mode not in SQUARE_MODES:
-        raise ValueError(f"unknown square mode {mode!r}; choose one of {', '.join(SQUARE_MODES)}")
-    pil = Image.fromarray(np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8), mode="L")
-    w, h = pil.size
-    if mode == "pad" and w != h:
-        side = max(w, h)
-        canvas = Image.new("L", (side, side), 0)
-        canvas.paste(pil, ((side - w) // 2, (side - h) // 2))
-        pil = canvas
-    elif mode == "crop" and w != h:
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        pil = pil.crop((left, top, left + side, top + side))
-    return np.asarray(pil.resize((size, size), Image.LANCZOS, reducing_gap=3.0))
+        raise InputError(f"unknown square mode {mode!r}; choose one of {', '.join(SQUARE_MODES)}")
+    with torch.no_grad():
+        image = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+        return to_cache_levels(image, mode, size)[0, 0].to(torch.uint8).numpy()
 
 
 class ImageCache:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from covidcxr.data import sources
@@ -135,7 +136,8 @@ def _decode_all(todo: pd.DataFrame, cache: ImageCache, cfg: IngestConfig, report
     jobs = [(p, cfg.size, cfg.square) for p in todo["path"]]
     workers = cfg.workers or os.cpu_count() or 1
     next_save = time.monotonic() + SAVE_INTERVAL_S
-    with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool, \
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=torch.set_num_threads,
+                             initargs=(1,)) as pool, \
             tqdm(total=len(jobs), desc="ingest", unit="img", disable=not jobs) as bar:
         for result in pool.map(_decode, jobs, chunksize=16):
             bar.update()

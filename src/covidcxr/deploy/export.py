@@ -1,13 +1,15 @@
-"""Deployable copies of a model (ONNX, TorchScript) that are checked against PyTorch before anyone relies on them.
+"""Deployable copies of a run (ONNX, TorchScript) that do covidcxr's whole path, checked against covidcxr itself.
 
-The exported graph takes `image`: float32 (B, 1, H, W) gray in [0, 1] (the same input contract as the model) and
-returns `probabilities`: (B, num_classes) softmax; the batch axis is dynamic. Run facts (classes, positive class,
-threshold, image size, and the preprocessing that comes before the graph: square mode, cache size, equalization and
-crop settings) travel inside the file: ONNX metadata_props (each value JSON-encoded), or TorchScript's
-extra file `meta.json`.
+The exported graph takes `image`: float32 (1, 1, H, W) gray in [0, 1] at the decoded image's own size (H and W are
+dynamic) and returns `probabilities`: (1, num_classes) softmax. Inside it is the run's `Preprocess` (square, resize
+to the cache side, crop, equalization, resize to the model side, each rounded to gray levels as the cache is) and
+the model, so onnxruntime and Pillow alone give `covidcxr predict`'s probability. Run facts (classes, positive class,
+threshold, settings, the input contract) travel inside the file: ONNX metadata_props (each value JSON-encoded), or
+TorchScript's extra file `meta.json`.
 
-ONNX uses torch's default (dynamo, torch.export-based) exporter, which needs `onnxscript`; it writes weights
-inside the one .onnx file (a gray AlexNet is ~230 MB, far under protobuf's 2 GB limit).
+ONNX uses torch's default (torch.export-based) exporter, which needs `onnxscript`. TorchScript scripts the
+preprocessing (its shapes are data) around the traced model. CLAHE (kornia) and the lung crop (a U-Net with
+connected-component clean-up) have no graph form here, so runs that use them are refused with one line.
 """
 
 from __future__ import annotations
@@ -23,112 +25,136 @@ import numpy as np
 import torch
 from torch import nn
 
+from covidcxr.errors import CovidcxrError, InputError
+from covidcxr.preprocess.transform import Preprocess
+from covidcxr.scoring import Scorer
+
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # on probabilities
-PARITY_BATCHES = (1, 3)  # neither is the export example's batch of 2, so the dynamic batch axis is exercised
+PARITY_SHAPES = ((300, 200), (200, 333), (256, 256), (97, 131))  # portrait, landscape, square, odd sides
+MAX_SIDE = 16384
+CONTRACT = ("input `image`: float32 (1, 1, H, W), gray in [0, 1], at the decoded image's own size; "
+            "output `probabilities`: float32 (1, {n}) in the order {classes}")
 
 
-class ExportParityError(RuntimeError):
-    """The exported model's outputs differ from PyTorch's."""
+class ExportParityError(CovidcxrError):
+    """The exported model's probabilities differ from covidcxr's own."""
 
 
-class _Probabilities(nn.Module):
-    """Model logits -> softmax probabilities, so a deployment needs nothing but the exported file."""
+class ExportGraph(nn.Module):
+    """Decoded gray image -> covidcxr's preprocessing -> model -> softmax probabilities."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, preprocess: Preprocess, model: nn.Module):
         super().__init__()
-        self.model = model
+        self.preprocess, self.model = preprocess, model
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(image), dim=1)
+        return torch.softmax(self.model(self.preprocess(image)), dim=1)
 
 
-def export_model(
-    model: nn.Module, fmt: str, out: str | Path, image_size: int, metadata: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Export `model` (gray (B,1,H,W) in [0,1] -> logits; moved to the CPU, eval mode) as probabilities to `out`,
-    then check parity.
+def export_run(run_dir: str | Path, fmt: str, out: str | Path, check_images: list[np.ndarray] = ()) -> dict[str, Any]:
+    """Export a run's best model with its whole preprocessing to `out`, then check it against the run's `Scorer` on
+    images of several sizes and aspect ratios (`check_images`, decoded, plus synthetic ones).
 
-    Returns {"format", "path", "size_bytes", "max_abs_diff", "ok"}; raises ExportParityError beyond TOLERANCE.
-    """
+    Returns {"format", "path", "size_bytes", "max_abs_diff", "contract"}; raises ExportParityError beyond TOLERANCE."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
+        raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    scorer = Scorer.from_run(run_dir, "cpu")
+    _refuse_unexportable(scorer, run_dir)
+    graph = ExportGraph(scorer.preprocess, scorer.model).eval()
+    spec = scorer.spec
+    contract = CONTRACT.format(n=len(spec.classes), classes=", ".join(spec.classes))
+    meta = {"model_id": spec.model_id, "arch": spec.arch, "task": spec.task, "classes": list(spec.classes),
+            "positive_index": spec.positive_index, "threshold": spec.threshold,
+            "threshold_method": spec.threshold_method, "settings": {k: scorer.meta[k] for k in
+                                                                     ("square", "cache_size", "image_size", "augment")},
+            "contract": contract}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = _Probabilities(model).to("cpu").eval()
-    example = torch.rand(2, 1, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        (_export_onnx if fmt == "onnx" else _export_torchscript)(wrapped, example, out, metadata or {})
-    diff = check_parity(model, fmt, out, image_size)
-    return {"format": fmt, "path": str(out), "size_bytes": out.stat().st_size, "max_abs_diff": diff, "ok": True}
+        (_export_onnx if fmt == "onnx" else _export_torchscript)(graph, out, meta)
+    images = [*check_images, *synthetic_images()]
+    diff = check_parity(scorer, fmt, out, images)
+    return {"format": fmt, "path": str(out), "size_bytes": out.stat().st_size, "max_abs_diff": diff,
+            "contract": contract}
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
-    """Export a training run's best model at its own image size, with its classes and threshold inside."""
-    from covidcxr.model.network import load_run
-
-    model, meta = load_run(run_dir)
-    # the preprocessing the caller must apply before the graph (covidcxr.preprocess.augment.normalise): square mode, cache size,
-    # equalization and crop settings; a lung crop also needs the run's lungs.pt
-    keep = ("arch", "task", "classes", "positive_index", "image_size", "threshold", "threshold_method", "square",
-            "cache_size", "augment")
-    return export_model(model, fmt, out, int(meta["image_size"]), {k: meta[k] for k in keep if k in meta})
+def _refuse_unexportable(scorer: Scorer, run_dir: str | Path) -> None:
+    aug = scorer.spec.preprocess.augment
+    if aug.crop == "lungs":
+        raise InputError(f"{run_dir}: a lung-cropped run cannot be exported (its lung model has no graph form here); "
+                         "score it with covidcxr predict or serve")
+    if aug.equalize == "clahe":
+        raise InputError(f"{run_dir}: a CLAHE run cannot be exported (kornia's CLAHE has no graph form here); "
+                         "score it with covidcxr predict or serve")
 
 
-def _export_onnx(wrapped: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, Any]) -> None:
-    program = torch.onnx.export(
-        wrapped,
-        (example,),
-        input_names=["image"],
-        output_names=["probabilities"],
-        dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
-        verbose=False,
-    )
+def synthetic_images(seed: int = 0) -> list[np.ndarray]:
+    """Smooth chest-like blobs with noise at PARITY_SHAPES: structure that a wrong pad, crop or resize would move."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for h, w in PARITY_SHAPES:
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        blobs = sum(np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.02) for cx, cy in rng.uniform(0.2, 0.6, (3, 2)))
+        images.append(np.clip(0.2 + 0.6 * blobs / blobs.max() + rng.normal(0, 0.05, (h, w)), 0, 1).astype(np.float32))
+    return images
+
+
+def _example(image_size: int) -> torch.Tensor:
+    return torch.rand(1, 1, image_size + 37, image_size, generator=torch.Generator().manual_seed(0))
+
+
+def _export_onnx(graph: ExportGraph, out: Path, meta: dict[str, Any]) -> None:
+    height, width = torch.export.Dim("height", min=8, max=MAX_SIDE), torch.export.Dim("width", min=8, max=MAX_SIDE)
+    with _quiet():
+        program = torch.onnx.export(graph, (_example(graph.preprocess.image_size),), input_names=["image"],
+                                    output_names=["probabilities"], dynamic_shapes={"image": {2: height, 3: width}},
+                                    verbose=False)
     program.model.metadata_props.update({key: json.dumps(value) for key, value in meta.items()})
     program.save(out, external_data=False)
 
 
-def _export_torchscript(wrapped: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, Any]) -> None:
-    with _quiet_jit():
-        torch.jit.save(torch.jit.trace(wrapped, example), str(out), _extra_files={"meta.json": json.dumps(meta)})
+def _export_torchscript(graph: ExportGraph, out: Path, meta: dict[str, Any]) -> None:
+    size = graph.preprocess.image_size
+    with _quiet():
+        traced = torch.jit.trace(graph.model, torch.rand(1, 1, size, size))
+        scripted = torch.jit.script(ExportGraph(graph.preprocess, traced))
+        torch.jit.save(scripted, str(out), _extra_files={"meta.json": json.dumps(meta)})
 
 
 @contextmanager
-def _quiet_jit() -> Iterator[None]:
-    """TorchScript is the format asked for; torch's notice that its API is deprecated is not news to the user."""
+def _quiet() -> Iterator[None]:
+    """The exporters' progress lines and TorchScript's deprecation notice are not news to the user."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit")
+        warnings.filterwarnings("ignore", category=UserWarning)
         yield
 
 
-def check_parity(model: nn.Module, fmt: str, path: str | Path, image_size: int, seed: int = 1) -> float:
-    """Largest |exported - softmax(model)| over random batches; raises ExportParityError above TOLERANCE."""
-    wrapped = _Probabilities(model).to("cpu").eval()
-    run = _onnx_runner(path) if fmt == "onnx" else _torchscript_runner(path)
-    gen = torch.Generator().manual_seed(seed)
+def check_parity(scorer: Scorer, fmt: str, path: str | Path, images: list[np.ndarray]) -> float:
+    """Largest |exported - covidcxr| probability over decoded images; raises ExportParityError above TOLERANCE."""
+    run = runner(fmt, path)
     worst = 0.0
-    for batch in PARITY_BATCHES:
-        x = torch.rand(batch, 1, image_size, image_size, generator=gen)
-        with torch.no_grad():
-            expected = wrapped(x).numpy()
-        got = run(x.numpy())
+    for image in images:
+        expected = scorer.probabilities(scorer.cache_square(image)[None])
+        got = run(image[None, None].astype(np.float32))
         if got.shape != expected.shape:
             raise ExportParityError(f"{path}: output shape {got.shape}, expected {expected.shape}")
         worst = max(worst, float(np.abs(got - expected).max()))
     if worst > TOLERANCE:
-        raise ExportParityError(f"{path}: exported probabilities differ from PyTorch by {worst:.3g} (max {TOLERANCE})")
+        raise ExportParityError(f"{path}: exported probabilities differ from covidcxr's by {worst:.3g} "
+                                f"(max {TOLERANCE}); please report this as a bug")
     return worst
 
 
-def _onnx_runner(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime as ort
+def runner(fmt: str, path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    """image (1, 1, H, W) float32 -> probabilities, with onnxruntime or TorchScript."""
+    if fmt == "onnx":
+        import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda x: session.run(["probabilities"], {"image": x})[0]
-
-
-def _torchscript_runner(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
-    with _quiet_jit():
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda x: session.run(["probabilities"], {"image": x})[0]
+    with _quiet():
         module = torch.jit.load(str(path), map_location="cpu").eval()
 
     def run(x: np.ndarray) -> np.ndarray:

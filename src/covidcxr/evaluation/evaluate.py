@@ -14,36 +14,11 @@ import torch
 
 from covidcxr.data import tasks
 from covidcxr.data.cache import ImageCache
-from covidcxr.config import AugmentConfig, from_dict
 from covidcxr.data.manifest import manifest_hash
 from covidcxr.evaluation.metrics import evaluate_predictions
-from covidcxr.model.network import load_run
-from covidcxr.deploy.predict import predict_probs
+from covidcxr.scoring import Scorer
 from covidcxr.evaluation.report import write_report
-
-
-def select_images(run: Path, data: ImageCache, split: str) -> tuple[pd.DataFrame, int]:
-    """Rows of `data` to score; returns (rows, images left out because the run trained or validated on them)."""
-    df = data.manifest()
-    runs_split = pd.read_csv(run / "split.csv")
-    if split == "test":
-        test_paths = set(runs_split.loc[runs_split["split"] == "test", "path"])
-        rows = df[df["path"].isin(test_paths)]
-        if rows.empty:
-            raise ValueError(f"{data.dir} holds none of the test images of {run}; use --split all for another data set")
-        return rows.reset_index(drop=True), 0
-    seen = set(runs_split.loc[runs_split["split"].isin(["train", "val"]), "path"])
-    used = df["path"].isin(seen)
-    return df[~used].reset_index(drop=True), int(used.sum())
-
-
-def score_rows(model: torch.nn.Module, meta: dict, cache: ImageCache, rows: pd.DataFrame, device: torch.device) -> np.ndarray:
-    """Positive-class probability for manifest rows, read from the cache (no decoding)."""
-    images = cache.load(rows["cache_index"])
-    augment = from_dict(AugmentConfig, meta["augment"])
-    # scored in the precision the run's validation (and so its threshold) used
-    probs = predict_probs(model, images, augment, int(meta["image_size"]), device, amp=meta.get("amp", True))
-    return probs[:, int(meta["positive_index"])].numpy()
+from covidcxr.evaluation.selection import select_images
 
 
 def predictions(run: str | Path, data: str | Path, split: str = "test", device: str = "auto",
@@ -53,8 +28,8 @@ def predictions(run: str | Path, data: str | Path, split: str = "test", device: 
     `task` overrides the run's own task for choosing and labelling images (e.g. score a covid-vs-rest model on
     covid-vs-normal data, so that settings trained on different tasks are compared on the same images)."""
     run = Path(run)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    model, meta = load_run(run, device=dev)
+    scorer = Scorer.from_run(run, device)
+    meta = scorer.meta
     cache = ImageCache(data)
     rows, excluded = select_images(run, cache, split)
     task = task or meta["task"]
@@ -65,7 +40,7 @@ def predictions(run: str | Path, data: str | Path, split: str = "test", device: 
         print(f"note: {excluded} image(s) of {data} were used to train or validate this run and are left out", file=sys.stderr)
     pred = rows[["path", "source", "patient_id", "label"]].copy()
     pred["y"] = (tasks.encode(rows["label"], task) == tasks.POSITIVE_INDEX).astype(int)
-    pred["score"] = score_rows(model, meta, cache, rows, dev)
+    pred["score"] = scorer.scores(cache.load(rows["cache_index"]))  # in the precision the threshold was chosen in
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
     provenance = {
         "run": str(run.resolve()), "run_config_hash": meta.get("config_hash", ""), "model_epoch": meta.get("epoch"),

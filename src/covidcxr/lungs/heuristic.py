@@ -28,22 +28,14 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from covidcxr.lungs.boxes import content_box
+
 # (centre row, centre column, semi-axis rows, semi-axis columns) as fractions of the content box,
 # image-left lung (the patient's right) first.
 TEMPLATE = ((0.456, 0.279, 0.37, 0.205), (0.477, 0.709, 0.39, 0.205))
 SEARCH_GROW = 1.15  # the dark region is searched for inside the template ellipses grown by this factor
-CONTENT_LEVEL = 8  # a row or column whose brightest pixel is darker than this (of 255) is padding
 AREA_RANGE = (0.4, 1.8)  # plausible component area, relative to its template ellipse
 MIN_IOU = 0.3  # plausible overlap of a component with its template ellipse
-
-
-def content_box(image: np.ndarray) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of the image content; the whole image when it is all dark."""
-    rows = np.flatnonzero(image.max(axis=1) > CONTENT_LEVEL)
-    cols = np.flatnonzero(image.max(axis=0) > CONTENT_LEVEL)
-    if len(rows) < 2 or len(cols) < 2:
-        return 0, image.shape[0], 0, image.shape[1]
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def template(shape: tuple[int, int], box: tuple[int, int, int, int], grow: float = 1.0) -> np.ndarray:

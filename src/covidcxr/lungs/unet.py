@@ -31,7 +31,7 @@ from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
-from covidcxr.preprocess.augment import mask_boxes
+from covidcxr.lungs.boxes import mask_boxes
 from covidcxr.data.download import DownloadError
 from covidcxr.data.reader import read_image
 

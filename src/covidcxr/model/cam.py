@@ -14,7 +14,6 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tqdm import tqdm
 
 from covidcxr.model.network import unwrap
-from covidcxr.data.reader import ImageReadError, read_image
 
 
 def grad_cam(model: torch.nn.Module, x: torch.Tensor, class_index: int) -> np.ndarray:
@@ -33,33 +32,30 @@ def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.nda
 OVERLAY_MIN_SIDE = 448  # model inputs are small (112 px by default); a person needs a larger picture
 
 
-def cam_overlay(predictor, square: np.ndarray) -> Image.Image:
-    """The overlay of what the model saw, enlarged (bicubic) to at least OVERLAY_MIN_SIDE pixels for viewing."""
-    x = predictor.model_input(square)
-    heatmap = grad_cam(predictor.model, x, predictor.positive_index)[0]
+def cam_overlay(scorer, square: np.ndarray) -> Image.Image:
+    """The overlay of what the model saw for one cache square, enlarged (bicubic) to at least OVERLAY_MIN_SIDE pixels
+    for viewing. `scorer` is a `covidcxr.scoring.Scorer` (its float model, its preprocessing)."""
+    x = next(scorer.inputs(square[None]))
+    heatmap = grad_cam(scorer.model, x, scorer.spec.positive_index)[0]
     image = Image.fromarray(overlay(x[0, 0].detach().cpu().numpy(), heatmap))
     scale = -(-OVERLAY_MIN_SIDE // image.width)  # ceil: whole-number enlargement keeps the map aligned
     return image.resize((image.width * scale, image.height * scale), Image.BICUBIC) if scale > 1 else image
 
 
-def cam_overlay_png(predictor, square: np.ndarray) -> bytes:
+def cam_overlay_png(scorer, square: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    cam_overlay(predictor, square).save(buf, format="PNG")
+    cam_overlay(scorer, square).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def write_cams(predictor, paths: list[Path], out_dir: Path) -> list[Path]:
-    """One overlay PNG per image, named <stem>_cam.png (<stem>_2_cam.png ... when stems repeat, e.g. a.png and a.jpg,
-    so no overlay overwrites another); unreadable files are skipped (the caller lists them)."""
+def write_cams(scorer, items: list[tuple[Path, np.ndarray]], out_dir: Path) -> list[Path]:
+    """One overlay PNG per (file, cache square), named <stem>_cam.png (<stem>_2_cam.png ... when stems repeat, e.g.
+    a.png and a.jpg, so no overlay overwrites another)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for path in tqdm(paths, desc="grad-cam", unit="img", disable=len(paths) < 2):
-        try:
-            square = predictor.preprocess(read_image(path))
-        except ImageReadError:
-            continue
+    for path, square in tqdm(items, desc="grad-cam", unit="img", disable=len(items) < 2):
         target = _unused_name(out_dir, path.stem, set(written))
-        cam_overlay(predictor, square).save(target)
+        cam_overlay(scorer, square).save(target)
         written.append(target)
     return written
 

@@ -26,14 +26,16 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from covidcxr.data import tasks
-from covidcxr.preprocess.augment import normalise_once, prepare_batch
+from covidcxr.preprocess.augment import augment_batch
+from covidcxr.preprocess.transform import Preprocess, PreprocessSpec
 from covidcxr.data.cache import ImageCache
 from covidcxr.config import TrainConfig, config_hash, save_json, to_dict
 from covidcxr.data.manifest import manifest_hash
 from covidcxr.evaluation.metrics import choose_threshold
 from covidcxr.model.network import (LUNG_MODEL, build_model, forward_with_features, load_checkpoint, parameter_groups, save_checkpoint,
                     source_logits)
-from covidcxr.deploy.predict import autocast, predict_probs
+from covidcxr.device import autocast, resolve_device
+from covidcxr.scoring import predict_probs
 from covidcxr.data.splits import leave_sources_out, patient_split
 
 HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds"]
@@ -52,24 +54,14 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: str) -> Dist:
-    """Join the torchrun job when launched by torchrun; otherwise a world of one."""
+def init_distributed(device_type: str) -> Dist:
+    """Join the torchrun job when launched by torchrun (NCCL on CUDA, gloo on CPUs); otherwise a world of one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend)
     return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -157,7 +149,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         self.cfg, self.out = cfg, Path(cfg.out)
-        self.d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.d = init_distributed(resolve_device(cfg.device).type)
         self.device = resolve_device(cfg.device, self.d.local_rank)
         seed_everything(cfg.seed, cfg.deterministic)
         self.cache, self.df = load_data(cfg)
@@ -166,12 +158,14 @@ class Trainer:
         train = self.df[self.df["split"] == "train"].reset_index(drop=True)
         self.train_df = train
         self.sources = sorted(train["source"].unique())
-        self.train_x, self.train_augment = normalise_once(self.cache.load(train["cache_index"]).to(self.device), cfg.augment)
+        # the deterministic preprocessing, once per set: the same code and rounding that scoring uses
+        self.preprocess = Preprocess(PreprocessSpec(self.cache.square, self.cache.size, cfg.image_size, cfg.augment))
+        self.train_x = self.preprocess.normalise_u8(self.cache.load(train["cache_index"]).to(self.device))
         self.train_y = torch.tensor(train["y"].to_numpy()).to(self.device)
         self.train_src = torch.tensor(train["source"].map({s: i for i, s in enumerate(self.sources)}).to_numpy()).to(self.device)
         val = self.df[self.df["split"] == "val"].reset_index(drop=True)
         self.val_df = val
-        self.val_x, self.val_augment = normalise_once(self.cache.load(val["cache_index"]), cfg.augment)
+        self.val_x = self.preprocess.normalise_u8(self.cache.load(val["cache_index"]))
         self.model = self._build_model()
         scale = 1.0 if cfg.weights == "none" else cfg.backbone_lr_scale  # nothing pretrained to protect
         self.optimizer = torch.optim.SGD(parameter_groups(self.model, cfg.lr, scale),
@@ -253,7 +247,7 @@ class Trainer:
                    disable=not self.d.main, leave=False)
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = prepare_batch(self.train_x[idx], True, self.train_augment, cfg.image_size, gen)
+            x = augment_batch(self.train_x[idx], cfg.augment, cfg.image_size, gen)
             loss = self._loss(model, x.contiguous(memory_format=torch.channels_last), idx, epoch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -279,7 +273,7 @@ class Trainer:
             return F.cross_entropy(logits.float(), self.train_y[idx], weight=self.loss_weights) + src_loss
 
     def validate(self) -> tuple[float, float, np.ndarray]:
-        probs = predict_probs(self.model, self.val_x, self.val_augment, self.cfg.image_size, self.device, self.cfg.amp)
+        probs = predict_probs(self.model, self.val_x, self.preprocess, self.device)
         y = self.val_df["y"].to_numpy()
         loss = F.nll_loss(torch.log(probs.clamp_min(1e-7)), torch.tensor(y)).item()
         return loss, positive_auc(y, probs.numpy()), probs.numpy()

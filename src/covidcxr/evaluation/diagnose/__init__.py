@@ -30,11 +30,11 @@ from covidcxr.lungs import heuristic as lungs
 from covidcxr.evaluation.diagnose import probe
 from covidcxr.data import tasks
 from covidcxr.data.cache import ImageCache
-from covidcxr.evaluation.evaluate import select_images
+from covidcxr.evaluation.selection import select_images
 from covidcxr.lungs.unet import MIN_LUNG_AREA, load_lung_model, segment
 from covidcxr.evaluation.metrics import patient_codes, write_metrics
-from covidcxr.model.network import LUNG_MODEL, load_run
-from covidcxr.training.trainer import resolve_device
+from covidcxr.model.network import LUNG_MODEL
+from covidcxr.scoring import Scorer
 from covidcxr.evaluation.diagnose.attribution import cam_lung_share, lung_share, sample_cams
 from covidcxr.evaluation.diagnose.figures import FIGURES, write_figures
 from covidcxr.evaluation.diagnose.imagestats import FEATURE_GROUPS, image_features, image_stats_check
@@ -57,27 +57,27 @@ def diagnose(run: str | Path, data: str | Path, out: str | Path, split: str | No
     copy when it was trained with crop="lungs", else the heuristic of lungs.py.
     """
     run, out = Path(run), Path(out)
-    dev = resolve_device(device)
-    model, meta = load_run(run, device=dev)
+    scorer = Scorer.from_run(run, device)
+    spec, dev = scorer.spec, scorer.device
     cache = ImageCache(data)
     split = split or ("test" if _holds_test_images(run, cache) else "all")
-    rows = _task_rows(run, cache, split, meta["task"])
-    y = (tasks.encode(rows["label"], meta["task"]) == int(meta["positive_index"])).astype(int)
+    rows = _task_rows(run, cache, split, spec.task)
+    y = (tasks.encode(rows["label"], spec.task) == spec.positive_index).astype(int)
     images = cache.load(rows["cache_index"]).numpy()
     _log(f"{len(rows)} images ({split}); lung masks")
     lung_model = lung_model or (run / LUNG_MODEL if (run / LUNG_MODEL).is_file() else None)
     masks, mask_info = lung_fields(images, lung_model, dev)
     result: dict[str, Any] = {
-        "run": str(run.resolve()), "data": str(Path(data).resolve()), "split": split, "task": meta["task"],
-        "positive_label": meta["classes"][int(meta["positive_index"])], "threshold": float(meta["threshold"]),
+        "run": str(run.resolve()), "data": str(Path(data).resolve()), "split": split, "task": spec.task,
+        "positive_label": spec.positive_label, "threshold": spec.threshold,
         "n_images": len(rows), "n_patients": int(patient_codes(rows).max()) + 1,
         "counts": {f"{src}/{lab}": int(n) for (src, lab), n in rows.groupby(["source", "label"]).size().items()},
         "lung_masks": {**mask_info, "mean_area_fraction": float(masks.mean())},
     }
     _log("model passes: features, occlusion, Grad-CAM")
-    features = probe.extract_features(model, meta, cache, rows, dev)
-    result["occlusion"] = occlusion_test(model, meta, images, masks, rows, y, dev)
-    cam_pick, cams, cam_masks = sample_cams(model, meta, images, masks, rows, dev, max_cam_images, seed)
+    features = scorer.features(images)
+    result["occlusion"] = occlusion_test(scorer, images, masks, rows, y)
+    cam_pick, cams, cam_masks = sample_cams(scorer, images, masks, rows, max_cam_images, seed)
     result["cam"] = cam_lung_share(cams, cam_masks, rows.iloc[cam_pick])
     _log("source probe and image statistics")
     # These fits are small (hundreds of images): one thread. After PyTorch's passes, BLAS and OpenMP thread pools
@@ -88,7 +88,7 @@ def diagnose(run: str | Path, data: str | Path, out: str | Path, split: str | No
     result["flags"] = flags(result)
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(result, out / "diagnose.json")
-    write_figures(out, result, images, masks, rows, y, cam_pick, cams, cam_masks, meta)
+    write_figures(out, result, images, masks, rows, y, cam_pick, cams, cam_masks, scorer)
     (out / "verdict.md").write_text(verdict(result) + "\n", encoding="utf-8")
     (out / "diagnose.html").write_text(page(result, out), encoding="utf-8")
     return json.loads((out / "diagnose.json").read_text())

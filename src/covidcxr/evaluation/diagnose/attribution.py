@@ -12,22 +12,17 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from covidcxr.preprocess.augment import prepare_batch
 from covidcxr.model.cam import grad_cam
-from covidcxr.config import AugmentConfig, from_dict
+from covidcxr.scoring import Scorer
 
 
-def sample_cams(model: torch.nn.Module, meta: dict, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame,
-                device: torch.device, max_images: int, seed: int, batch_size: int = 32
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sample_cams(scorer: Scorer, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame, max_images: int,
+                seed: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row positions, Grad-CAM maps for the positive class, lung masks at the model's input size) for a sample
     spread evenly over (source, label) groups."""
     pick = spread_sample(rows, max_images, seed)
-    augment, size = from_dict(AugmentConfig, meta["augment"]), int(meta["image_size"])
-    cams = []
-    for i in range(0, len(pick), batch_size):
-        x = prepare_batch(torch.from_numpy(images[pick[i:i + batch_size]]).to(device), False, augment, size)
-        cams.append(grad_cam(model, x, int(meta["positive_index"])))
+    size = scorer.spec.preprocess.image_size
+    cams = [grad_cam(scorer.model, x, scorer.spec.positive_index) for x in scorer.inputs(images[pick], batch_size)]
     small = F.interpolate(torch.from_numpy(masks[pick]).float()[:, None], size=(size, size), mode="nearest")
     cam_maps = np.concatenate(cams) if cams else np.zeros((0, size, size), np.float32)
     return pick, cam_maps, small[:, 0].numpy() > 0.5

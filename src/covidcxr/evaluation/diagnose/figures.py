@@ -13,9 +13,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from covidcxr.preprocess.augment import prepare_batch  # noqa: E402
 from covidcxr.model.cam import overlay  # noqa: E402
-from covidcxr.config import AugmentConfig, from_dict  # noqa: E402
+from covidcxr.scoring import Scorer  # noqa: E402
 from covidcxr.evaluation.diagnose.attribution import lung_share, spread_sample  # noqa: E402
 from covidcxr.evaluation.diagnose.occlusion import CONDITIONS  # noqa: E402
 from covidcxr.evaluation.diagnose.verdict import finite, fmt, pct  # noqa: E402
@@ -25,15 +24,14 @@ FIGURES = {"occlusion.png": "Scores per class, intact and occluded", "masks.png"
 
 
 def write_figures(out: Path, result: dict, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame,
-                   y: np.ndarray, cam_pick: np.ndarray, cams: np.ndarray, cam_masks: np.ndarray, meta: dict) -> None:
+                   y: np.ndarray, cam_pick: np.ndarray, cams: np.ndarray, cam_masks: np.ndarray, scorer: Scorer) -> None:
     negative = "/".join(sorted(rows.loc[y == 0, "label"].unique())) or "negative"
     _plot_occlusion(result["occlusion"]["conditions"], y, result["threshold"], (negative, result["positive_label"]),
                     out / "occlusion.png")
     pick = spread_sample(rows, 12, seed=1)
     _plot_masks(images[pick], masks[pick], rows.iloc[pick], out / "masks.png")
     show = spread_sample(rows.iloc[cam_pick], 8, seed=1)
-    augment, size = from_dict(AugmentConfig, meta["augment"]), int(meta["image_size"])
-    x = prepare_batch(torch.from_numpy(images[cam_pick[show]]), False, augment, size)
+    x = torch.cat(list(scorer.inputs(images[cam_pick[show]]))).cpu() if len(show) else torch.zeros(0, 1, 1, 1)
     _plot_cams(x[:, 0].numpy(), cams[show], cam_masks[show], rows.iloc[cam_pick[show]],
                lung_share(cams[show], cam_masks[show]), out / "cam_lungs.png")
     _plot_image_stats(result["image_stats"], out / "imagestats.png")

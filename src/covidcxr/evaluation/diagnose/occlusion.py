@@ -13,12 +13,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from covidcxr.lungs import heuristic as lungs
-from covidcxr.config import AugmentConfig, from_dict
 from covidcxr.evaluation.metrics import binary_metrics, bootstrap_ci
-from covidcxr.deploy.predict import predict_probs
+from covidcxr.scoring import Scorer
 
 CONDITIONS = ("intact", "lungs blanked", "lungs only")
 
@@ -47,17 +45,14 @@ def fill_level(images: np.ndarray) -> int:
     return int(round(total / max(count, 1)))
 
 
-def occlusion_test(model: torch.nn.Module, meta: dict, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame,
-                   y: np.ndarray, device: torch.device, n_boot: int = 500) -> dict[str, Any]:
+def occlusion_test(scorer: Scorer, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame, y: np.ndarray,
+                   n_boot: int = 500) -> dict[str, Any]:
     """{"fill_level": the gray level occluded regions were set to, "conditions": per condition the AUC (with a
     patient-bootstrap CI), sensitivity and specificity at the run's threshold, and the scores}."""
-    augment = from_dict(AugmentConfig, meta["augment"])
-    threshold, fill = float(meta["threshold"]), fill_level(images)
+    threshold, fill = scorer.spec.threshold, fill_level(images)
     conditions: dict[str, Any] = {}
     for condition in CONDITIONS:
-        x = torch.from_numpy(np.ascontiguousarray(occlude(images, masks, condition, fill)))
-        probs = predict_probs(model, x, augment, int(meta["image_size"]), device)
-        score = probs[:, int(meta["positive_index"])].numpy()
+        score = scorer.scores(np.ascontiguousarray(occlude(images, masks, condition, fill)))
         m = binary_metrics(y, score, threshold)
         frame = rows[["path", "source", "patient_id"]].assign(y=y, score=score)
         auc_ci = bootstrap_ci(frame, threshold, n_boot)["auc"] if 0 < y.sum() < len(y) else (math.nan, math.nan)

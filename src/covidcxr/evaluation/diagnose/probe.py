@@ -8,31 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from covidcxr.preprocess.augment import prepare_batch
-from covidcxr.data.cache import ImageCache
-from covidcxr.config import AugmentConfig, from_dict
-from covidcxr.model.network import unwrap
-
-
-@torch.no_grad()
-def extract_features(model: torch.nn.Module, meta: dict, cache: ImageCache, rows: pd.DataFrame,
-                     device: torch.device, batch_size: int = 128) -> np.ndarray:
-    """Penultimate features (N, D) of cached images, evaluation preprocessing."""
-    net = unwrap(model).eval()
-    augment = from_dict(AugmentConfig, meta["augment"])
-    images = cache.load(rows["cache_index"])
-    feats = []
-    for i in range(0, len(images), batch_size):
-        x = prepare_batch(images[i:i + batch_size].to(device), False, augment, int(meta["image_size"]))
-        feats.append(net.features(x).float().cpu())
-    return torch.cat(feats).numpy()
 
 
 def _probe(features: np.ndarray, target: pd.Series, groups: pd.Series, seed: int) -> dict | None:

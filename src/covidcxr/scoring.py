@@ -1,0 +1,120 @@
+"""The one seam from a run folder to scores: `Scorer.from_run(run)` holds the model, its preprocessing, the device,
+the precision, the positive class and the operating threshold, and every consumer (evaluate, predict, serve, the
+diagnostics, the probe, export) builds its model input through it.
+
+Images reach it in one of two forms, which give the model bit-identical input: a decoded file (`cache_square` makes
+its cache copy, exactly as `ingest` would) or rows of an ingested data folder's uint8 cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from covidcxr.data.cache import to_square
+from covidcxr.device import resolve_device
+from covidcxr.model.network import load_run, unwrap
+from covidcxr.preprocess.transform import Preprocess, PreprocessSpec
+
+BATCH_SIZE = 256
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a run's checkpoint says about turning an image into a decision."""
+
+    run_dir: Path
+    arch: str
+    task: str
+    classes: tuple[str, ...]
+    positive_index: int
+    threshold: float
+    threshold_method: str
+    preprocess: PreprocessSpec
+    model_id: str
+
+    @classmethod
+    def from_meta(cls, meta: dict, run_dir: str | Path = "", model_id: str = "") -> "RunSpec":
+        return cls(Path(run_dir), meta["arch"], meta["task"], tuple(meta["classes"]), int(meta["positive_index"]),
+                   float(meta["threshold"]) if meta.get("threshold") is not None else float("nan"),
+                   str(meta.get("threshold_method", "")), PreprocessSpec.from_meta(meta), model_id)
+
+    @property
+    def positive_label(self) -> str:
+        return self.classes[self.positive_index]
+
+    @property
+    def negative_label(self) -> str:
+        return self.classes[0] if len(self.classes) == 2 else "non-" + self.positive_label
+
+    def label_for(self, probability: float) -> str:
+        return self.positive_label if probability >= self.threshold else self.negative_label
+
+
+def model_id(run_dir: Path, which: str = "model.pt") -> str:
+    """`<run folder name>-<first 8 hex of the checkpoint's SHA-256>`: names the exact weights in logs and reports."""
+    digest = hashlib.sha256((run_dir / which).read_bytes()).hexdigest()[:8]
+    return f"{run_dir.resolve().name}-{digest}"
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, normalised: torch.Tensor, preprocess: Preprocess, device: torch.device,
+                  batch_size: int = BATCH_SIZE) -> torch.Tensor:
+    """Softmax probabilities (N, classes) for normalised uint8 squares (N, S, S) (`Preprocess.normalise_u8`).
+
+    Always in float32, whatever precision trained the model: the threshold is chosen on these scores, and the
+    exported graph (float32 in every runtime) then gives the same answer on any hardware."""
+    model.eval()
+    out = []
+    for i in range(0, len(normalised), batch_size):
+        x = preprocess.model_input_u8(normalised[i:i + batch_size].to(device, non_blocking=True))
+        out.append(model(x.contiguous(memory_format=torch.channels_last)).float().softmax(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+class Scorer:
+    """A run's model, preprocessing, device, precision and threshold, loaded once."""
+
+    def __init__(self, model: torch.nn.Module, spec: RunSpec, device: torch.device, meta: dict | None = None):
+        self.model, self.spec, self.device = model.to(device).eval(), spec, device
+        self.meta = meta or {}  # the checkpoint's meta as saved: provenance (epoch, hashes) for reports
+        self.preprocess = Preprocess(spec.preprocess)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "auto", which: str = "model.pt") -> "Scorer":
+        run_dir, dev = Path(run_dir), resolve_device(device)
+        model, meta = load_run(run_dir, which, device=dev)
+        return cls(model, RunSpec.from_meta(meta, run_dir, model_id(run_dir, which)), dev, meta)
+
+    def cache_square(self, image: np.ndarray) -> np.ndarray:
+        """A decoded image (H, W) in [0, 1] -> the (S, S) uint8 square the cache would hold for it."""
+        return to_square(image, self.spec.preprocess.cache_size, self.spec.preprocess.square)
+
+    def normalise(self, squares: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Cache squares (N, S, S) uint8 -> normalised (cropped, equalized) uint8 squares."""
+        return self.preprocess.normalise_u8(torch.as_tensor(np.asarray(squares)))
+
+    def inputs(self, squares: torch.Tensor | np.ndarray, batch_size: int = BATCH_SIZE) -> Iterator[torch.Tensor]:
+        """Model input batches (B, 1, M, M) float32 on the device, for cache squares (N, S, S) uint8."""
+        normalised = self.normalise(squares)
+        for i in range(0, len(normalised), batch_size):
+            yield self.preprocess.model_input_u8(normalised[i:i + batch_size].to(self.device))
+
+    def probabilities(self, squares: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(N, classes) softmax probabilities for cache squares (N, S, S) uint8."""
+        return predict_probs(self.model, self.normalise(squares), self.preprocess, self.device).numpy()
+
+    def scores(self, squares: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(N,) probability of the positive class for cache squares."""
+        return self.probabilities(squares)[:, self.spec.positive_index] if len(squares) else np.zeros(0)
+
+    @torch.no_grad()
+    def features(self, squares: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(N, D) penultimate features for cache squares."""
+        net = unwrap(self.model)
+        return torch.cat([net.features(x).cpu() for x in self.inputs(squares)] or [torch.zeros(0, 0)]).numpy()
