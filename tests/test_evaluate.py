@@ -17,7 +17,9 @@ from covidcxr.evaluation import metrics as metrics_mod
 from covidcxr.config import IngestConfig
 from covidcxr.evaluation.evaluate import evaluate
 from covidcxr.data.ingest import ingest
-from covidcxr.evaluation.metrics import METRIC_NAMES, choose_threshold
+from covidcxr.evaluation.metrics import METRIC_NAMES
+from covidcxr.model import threshold as threshold_mod
+from covidcxr.model.threshold import choose_threshold
 from covidcxr.model.network import load_checkpoint
 
 N_BOOT = 50  # enough to exercise the bootstrap; the intervals' accuracy is test_metrics' business
@@ -159,7 +161,7 @@ def test_threshold_does_not_depend_on_test_labels(test_report, tiny_run, tiny_da
     def no_tuning(*args, **kwargs):
         raise AssertionError("evaluation must not choose a threshold")
 
-    for module in (metrics_mod, evaluate_mod):
+    for module in (metrics_mod, evaluate_mod, threshold_mod):
         monkeypatch.setattr(module, "choose_threshold", no_tuning, raising=False)
     got = evaluate(tiny_run, flipped, "test", tmp_path / "report", n_boot=N_BOOT)
     before = json.loads((test_report / "metrics.json").read_text())

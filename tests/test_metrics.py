@@ -11,6 +11,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from covidcxr.evaluation import metrics as M
+from covidcxr.model.threshold import choose_threshold
 
 # Ten predictions, positive when score >= 0.5. A positive and a negative tie at 0.6.
 Y10 = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
@@ -78,24 +79,24 @@ S_YOUDEN = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
 def test_youden_threshold_is_the_known_optimum():
-    assert M.choose_threshold(Y_YOUDEN, S_YOUDEN, "youden") == pytest.approx(0.6)
+    assert choose_threshold(Y_YOUDEN, S_YOUDEN, "youden") == pytest.approx(0.6)
 
 
 @pytest.mark.parametrize(("target", "expected"), [(1.0, 0.4), (0.8, 0.6), (0.5, 0.7), (0.2, 0.9)])
 def test_target_sensitivity_takes_the_highest_threshold_reaching_it(target, expected):
     # sensitivity by threshold: 0.9 -> 1/5, 0.8 -> 2/5, 0.7 -> 3/5, 0.6 -> 4/5, 0.4 -> 5/5
-    t = M.choose_threshold(Y_YOUDEN, S_YOUDEN, "sensitivity", target_sensitivity=target)
+    t = choose_threshold(Y_YOUDEN, S_YOUDEN, "sensitivity", target_sensitivity=target)
     assert t == pytest.approx(expected)
     assert M.binary_metrics(Y_YOUDEN, S_YOUDEN, t)["sensitivity"] >= target
 
 
 def test_threshold_choice_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="both classes"):
-        M.choose_threshold([0, 0], [0.1, 0.2])
+        choose_threshold([0, 0], [0.1, 0.2])
     with pytest.raises(ValueError, match="unknown threshold method"):
-        M.choose_threshold(Y_YOUDEN, S_YOUDEN, "median")
+        choose_threshold(Y_YOUDEN, S_YOUDEN, "median")
     with pytest.raises(ValueError, match="target_sensitivity"):
-        M.choose_threshold(Y_YOUDEN, S_YOUDEN, "sensitivity", target_sensitivity=0.0)
+        choose_threshold(Y_YOUDEN, S_YOUDEN, "sensitivity", target_sensitivity=0.0)
 
 
 def test_calibration_by_hand():

@@ -21,7 +21,6 @@ from sklearn.metrics import (
     brier_score_loss,
     confusion_matrix,
     roc_auc_score,
-    roc_curve,
 )
 
 METRIC_NAMES = (
@@ -35,7 +34,6 @@ METRIC_NAMES = (
     "auc",
     "pr_auc",
 )
-THRESHOLD_METHODS = ("youden", "sensitivity")
 _BOOT_CHUNK = 128  # bootstrap replicates computed together: bounds memory at ~chunk x n floats per array
 
 
@@ -91,30 +89,6 @@ def binary_metrics(y: Any, score: Any, threshold: float) -> dict[str, float]:
     out["auc"] = float(roc_auc_score(y_arr, s_arr)) if has_pos and has_neg else math.nan
     out["pr_auc"] = float(average_precision_score(y_arr, s_arr)) if has_pos else math.nan
     return out
-
-
-def choose_threshold(
-    y: Any, score: Any, method: str = "youden", target_sensitivity: float = 0.95
-) -> float:
-    """Decision threshold from VALIDATION predictions (the caller guarantees which split it passes).
-
-    youden: maximises sensitivity + specificity - 1; sensitivity: the highest threshold whose sensitivity
-    reaches `target_sensitivity`. The result is one of the observed scores (ties: the highest such score).
-    """
-    y_arr, s_arr = _as_arrays(y, score)
-    if y_arr.min() == y_arr.max():
-        raise ValueError("choosing a threshold needs both classes in the validation predictions")
-    fpr, tpr, thresholds = roc_curve(y_arr, s_arr, drop_intermediate=False)
-    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # drop the 'call nobody positive' point (inf)
-    if method == "youden":
-        best = int(np.argmax(tpr - fpr))
-    elif method == "sensitivity":
-        if not 0.0 < target_sensitivity <= 1.0:
-            raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
-        best = int(np.argmax(tpr >= target_sensitivity - 1e-12))  # tpr ends at 1, so a match exists
-    else:
-        raise ValueError(f"unknown threshold method {method!r}; use one of {', '.join(THRESHOLD_METHODS)}")
-    return float(thresholds[best])
 
 
 def _weighted_metrics(y: np.ndarray, score: np.ndarray, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:

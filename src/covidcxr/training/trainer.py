@@ -31,7 +31,7 @@ from covidcxr.preprocess.transform import Preprocess, PreprocessSpec
 from covidcxr.data.cache import ImageCache
 from covidcxr.config import TrainConfig, config_hash, save_json, to_dict
 from covidcxr.data.manifest import manifest_hash
-from covidcxr.evaluation.metrics import choose_threshold
+from covidcxr.model.threshold import choose_threshold
 from covidcxr.model.network import (LUNG_MODEL, build_model, forward_with_features, load_checkpoint, parameter_groups, save_checkpoint,
                     source_logits)
 from covidcxr.device import autocast, resolve_device
