@@ -8,6 +8,7 @@ import zlib
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
@@ -259,3 +260,54 @@ def test_every_fullres_file_reads_like_its_processed_copy(shared_cxr):
         ours = Image.fromarray((img * 255).round().astype(np.uint8)).resize(proc.size, Image.LANCZOS)
         diff = np.abs(np.asarray(ours, np.float32) - np.asarray(proc, np.float32)).mean() / 255.0
         assert diff < 0.01, f"{row.path}: mean difference {diff:.3f} from its processed copy"
+
+
+@pytest.mark.parametrize("tags, reason", [
+    ({"Modality": "CT"}, "not a chest radiograph: Modality CT"),
+    ({"Modality": "MR"}, "not a chest radiograph: Modality MR"),
+    ({"BodyPartExamined": "KNEE"}, "not a chest radiograph: BodyPartExamined KNEE"),
+    ({"ViewPosition": "LL"}, "lateral view (ViewPosition LL): the model reads frontal films"),
+    ({"ViewPosition": "RL"}, "lateral view (ViewPosition RL): the model reads frontal films"),
+    ({"ViewPosition": "LATERAL"}, "lateral view (ViewPosition LATERAL): the model reads frontal films"),
+])
+def test_dicom_that_is_not_a_frontal_chest_radiograph_is_refused(images, tags, reason):
+    with pytest.raises(ImageReadError) as err:
+        read_image(images.dicom(None, _dicom_ramp(), **tags), "other.dcm")
+    assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("tags", [
+    {"Modality": "DX", "BodyPartExamined": "CHEST", "ViewPosition": "PA"},
+    {"Modality": "DR", "ViewPosition": "AP"},
+    {"Modality": "CR", "BodyPartExamined": "", "ViewPosition": "LLD"},  # decubitus films are frontal
+])
+def test_frontal_chest_radiographs_are_read(images, tags):
+    assert read_image(images.dicom(None, _dicom_ramp(), **tags), "chest.dcm").shape == (16, 12)
+
+
+def test_dicom_without_modality_is_read(images):
+    """Older files leave Modality out: they are accepted."""
+    ds = pydicom.dcmread(io.BytesIO(images.dicom(None, _dicom_ramp())))
+    del ds.Modality
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    assert read_image(buf.getvalue(), "old.dcm").shape == (16, 12)
+
+
+def test_multi_frame_dicom_is_refused_with_a_reason(images):
+    frames = np.stack([_dicom_ramp(), _dicom_ramp()[::-1]])
+    data = images.dicom(None, None, Rows=16, Columns=12, NumberOfFrames=2, PixelData=frames.tobytes())
+    with pytest.raises(ImageReadError, match=r"multi-frame DICOM \(2 frames\): send each film as its own file"):
+        read_image(data, "cine.dcm")
+
+
+def test_read_errors_are_one_line(images):
+    """A decoder's multi-line message is folded into the one line that reports and logs show."""
+    ds = pydicom.dcmread(io.BytesIO(images.dicom(None, _dicom_ramp())))
+    ds.PixelData = ds.PixelData[:-10]  # too short for 16 x 12 pixels: pydicom cannot decode it
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    with pytest.raises(ImageReadError, match="cannot decode DICOM pixels") as err:
+        read_image(buf.getvalue(), "short.dcm")
+    assert "\n" not in str(err.value)
+    assert ImageReadError("a.dcm", "first\nsecond  line").reason == "first second line"

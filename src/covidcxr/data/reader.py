@@ -1,6 +1,14 @@
 """One decoder for every supported file: PNG (8/16 bit), JPEG, TIFF, BMP and DICOM -> 2-D float32 gray in [0, 1].
 
 Every caller (ingest, predict, serve) goes through `read_image`, so a file is understood the same way everywhere.
+
+DICOM: every transfer syntax a hospital sends decodes in a default install (uncompressed little/big endian, deflated,
+RLE, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000), through pydicom and the decoder plugins that pyproject.toml
+lists; MONOCHROME1/2, RGB, YBR_FULL(_422) and PALETTE COLOR films all become gray. Only chest radiographs are read:
+a DICOM whose Modality is not CR, DX or DR, whose BodyPartExamined is set to anything but CHEST, or whose ViewPosition
+is lateral (LL, RL, LATERAL) is refused, since the model learnt frontal chest films only. A missing or empty Modality
+is accepted (older files leave it out). Multi-frame files are refused: one film is one frame. PNG, JPEG, TIFF and BMP
+files carry no such tags, so they are read as they are.
 """
 
 from __future__ import annotations
@@ -12,19 +20,27 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import JPEGExtended12Bit
+
+from covidcxr.errors import InputError
 
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: no chest X-ray has 100 megapixels
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, what Pillow's "L" uses
+CHEST_MODALITIES = ("CR", "DX", "DR")  # computed and digital radiography (DR: a common non-standard spelling of DX)
+LATERAL_VIEWS = ("LL", "RL", "LATERAL")
+
+# pydicom tries its own plugins first; this one decodes the 12-bit files they refuse (see covidcxr.data.jpeg12)
+get_decoder(JPEGExtended12Bit).add_plugin("covidcxr-jpeg12", ("covidcxr.data.jpeg12", "decode_frame"))
 
 
-class ImageReadError(ValueError):
-    """A file that cannot be turned into an image; `reason` is one short human sentence."""
+class ImageReadError(InputError):
+    """A file that cannot be turned into an image; `reason` is one short human sentence, kept to one line."""
 
     def __init__(self, path: str | Path, reason: str):
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        self.reason = " ".join(reason.split())  # decoder messages span lines; reports and logs want one
+        super().__init__(f"{self.path}: {self.reason}")
 
 
 def read_image(source: str | Path | bytes, name: str = "<upload>") -> np.ndarray:
@@ -97,18 +113,21 @@ def _read_dicom(data: bytes, label: str) -> np.ndarray:
         raise ImageReadError(label, f"not a readable DICOM file ({exc})") from None
     if "PixelData" not in ds:
         raise ImageReadError(label, "DICOM file has no pixel data")
+    _require_chest_radiograph(ds, label)
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if rows * cols > MAX_PIXELS:
         raise ImageReadError(label, f"image too large ({cols}x{rows} pixels; limit {MAX_PIXELS:,})")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise ImageReadError(label, f"multi-frame DICOM ({ds.NumberOfFrames} frames) is not a radiograph")
+        raise ImageReadError(label, f"multi-frame DICOM ({ds.NumberOfFrames} frames): send each film as its own file")
     try:
-        arr = ds.pixel_array
+        arr = ds.pixel_array  # YBR_FULL / YBR_FULL_422 come back as RGB
     except Exception as exc:  # pydicom raises many types: missing decoder plugin, bad length, bit depth
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", "unknown transfer syntax")
-        raise ImageReadError(label, f"cannot decode DICOM pixels ({name}): {exc}".splitlines()[0]) from None
+        raise ImageReadError(label, f"cannot decode DICOM pixels ({name}): {exc}") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric == "PALETTE COLOR":
+        arr = _palette_to_rgb(arr, ds, label)
     if arr.ndim == 3:  # colour DICOM (secondary capture): convert to luminance
         return _minmax(arr[..., :3].astype(np.float32) @ LUMA, label)
     try:
@@ -116,8 +135,29 @@ def _read_dicom(data: bytes, label: str) -> np.ndarray:
     except ImageReadError:
         raise
     except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:  # bad LUT / window values
-        raise ImageReadError(label, f"invalid DICOM rescale or window ({exc})".splitlines()[0]) from None
+        raise ImageReadError(label, f"invalid DICOM rescale or window ({exc})") from None
     return 1.0 - gray if photometric == "MONOCHROME1" else gray
+
+
+def _require_chest_radiograph(ds: pydicom.Dataset, label: str) -> None:
+    """Refuse films the model was never taught: other modalities, other body parts, lateral views (module docstring)."""
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality and modality not in CHEST_MODALITIES:
+        raise ImageReadError(label, f"not a chest radiograph: Modality {modality}")
+    body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if body_part and body_part != "CHEST":
+        raise ImageReadError(label, f"not a chest radiograph: BodyPartExamined {body_part}")
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if view in LATERAL_VIEWS:
+        raise ImageReadError(label, f"lateral view (ViewPosition {view}): the model reads frontal films")
+
+
+def _palette_to_rgb(arr: np.ndarray, ds: pydicom.Dataset, label: str) -> np.ndarray:
+    """PALETTE COLOR pixels are indices into the file's colour tables: look them up before taking luminance."""
+    try:
+        return apply_color_lut(arr, ds)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        raise ImageReadError(label, f"invalid DICOM palette ({exc})") from None
 
 
 def _dicom_gray(arr: np.ndarray, ds: pydicom.Dataset, label: str) -> np.ndarray:
