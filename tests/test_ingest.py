@@ -72,7 +72,7 @@ def test_broken_files_are_listed_and_the_good_ones_ingested(tmp_path, images, ca
     images.dicom(src / "img/nopixels.dcm", None)
     broken = {"img/empty.png": "empty file", "img/truncated.png": "truncated or corrupt",
               "img/text.png": "not an image", "img/nopixels.dcm": "no pixel data",
-              "img/missing.png": "file listed but missing"}
+              "img/missing.png": "file not found"}
     _add_rows(src, [{"path": p, "label": "covid", "patient_id": f"b{i}", "source": "alpha"}
                     for i, p in enumerate(broken)])
     out = tmp_path / "data"
