@@ -203,7 +203,8 @@ def test_split_all_says_what_it_leaves_out_and_scores_every_image_it_has_not_see
 
     assert result.returncode == 0, result.stderr
     seen = _paths(tiny_run, "train", "val")
-    assert f"note: {len(seen)} image(s) of {data} were used to train or validate this run and are left out" in result.stderr
+    note = f"note: {len(seen)} image(s) of {data} were used to train or validate this run and are left out"
+    assert note in result.stderr
     pred = pd.read_csv(out / "predictions.csv")
     assert set(pred["path"]) == _paths(tiny_run, "test") | {str(new / f"img{i:03d}.png") for i in range(10)}
 

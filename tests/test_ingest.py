@@ -424,5 +424,6 @@ def test_broken_symlink_is_listed_through_the_cli(tmp_path, images):
     result = _ingest_cli(str(src), "--out", str(tmp_path / "data"))
 
     assert result.returncode == 1, result.stderr
-    assert f"{src / 'normal/link.png'}: broken symbolic link (points to moved.png, which does not exist)" in result.stdout
+    reason = "broken symbolic link (points to moved.png, which does not exist)"
+    assert f"{src / 'normal/link.png'}: {reason}" in result.stdout
     assert len(_manifest(tmp_path / "data")) == 2

@@ -136,8 +136,8 @@ def test_a_broken_symlink_gets_its_own_error_row_through_the_cli(tiny_run, mixed
 
     assert result.returncode == 1, result.stderr
     rows = {r["path"]: r for r in json.loads(result.stdout)}
-    assert rows[str(mixed / "moved.png")]["error"] == (f"broken symbolic link (points to {tmp_path / 'archive/moved.png'}, "
-                                                       "which does not exist)")
+    target = tmp_path / "archive/moved.png"
+    assert rows[str(mixed / "moved.png")]["error"] == f"broken symbolic link (points to {target}, which does not exist)"
     assert rows[str(mixed / "sub/gone.dcm")]["error"].startswith("broken symbolic link (points to gone-for-good.dcm")
     assert all(rows[str(mixed / n)]["probability"] is not None for n in GOOD)  # the good files are still scored
     assert f"covidcxr: cannot score {mixed / 'moved.png'}: broken symbolic link" in result.stderr

@@ -143,12 +143,13 @@ def _plan(rows: pd.DataFrame, roots: list[str], prev: pd.DataFrame, replace: boo
     known = [] if replace else list(prev["root"])
     order = {root: i for i, root in enumerate(dict.fromkeys([*known, *roots]))}
     rows, carried = rows.assign(_order=rows["root"].map(order)), carried.assign(_order=carried["root"].map(order))
-    old = rows[["path"]].join(prev.set_index("path")[["mtime", "size_bytes"]], on="path")
+    by_path = prev.set_index("path")
+    old = rows[["path"]].join(by_path[["mtime", "size_bytes"]], on="path")
     same = old["mtime"].eq(rows["mtime"]) & old["size_bytes"].eq(rows["size_bytes"])
     hash_cols = ["sha1", "phash", "thumb", "orig_height", "orig_width", "cache_index"]
-    done = rows[same].join(prev.set_index("path")[hash_cols], on="path")
+    done = rows[same].join(by_path[hash_cols], on="path")
     todo = rows[~same].copy()
-    todo["cache_index"] = todo["path"].map(prev.set_index("path")["cache_index"]) if len(prev) else np.nan
+    todo["cache_index"] = todo["path"].map(by_path["cache_index"]) if len(prev) else np.nan
     next_slot = int(prev["cache_index"].max()) + 1 if len(prev) else 0
     new = todo["cache_index"].isna()
     todo.loc[new, "cache_index"] = np.arange(next_slot, next_slot + int(new.sum()))
@@ -243,7 +244,8 @@ def changes(report: IngestReport) -> list[str]:
     lines = [f"kept {report.carried_over} row(s) of source folders not given this time"] if report.carried_over else []
     lines += [f"removed {n} row(s) of {source}: their files are gone or no longer readable"
               for source, n in report.removed.items()]
-    lines += [f"--replace dropped {n} row(s) of {source}, whose folders were not given" for source, n in report.dropped.items()]
+    lines += [f"--replace dropped {n} row(s) of {source}, whose folders were not given"
+              for source, n in report.dropped.items()]
     return lines
 
 

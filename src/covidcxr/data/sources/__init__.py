@@ -16,7 +16,8 @@ import pandas as pd
 from covidcxr.data.sources import actualmed, cohen, csv, figure1, folders, kermany, montgomery_shenzhen, nih, radiography, rsna
 from covidcxr.data.sources._common import COLUMNS, IMAGE_SUFFIXES, LABELS, file_problem, image_files
 
-__all__ = ["COLUMNS", "IMAGE_SUFFIXES", "LABELS", "LAYOUTS", "detect_layout", "file_problem", "image_files", "load_source"]
+__all__ = ["COLUMNS", "IMAGE_SUFFIXES", "LABELS", "LAYOUTS", "detect_layout", "file_problem", "image_files",
+           "load_source"]
 
 # Auto-detection tries these in order; the first match wins. csv precedes cohen/figure1/actualmed (all use
 # metadata.csv; theirs has no path or label column), the specific layouts precede the generic
