@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from covidcxr.data.ingest import DUPLICATES_FILE, REPORT_FILE, ingest, summarize
 from covidcxr.data.reader import read_image
 
 SIZE = 32
+SRC = Path(__file__).resolve().parents[1] / "src"
 CFG = IngestConfig(size=SIZE, workers=2)
 
 
@@ -72,7 +75,7 @@ def test_broken_files_are_listed_and_the_good_ones_ingested(tmp_path, images, ca
     images.dicom(src / "img/nopixels.dcm", None)
     broken = {"img/empty.png": "empty file", "img/truncated.png": "truncated or corrupt",
               "img/text.png": "not an image", "img/nopixels.dcm": "no pixel data",
-              "img/missing.png": "file listed but missing"}
+              "img/missing.png": "file not found"}
     _add_rows(src, [{"path": p, "label": "covid", "patient_id": f"b{i}", "source": "alpha"}
                     for i, p in enumerate(broken)])
     out = tmp_path / "data"
@@ -272,3 +275,155 @@ def test_another_cache_size_on_existing_data_is_refused(tmp_path, images, capsys
     ingest([src], out, CFG)
     assert cli.main(["ingest", str(src), "--out", str(out), "--size", str(SIZE * 2)]) == 2
     assert "size=32, asked for 64" in capsys.readouterr().err
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    """`covidcxr ...` through the real entry point, in a subprocess, with this checkout's package first."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "covidcxr.cli", *argv], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def _ingest_cli(*argv: str) -> subprocess.CompletedProcess:
+    return _cli("ingest", *argv, "--size", str(SIZE), "--workers", "2")
+
+
+def test_adding_a_second_source_keeps_the_first_without_decoding_it_again(tmp_path, images):
+    first = _write_source(tmp_path / "first", images, [1, 2, 3], source="first")
+    second = _write_source(tmp_path / "second", images, [4, 5], source="second")
+    out = tmp_path / "data"
+    assert _ingest_cli(str(first), "--out", str(out)).returncode == 0
+    before = _manifest(out)
+    pixels = np.array(ImageCache(out).array)
+
+    result = _ingest_cli(str(second), "--out", str(out))
+
+    assert result.returncode == 0, result.stderr
+    report = _report(out)
+    assert (report["processed"], report["reused"], report["carried_over"]) == (2, 0, 3)
+    after = _manifest(out)
+    assert sorted(after["source"].value_counts().items()) == [("first", 3), ("second", 2)]
+    pd.testing.assert_frame_equal(after.loc[before.index], before)  # the first source's rows, slots included
+    slots = before["cache_index"].to_numpy()
+    np.testing.assert_array_equal(ImageCache(out).array[slots], pixels[slots])
+    assert "kept 3 row(s) of source folders not given this time" in result.stdout
+    _assert_cache_holds_the_files(out)
+
+
+def test_reingesting_a_changed_source_updates_only_its_rows(tmp_path, images):
+    first = _write_source(tmp_path / "first", images, [1, 2, 3, 4], source="first")
+    second = _write_source(tmp_path / "second", images, [5, 6], source="second")
+    out = tmp_path / "data"
+    assert _ingest_cli(str(first), str(second), "--out", str(out)).returncode == 0
+    before = _manifest(out)
+    _write_source(first, images, [7], source="first")  # one new file
+    changed = first / "img/first_2.png"
+    images.save(changed, images.smooth(99, 70, 50))
+    stamp = changed.stat().st_mtime_ns + 5_000_000_000
+    os.utime(changed, ns=(stamp, stamp))
+    gone = first / "img/first_3.png"  # one file deleted, and its row with it
+    gone.unlink()
+    meta = pd.read_csv(first / "metadata.csv", dtype=str)
+    meta[meta["path"] != "img/first_3.png"].to_csv(first / "metadata.csv", index=False)
+
+    result = _ingest_cli(str(first), "--out", str(out))
+
+    assert result.returncode == 0, result.stderr
+    report = _report(out)
+    assert (report["processed"], report["reused"], report["carried_over"]) == (2, 2, 2)
+    assert report["removed"] == {"first": 1}
+    assert "removed 1 row(s) of first: their files are gone or no longer readable" in result.stdout
+    after = _manifest(out)
+    assert str(gone) not in after.index and str(first / "img/first_7.png") in after.index
+    assert after.at[str(changed), "sha1"] != before.at[str(changed), "sha1"]
+    assert after.at[str(changed), "cache_index"] == before.at[str(changed), "cache_index"]
+    untouched = [p for p in before.index if p not in (str(changed), str(gone))]
+    pd.testing.assert_frame_equal(after.loc[untouched], before.loc[untouched])  # the other source's rows too
+    _assert_cache_holds_the_files(out)
+
+
+def test_replace_keeps_only_the_given_sources_and_says_what_it_dropped(tmp_path, images):
+    first = _write_source(tmp_path / "first", images, [1, 2, 3], source="first")
+    second = _write_source(tmp_path / "second", images, [4, 5], source="second")
+    out = tmp_path / "data"
+    assert _ingest_cli(str(first), str(second), "--out", str(out)).returncode == 0
+    before = _manifest(out)
+
+    result = _ingest_cli(str(second), "--out", str(out), "--replace")
+
+    assert result.returncode == 0, result.stderr
+    assert "--replace dropped 3 row(s) of first, whose folders were not given" in result.stdout
+    report = _report(out)
+    assert report["dropped"] == {"first": 3}
+    assert (report["processed"], report["reused"], report["carried_over"]) == (0, 2, 0)
+    after = _manifest(out)
+    assert set(after["source"]) == {"second"}
+    pd.testing.assert_frame_equal(after, before.loc[after.index])  # kept rows keep their cache slots
+    _assert_cache_holds_the_files(out)
+
+
+def test_csv_bad_rows_of_three_kinds_are_all_listed_by_line_and_the_rest_ingested(tmp_path, images):
+    src = _write_source(tmp_path / "src", images, [1, 2, 3])  # CSV lines 2-4
+    images.save(src / "img/odd.png", images.smooth(8))
+    _add_rows(src, [{"path": "img/odd.png", "label": "covid-ish", "patient_id": "b1", "source": "alpha"},  # line 5
+                    {"path": "img/gone.png", "label": "covid", "patient_id": "b2", "source": "alpha"},  # line 6
+                    {"path": "img/alpha_4.png", "label": "normal", "patient_id": "p4", "source": "alpha"},  # line 7
+                    {"path": "", "label": "normal", "patient_id": "b3", "source": "alpha"}])  # line 8
+    images.save(src / "img/alpha_4.png", images.smooth(4))
+    out = tmp_path / "data"
+
+    result = _ingest_cli(str(src), "--out", str(out))
+
+    assert result.returncode == 1, result.stderr
+    csv = src / "metadata.csv"
+    expected = {5: (str(src / "img/odd.png"), "label 'covid-ish' is not one of"),
+                6: (str(src / "img/gone.png"), "file not found"),
+                8: ("(no path)", "empty path")}
+    for line, (path, reason) in expected.items():
+        assert f"{csv} line {line}: {path}: {reason}" in result.stdout
+    report = _report(out)
+    listed = {e["line"]: (e["csv"], e["reason"]) for e in report["bad_rows"] + report["unreadable"]}
+    assert sorted(listed) == [5, 6, 8] and {c for c, _ in listed.values()} == {str(csv)}
+    assert sorted(_manifest(out).index) == sorted(str(src / f"img/alpha_{s}.png") for s in (1, 2, 3, 4))
+
+
+def test_broken_symlink_and_unreadable_folder_are_listed_with_the_reason(tmp_path, images, monkeypatch, capsys):
+    src = tmp_path / "hospital"
+    images.save(src / "covid/a.png", images.smooth(1))
+    images.save(src / "normal/b.png", images.smooth(2))
+    (src / "covid/link.png").symlink_to(tmp_path / "nowhere.png")
+    images.save(src / "normal/locked/c.png", images.smooth(3))
+    locked = src / "normal/locked"
+    real_scandir = os.scandir
+
+    def scandir(path=".", *args):  # root reads any folder, so a folder without permissions is simulated
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path, *args)
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "data"
+
+    code = cli.main(["ingest", str(src), "--out", str(out), "--size", str(SIZE), "--workers", "1"])
+
+    assert code == 1
+    reasons = {e["path"]: e["reason"] for e in _report(out)["unreadable"]}
+    assert reasons == {str(src / "covid/link.png"): f"broken symbolic link (points to {tmp_path / 'nowhere.png'}, "
+                                                    "which does not exist)",
+                       str(locked): "folder cannot be read (Permission denied)"}
+    printed = capsys.readouterr().out
+    assert all(f"{path}: {reason}" in printed for path, reason in reasons.items())
+    assert sorted(_manifest(out).index) == [str(src / "covid/a.png"), str(src / "normal/b.png")]
+
+
+def test_broken_symlink_is_listed_through_the_cli(tmp_path, images):
+    src = tmp_path / "hospital"
+    images.save(src / "covid/a.png", images.smooth(1))
+    images.save(src / "normal/b.png", images.smooth(2))
+    (src / "normal/link.png").symlink_to("moved.png")
+
+    result = _ingest_cli(str(src), "--out", str(tmp_path / "data"))
+
+    assert result.returncode == 1, result.stderr
+    reason = "broken symbolic link (points to moved.png, which does not exist)"
+    assert f"{src / 'normal/link.png'}: {reason}" in result.stdout
+    assert len(_manifest(tmp_path / "data")) == 2

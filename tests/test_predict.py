@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +122,22 @@ def test_a_file_scores_as_its_cached_copy_does_in_evaluation(tiny_run, tiny_data
     scored = predictor.predict_paths([Path(p) for p in pred["path"]])
     assert [r.path for r in scored] == pred["path"].tolist()
     np.testing.assert_allclose([r.probability for r in scored], pred["score"], atol=1e-6)
+
+
+def test_a_broken_symlink_gets_its_own_error_row_through_the_cli(tiny_run, mixed, tmp_path):
+    (mixed / "moved.png").symlink_to(tmp_path / "archive/moved.png")
+    (mixed / "sub").mkdir()
+    (mixed / "sub/gone.dcm").symlink_to("gone-for-good.dcm")
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "covidcxr.cli", "predict", str(tiny_run), str(mixed), "--format", "json"]
+
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+    assert result.returncode == 1, result.stderr
+    rows = {r["path"]: r for r in json.loads(result.stdout)}
+    target = tmp_path / "archive/moved.png"
+    assert rows[str(mixed / "moved.png")]["error"] == f"broken symbolic link (points to {target}, which does not exist)"
+    assert rows[str(mixed / "sub/gone.dcm")]["error"].startswith("broken symbolic link (points to gone-for-good.dcm")
+    assert all(rows[str(mixed / n)]["probability"] is not None for n in GOOD)  # the good files are still scored
+    assert f"covidcxr: cannot score {mixed / 'moved.png'}: broken symbolic link" in result.stderr

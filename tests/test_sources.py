@@ -407,10 +407,20 @@ def test_csv_missing_required_column_is_one_clear_error(tmp_path, header, missin
     assert str(tmp_path / "metadata.csv") in message and f"'{missing}'" in message and "\n" not in message
 
 
-def test_csv_bad_label_names_the_line(tmp_path):
-    write_csv(tmp_path / "metadata.csv", "path,label", ["a.png,covid", "b.png,COVID-ish"])
-    with pytest.raises(ValueError, match=r"line 3: label 'covid-ish' is not one of"):
-        load_source(tmp_path)
+def test_csv_bad_rows_carry_their_line_and_reason_and_the_rest_are_kept(tmp_path):
+    lines = ["a.png,covid,", "b.png,COVID-ish,", "", " ,normal,", "c.png,normal,elderly", "d.png,Normal,Adult"]
+    write_csv(tmp_path / "metadata.csv", "path,label,age_group", lines)  # a blank line 4 still counts
+
+    df, _ = load_source(tmp_path)
+
+    by_line = df.set_index("line")
+    assert list(by_line.index) == ["2", "3", "5", "6", "7"]
+    assert set(df["listed_in"]) == {str(tmp_path / "metadata.csv")}
+    assert by_line.at["3", "problem"] == "label 'covid-ish' is not one of covid, normal, pneumonia, other"
+    assert (by_line.at["5", "problem"], by_line.at["5", "path"]) == ("empty path", "")
+    assert by_line.at["6", "problem"] == "age_group 'elderly' is not one of adult, pediatric, unknown"
+    assert by_line.loc[["2", "7"], "problem"].tolist() == ["", ""]
+    assert by_line.at["7", "label"] == "normal" and by_line.at["7", "age_group"] == "adult"
 
 
 def test_nothing_matches_lists_the_layouts(tmp_path):

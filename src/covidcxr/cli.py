@@ -18,12 +18,15 @@ from covidcxr.config import CROP_CHOICES, EQUALIZE_CHOICES, IngestConfig, TrainC
 
 
 def _ingest(a: argparse.Namespace) -> int:
-    from covidcxr.data.ingest import ingest, summarize
-    report = ingest(a.sources, a.out, IngestConfig(size=a.size, workers=a.workers, layout=a.layout, square=a.square))
+    from covidcxr.data.ingest import changes, ingest, summarize
+    cfg = IngestConfig(size=a.size, workers=a.workers, layout=a.layout, square=a.square)
+    report = ingest(a.sources, a.out, cfg, replace=a.replace)
     for root, layout in report.layouts.items():
         print(f"{root}: layout {layout}")
-    print(summarize(a.out))
-    return 1 if report.unreadable else 0
+    for line in changes(report):
+        print(line)
+    print(summarize(a.out, limit=None))
+    return 1 if report.unreadable or report.bad_rows else 0
 
 
 def _summary(a: argparse.Namespace) -> int:
@@ -186,12 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("ingest", help="build the manifest and image cache from database folders")
+    p = sub.add_parser("ingest", help="build or add to the manifest and image cache from database folders")
     p.add_argument("sources", nargs="+", help="database folders (layout detected per folder)")
-    p.add_argument("--out", required=True, help="data folder to create or update")
-    p.add_argument("--layout", default="auto", help="auto or a layout name (see docs)")
+    p.add_argument("--out", required=True,
+                   help="data folder to create or add to (re-ingesting a folder updates only its rows)")
+    p.add_argument("--replace", action="store_true",
+                   help="keep only the given folders' rows, dropping (and listing) the others (default: add)")
+    p.add_argument("--layout", default="auto", help="auto or a layout name (see docs; default auto)")
     p.add_argument("--size", type=int, default=256, help="cached image side in pixels (default 256)")
-    p.add_argument("--square", default="pad", choices=["pad", "squash", "crop"], help="how images are made square")
+    p.add_argument("--square", default="pad", choices=["pad", "squash", "crop"],
+                   help="how images are made square (default pad)")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default: all cores)")
     p.set_defaults(func=_ingest)
 
@@ -211,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics with confidence intervals, figures and an HTML report")
     p.add_argument("run")
     p.add_argument("--data", required=True, help="ingested data folder (the run's own, or another for external validation)")
-    p.add_argument("--split", default="test", choices=["test", "all"], help="test: the run's test part; all: every image")
+    p.add_argument("--split", default="test", choices=["test", "all"],
+                   help="test (default): the run's test part; all: every image, except that on the run's own data its "
+                        "train and validation images are left out (the count is printed)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--n-boot", dest="n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--no-diagnose", dest="diagnose", action="store_false",

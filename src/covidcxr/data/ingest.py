@@ -1,4 +1,10 @@
-"""Ingest: database folders -> manifest + uint8 cache + report, on all cores, incrementally, never stopped by one bad file."""
+"""Ingest: database folders -> manifest + uint8 cache + report, on all cores, never stopped by one bad file or row.
+
+On an existing data folder ingest adds. Each manifest row remembers the source folder (`root`) that listed it, so
+re-ingesting a folder updates only its rows (new, changed and removed files; nothing unchanged is decoded again) and
+the other folders' rows are carried over as they are. No kept row's cache slot ever moves, so runs trained earlier
+keep evaluating. `replace` rebuilds from the given folders alone (still reusing their decoded images).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ from covidcxr.data.reader import ImageReadError, read_image
 
 REPORT_FILE = "ingest_report.json"
 DUPLICATES_FILE = "duplicates.csv"
+# The manifest as ingest writes it: each row also remembers the source folder that listed it, so that re-ingesting a
+# folder updates exactly its rows and leaves the other folders' rows alone.
+COLUMNS = [*MANIFEST_COLUMNS, "root"]
 # Durable saves of the manifest during a long ingest, so a crash keeps its work. Each save runs the duplicate search
 # over everything (quadratic), so saves are spaced by time and by their own cost: at most SAVE_OVERHEAD of the run.
 SAVE_INTERVAL_S = 60.0
@@ -35,7 +44,11 @@ class IngestReport:
     listed: int = 0
     processed: int = 0
     reused: int = 0
+    carried_over: int = 0  # rows of source folders not given this time, kept as they were
     unreadable: list[dict] = field(default_factory=list)
+    bad_rows: list[dict] = field(default_factory=list)  # rows a source lists but that cannot be used (e.g. bad label)
+    removed: dict[str, int] = field(default_factory=dict)  # per source: rows whose files are gone or now unreadable
+    dropped: dict[str, int] = field(default_factory=dict)  # per source: rows of folders that a replace left out
     duplicates: int = 0
     label_conflicts: int = 0
     kept: int = 0
@@ -43,6 +56,15 @@ class IngestReport:
     images_per_s: float = 0.0
     manifest_hash: str = ""
     config: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    """What one ingest does to DATA's rows."""
+    kept: pd.DataFrame  # rows written as they are: other folders' rows and unchanged files (nothing decoded)
+    todo: pd.DataFrame  # rows to decode, each with the cache slot it fills
+    own: pd.DataFrame  # the earlier rows of the given folders: those not written again count as removed
+    finished: list[dict] = field(default_factory=list)  # decoded so far; every save writes what is in it
 
 
 def _decode(job: tuple[str, int, str]) -> dict:
@@ -58,13 +80,29 @@ def _decode(job: tuple[str, int, str]) -> dict:
         return {"path": path, "error": f"unexpected {type(exc).__name__}: {exc}"}
 
 
+def _entry(row: dict, reason: str) -> dict:
+    """A skipped row or file for the report: its path, the reason and, for a CSV row, the CSV and line to fix."""
+    where = {"csv": row["listed_in"], "line": int(row["line"])} if row.get("listed_in") else {}
+    return {"path": row["path"], "reason": reason, **where}
+
+
+def describe(entry: dict) -> str:
+    """One line for a report entry, led by the CSV line when there is one."""
+    where = f"{entry['csv']} line {entry['line']}: " if "csv" in entry else ""
+    return f"{where}{entry['path'] or '(no path)'}: {entry['reason']}"
+
+
 def _list_rows(roots: list[Path], layout: str, report: IngestReport) -> pd.DataFrame:
+    """The usable rows of every source folder; the rows a source rejects go to the report, each with its reason."""
     frames = []
-    for order, root in enumerate(roots):
+    for root in roots:
         rows, chosen = sources.load_source(root, layout)
         report.layouts[str(root)] = chosen
-        frames.append(rows.assign(_order=order))
-    rows = pd.concat(frames, ignore_index=True).drop_duplicates("path")
+        frames.append(rows.assign(root=str(root)))
+    rows = pd.concat(frames, ignore_index=True)
+    bad = rows["problem"] != ""
+    report.bad_rows += [_entry(row, row["problem"]) for row in rows[bad].to_dict("records")]
+    rows = rows[~bad].drop_duplicates("path")
     for col in ("view", "finding", "age_group", "sex"):
         rows[col] = rows.get(col, pd.Series("", index=rows.index)).fillna("").astype(str)
     rows["patient_id"] = rows["patient_id"].astype(str)
@@ -72,67 +110,89 @@ def _list_rows(roots: list[Path], layout: str, report: IngestReport) -> pd.DataF
 
 
 def _stat(rows: pd.DataFrame, report: IngestReport) -> pd.DataFrame:
-    mtimes, sizes = [], []
-    for path in rows["path"]:
-        try:
-            st = os.stat(path)
-            mtimes.append(st.st_mtime_ns)
-            sizes.append(st.st_size)
-        except OSError:
-            mtimes.append(-1)
-            sizes.append(-1)
-    rows = rows.assign(mtime=mtimes, size_bytes=sizes)
-    missing = rows["mtime"] < 0
-    report.unreadable += [{"path": p, "reason": "file listed but missing"} for p in rows.loc[missing, "path"]]
-    return rows[~missing]
+    """mtime and size of each listed file; paths that are no readable regular file (missing, a broken link, a folder
+    that cannot be read) are reported with the reason and left out."""
+    problems = rows["path"].map(sources.file_problem)
+    bad = problems != ""
+    report.unreadable += [_entry(row, why) for row, why in zip(rows[bad].to_dict("records"), problems[bad])]
+    rows = rows[~bad]
+    stats = [os.stat(path) for path in rows["path"]]
+    return rows.assign(mtime=[st.st_mtime_ns for st in stats], size_bytes=[st.st_size for st in stats])
 
 
 def _previous(out: Path) -> pd.DataFrame:
+    """DATA's manifest so far (empty when new); rows written before manifests knew their folder get root ''."""
     path = out / MANIFEST_FILE
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=MANIFEST_COLUMNS)
+    df = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
+    return df if "root" in df else df.assign(root="")
 
 
-def ingest(roots: list[str | Path], out: str | Path, cfg: IngestConfig | None = None) -> IngestReport:
-    """Build or update DATA from the given database folders; returns the report (also written as ingest_report.json)."""
+def _per_source(rows: pd.DataFrame) -> dict[str, int]:
+    return {str(k): int(v) for k, v in rows.groupby("source").size().items()}
+
+
+def _plan(rows: pd.DataFrame, roots: list[str], prev: pd.DataFrame, replace: bool, report: IngestReport) -> _Plan:
+    """Split the listed rows into reused (unchanged file) and to-decode ones, with cache slots that never move: a
+    changed file keeps its slot, a new one gets a slot after every slot ever used. The rows of folders not given are
+    carried over, or with `replace` dropped and counted."""
+    others = ~prev["root"].isin(roots) & ~prev["path"].isin(rows["path"])
+    if replace:
+        report.dropped = _per_source(prev[others])
+    carried = prev.iloc[:0] if replace else prev[others]
+    # duplicate priority: folders already in DATA keep their place (an image kept before stays kept), new ones follow
+    # in the order given; a replace uses the order given
+    known = [] if replace else list(prev["root"])
+    order = {root: i for i, root in enumerate(dict.fromkeys([*known, *roots]))}
+    rows, carried = rows.assign(_order=rows["root"].map(order)), carried.assign(_order=carried["root"].map(order))
+    by_path = prev.set_index("path")
+    old = rows[["path"]].join(by_path[["mtime", "size_bytes"]], on="path")
+    same = old["mtime"].eq(rows["mtime"]) & old["size_bytes"].eq(rows["size_bytes"])
+    hash_cols = ["sha1", "phash", "thumb", "orig_height", "orig_width", "cache_index"]
+    done = rows[same].join(by_path[hash_cols], on="path")
+    todo = rows[~same].copy()
+    todo["cache_index"] = todo["path"].map(by_path["cache_index"]) if len(prev) else np.nan
+    next_slot = int(prev["cache_index"].max()) + 1 if len(prev) else 0
+    new = todo["cache_index"].isna()
+    todo.loc[new, "cache_index"] = np.arange(next_slot, next_slot + int(new.sum()))
+    report.reused, report.carried_over = len(done), len(carried)
+    return _Plan(kept=pd.concat([carried, done], ignore_index=True), todo=todo, own=prev[~others])
+
+
+def ingest(roots: list[str | Path], out: str | Path, cfg: IngestConfig | None = None,
+           replace: bool = False) -> IngestReport:
+    """Add the given database folders to DATA (or build it); returns the report (also written as ingest_report.json).
+
+    A folder ingested before is updated: only its new and changed files are decoded, its vanished files' rows are
+    removed (counted in the report), and other folders' rows stay. `replace` keeps only the given folders' rows."""
     cfg = cfg or IngestConfig()
     out = Path(out)
     start = time.time()
     report = IngestReport(config=to_dict(cfg))
-    rows = _stat(_list_rows([Path(r).resolve() for r in roots], cfg.layout, report), report)
-    report.listed = len(rows) + len(report.unreadable)
+    roots = [Path(r).resolve() for r in roots]
+    rows = _stat(_list_rows(roots, cfg.layout, report), report)
+    report.listed = len(rows) + len(report.unreadable) + len(report.bad_rows)
     out.mkdir(parents=True, exist_ok=True)  # only once the sources are known to be usable
 
     cache = ImageCache(out, size=cfg.size, mode="r+", square=cfg.square)
-    prev = _previous(out).set_index("path")
-    known = rows["path"].isin(prev.index)
-    same = known & rows["path"].map(lambda p: (prev.at[p, "mtime"], prev.at[p, "size_bytes"]) if p in prev.index else None).eq(
-        list(zip(rows["mtime"], rows["size_bytes"])))
-    hash_cols = ["sha1", "phash", "thumb", "orig_height", "orig_width", "cache_index"]
-    done = rows[same].join(prev[hash_cols], on="path")
-    todo = rows[~same].copy()
-    report.reused = len(done)
-    # changed files keep their slot; new files get slots after the last one in use
-    todo["cache_index"] = todo["path"].map(prev["cache_index"]) if len(prev) else np.nan
-    next_slot = int(prev["cache_index"].max()) + 1 if len(prev) else 0
-    new = todo["cache_index"].isna()
-    todo.loc[new, "cache_index"] = np.arange(next_slot, next_slot + int(new.sum()))
-    cache.reserve(int(max(todo["cache_index"].max() if len(todo) else -1, next_slot - 1)) + 1)
+    prev = _previous(out)
+    plan = _plan(rows, [str(r) for r in roots], prev, replace, report)
+    slots = plan.todo["cache_index"]
+    cache.reserve(max(int(slots.max()) if len(slots) else -1, int(prev["cache_index"].max()) if len(prev) else -1) + 1)
     cache.write_meta()
 
-    finished: list[dict] = []  # filled by _decode_all; every save writes what is in it so far
     try:
-        _decode_all(todo, cache, cfg, report, finished,
-                    lambda: _save(out, done, todo, finished, cache, report, cfg))
+        _decode_all(plan, cache, cfg, report, lambda: _save(out, plan, cache, report, cfg))
     finally:
         report.seconds = round(time.time() - start, 2)
         report.images_per_s = round(report.processed / max(report.seconds, 1e-9), 1)
-        _save(out, done, todo, finished, cache, report, cfg)
+        _save(out, plan, cache, report, cfg)
     return report
 
 
-def _decode_all(todo: pd.DataFrame, cache: ImageCache, cfg: IngestConfig, report: IngestReport,
-                finished: list[dict], checkpoint) -> None:
+def _decode_all(plan: _Plan, cache: ImageCache, cfg: IngestConfig, report: IngestReport, checkpoint) -> None:
+    todo = plan.todo
     slots = dict(zip(todo["path"], todo["cache_index"].astype(int)))
+    listed = dict(zip(todo["path"], todo.to_dict("records")))
     jobs = [(p, cfg.size, cfg.square) for p in todo["path"]]
     workers = cfg.workers or os.cpu_count() or 1
     next_save = time.monotonic() + SAVE_INTERVAL_S
@@ -142,11 +202,11 @@ def _decode_all(todo: pd.DataFrame, cache: ImageCache, cfg: IngestConfig, report
         for result in pool.map(_decode, jobs, chunksize=16):
             bar.update()
             if "error" in result:
-                report.unreadable.append({"path": result["path"], "reason": result["error"]})
-                tqdm.write(f"unreadable: {result['path']}: {result['error']}")
+                report.unreadable.append(_entry(listed[result["path"]], result["error"]))
+                tqdm.write(f"unreadable: {describe(report.unreadable[-1])}")
                 continue
             cache.write(slots[result["path"]], result.pop("image"))
-            finished.append(result)
+            plan.finished.append(result)
             report.processed += 1
             if time.monotonic() >= next_save:
                 started = time.monotonic()
@@ -155,32 +215,45 @@ def _decode_all(todo: pd.DataFrame, cache: ImageCache, cfg: IngestConfig, report
                 next_save = time.monotonic() + max(SAVE_INTERVAL_S, spent / SAVE_OVERHEAD)
 
 
-def _save(out: Path, done: pd.DataFrame, todo: pd.DataFrame, finished: list[dict], cache: ImageCache,
-          report: IngestReport, cfg: IngestConfig) -> None:
+def _save(out: Path, plan: _Plan, cache: ImageCache, report: IngestReport, cfg: IngestConfig) -> None:
     """Write cache, manifest, duplicates and report; called periodically and at the end (also after an interrupt)."""
     cache.flush()
-    fresh = todo.drop(columns=["cache_index"]).merge(pd.DataFrame(finished, columns=["path", "sha1", "phash", "thumb", "orig_height", "orig_width"]), on="path")
+    todo = plan.todo
+    decoded = pd.DataFrame(plan.finished, columns=["path", "sha1", "phash", "thumb", "orig_height", "orig_width"])
+    fresh = todo.drop(columns=["cache_index"]).merge(decoded, on="path")
     fresh["cache_index"] = fresh["path"].map(dict(zip(todo["path"], todo["cache_index"])))
-    table = pd.concat([done, fresh], ignore_index=True)
+    table = pd.concat([plan.kept, fresh], ignore_index=True)
     table = table.assign(_pixels=-(table["orig_height"].astype(int) * table["orig_width"].astype(int)))
     table = table.sort_values(["_order", "_pixels", "path"], kind="stable").reset_index(drop=True)
     dups = find_duplicates(table, cfg.near_duplicate_corr, cfg.conflict_duplicate_corr)
     copy_of = dict(zip(dups["path"], dups["duplicate_of"]))
     table["duplicate_of"] = [copy_of.get(p, "") for p in table["path"]]
     table["cache_index"] = table["cache_index"].astype(np.int64)
-    table = table[MANIFEST_COLUMNS]
+    table = table[COLUMNS]
     tmp = out / (MANIFEST_FILE + ".tmp")
     table.to_parquet(tmp, index=False)
     tmp.replace(out / MANIFEST_FILE)
     dups.to_csv(out / DUPLICATES_FILE, index=False)
     kept = table[table["duplicate_of"] == ""]
+    report.removed = _per_source(plan.own[~plan.own["path"].isin(table["path"])])
     report.duplicates, report.label_conflicts = len(dups), int(dups["label_conflict"].sum())
     report.kept, report.manifest_hash = len(kept), manifest_hash(kept) if len(kept) else ""
     save_json(report, out / REPORT_FILE)
 
 
-def summarize(data_dir: str | Path) -> str:
-    """Label x source table with patients, duplicates and unreadable files, for `covidcxr data summary`."""
+def changes(report: IngestReport) -> list[str]:
+    """Lines saying what an ingest did to rows already in DATA, so that the manifest never shrinks silently."""
+    lines = [f"kept {report.carried_over} row(s) of source folders not given this time"] if report.carried_over else []
+    lines += [f"removed {n} row(s) of {source}: their files are gone or no longer readable"
+              for source, n in report.removed.items()]
+    lines += [f"--replace dropped {n} row(s) of {source}, whose folders were not given"
+              for source, n in report.dropped.items()]
+    return lines
+
+
+def summarize(data_dir: str | Path, limit: int | None = 20) -> str:
+    """Label x source table with patients, duplicates, and the last ingest's unreadable files and bad rows (the first
+    `limit` of each; None: all), for `covidcxr data summary` and the end of `covidcxr ingest`."""
     data_dir = Path(data_dir)
     cache = ImageCache(data_dir)
     df = cache.manifest()
@@ -189,11 +262,14 @@ def summarize(data_dir: str | Path) -> str:
     table["patients"] = df.groupby("source")["patient_id"].nunique().reindex(table.index)
     table.loc["all", "patients"] = df["patient_id"].nunique()
     table["patients"] = table["patients"].astype(int)
+    unreadable, bad_rows = report.get("unreadable", []), report.get("bad_rows", [])
     lines = [f"data: {data_dir}  ({cache.size} px cache, manifest {report.get('manifest_hash', '?')})",
              table.to_string(), "",
              f"images kept: {len(df)}   duplicates dropped: {report.get('duplicates', 0)} "
-             f"(label conflicts: {report.get('label_conflicts', 0)})   unreadable: {len(report.get('unreadable', []))}"]
-    lines += [f"  unreadable: {u['path']}: {u['reason']}" for u in report.get("unreadable", [])[:20]]
-    if len(report.get("unreadable", [])) > 20:
-        lines.append(f"  ... and {len(report['unreadable']) - 20} more in {data_dir / REPORT_FILE}")
+             f"(label conflicts: {report.get('label_conflicts', 0)})   unreadable: {len(unreadable)}   "
+             f"bad rows: {len(bad_rows)}"]
+    for kind, entries in (("unreadable", unreadable), ("bad row", bad_rows)):
+        lines += [f"  {kind}: {describe(e)}" for e in entries[:limit]]
+        if limit is not None and len(entries) > limit:
+            lines.append(f"  ... and {len(entries) - limit} more in {data_dir / REPORT_FILE}")
     return "\n".join(lines)

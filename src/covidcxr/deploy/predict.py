@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from covidcxr.data.reader import ImageReadError, read_image
+from covidcxr.data.sources import IMAGE_SUFFIXES, file_problem, image_files
 from covidcxr.model.cam import cam_overlay_png, write_cams
 from covidcxr.scoring import Scorer
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 
 
 @dataclass
@@ -83,22 +82,22 @@ class Predictor:
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[Prediction]]:
-    """Files as given plus image files found in folders (recursively); missing inputs and folders without image
-    files become error rows, so every input shows up in the output."""
-    paths, missing = [], []
+    """Files as given plus image files found in folders (recursively); missing inputs, broken links, folders that
+    cannot be read and folders without image files become error rows, so every input shows up in the output."""
+    paths, errors = [], []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                missing.append(Prediction(str(p), None, None, float("nan"),
-                                          f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"))
-            paths += found
-        elif p.exists():
-            paths.append(p)
-        else:
-            missing.append(Prediction(str(p), None, None, float("nan"), "file not found"))
-    return paths, missing
+        found = image_files(p) if p.is_dir() else [p]
+        if not found:
+            errors.append(Prediction(str(p), None, None, float("nan"),
+                                     f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+        for path in found:
+            problem = file_problem(path)
+            if problem:
+                errors.append(Prediction(str(path), None, None, float("nan"), problem))
+            else:
+                paths.append(path)
+    return paths, errors
 
 
 def format_predictions(results: list[Prediction], fmt: str) -> str:

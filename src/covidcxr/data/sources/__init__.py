@@ -1,8 +1,9 @@
 """Database layout adapters: each turns one public database's folder into rows of the same table.
 
 Every adapter module has NAME, detect(root) -> bool (cheap: file names and CSV headers only) and
-rows(root) -> DataFrame with columns path, label, source, patient_id, view, finding, age_group, sex.
-Rows whose image file is missing are kept: ingest reports them ("file listed but missing").
+rows(root) -> DataFrame with COLUMNS (path, label, source, patient_id, view, finding, age_group, sex, and where the
+row is listed and why it cannot be used). Nothing a row holds is fatal: a bad row is returned with its `problem`,
+and rows whose image file is missing or a broken link are kept; ingest lists both with their reasons.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from types import ModuleType
 import pandas as pd
 
 from covidcxr.data.sources import actualmed, cohen, csv, figure1, folders, kermany, montgomery_shenzhen, nih, radiography, rsna
-from covidcxr.data.sources._common import COLUMNS, LABELS
+from covidcxr.data.sources._common import COLUMNS, IMAGE_SUFFIXES, LABELS, file_problem, image_files
 
-__all__ = ["COLUMNS", "LABELS", "LAYOUTS", "detect_layout", "load_source"]
+__all__ = ["COLUMNS", "IMAGE_SUFFIXES", "LABELS", "LAYOUTS", "detect_layout", "file_problem", "image_files",
+           "load_source"]
 
 # Auto-detection tries these in order; the first match wins. csv precedes cohen/figure1/actualmed (all use
 # metadata.csv; theirs has no path or label column), the specific layouts precede the generic

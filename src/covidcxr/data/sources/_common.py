@@ -5,11 +5,15 @@ from __future__ import annotations
 import csv
 import os
 import re
+import stat
 from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ("path", "label", "source", "patient_id", "view", "finding", "age_group", "sex")
+# The row contract; the last three say where a row is listed (a CSV and its line; '' for files found in folders)
+# and why it cannot be used ('' when it can), so ingest lists every bad row instead of stopping at the first.
+COLUMNS = ("path", "label", "source", "patient_id", "view", "finding", "age_group", "sex",
+           "listed_in", "line", "problem")
 LABELS = ("covid", "normal", "pneumonia", "other")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 
@@ -21,7 +25,7 @@ _AGE_UNDER_ONE = re.compile(r"^\s*\d+\s*(?:d|w|m|days?|weeks?|months?)\s*$", re.
 
 def frame(records: list[dict[str, str]]) -> pd.DataFrame:
     """The adapters' output table: exactly COLUMNS, all strings, in that order."""
-    df = pd.DataFrame.from_records(records, columns=list(COLUMNS))
+    df = pd.DataFrame.from_records(records, columns=list(COLUMNS)).astype(object)
     return df.fillna("").astype(str)
 
 
@@ -72,10 +76,16 @@ def read_header(csv_path: Path) -> list[str]:
         return []
 
 
-def read_csv(csv_path: Path) -> pd.DataFrame:
-    """Read a database CSV as strings, keeping empty cells as '' (no NaN guessing)."""
-    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+def read_csv(csv_path: Path, numbered: bool = False) -> pd.DataFrame:
+    """Read a database CSV as strings, keeping empty cells as '' (no NaN guessing).
+
+    numbered: the index is each row's line in the file (the header is line 1; blank lines are skipped but counted),
+    so a problem can be reported where the user will find it."""
+    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig", skip_blank_lines=not numbered)
     df.columns = [str(c).strip() for c in df.columns]
+    if numbered:
+        df.index = df.index + 2
+        df = df[(df != "").any(axis=1)]
     return df
 
 
@@ -87,12 +97,41 @@ def require_columns(df: pd.DataFrame, csv_path: Path, columns: tuple[str, ...] |
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Image files below a folder, recursively, in a stable order."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
+    """Image files below a folder, recursively, in a stable order, plus what cannot be looked at: broken symbolic
+    links with an image suffix and folders that cannot be read. Those are kept so that `file_problem` names them
+    for the user (ingest and predict list each with its reason) instead of their images going missing silently."""
+    unreadable: list[Path] = []
+
+    def note(exc: OSError) -> None:  # a folder that is not there holds no images; one that cannot be read is listed
+        if not isinstance(exc, FileNotFoundError):
+            unreadable.append(Path(exc.filename))
+
+    found = [
+        Path(top, name)
+        for top, _, names in os.walk(folder, onerror=note)
+        for name in names
+        if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")
+    ]
+    return sorted(found + unreadable)
+
+
+def file_problem(path: Path | str) -> str:
+    """Why a listed path is not a regular file that can be opened ('' when it is one), in one short phrase."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"broken symbolic link (points to {os.readlink(path)}, which does not exist)"
+        return "file not found"
+    except OSError as exc:
+        return f"cannot access ({exc.strerror or exc})"
+    if stat.S_ISDIR(mode):
+        try:
+            os.scandir(path).close()
+        except OSError as exc:
+            return f"folder cannot be read ({exc.strerror or exc})"
+        return "a folder, not an image file"
+    return "" if stat.S_ISREG(mode) else "not a regular file"
 
 
 def subdirs(folder: Path) -> list[Path]:

@@ -1,5 +1,7 @@
 """Generic CSV layout (DESIGN.md, "Files"): path (relative to the CSV) and label required; patient_id,
-source, view, age_group, sex, finding used when present. ROOT is the folder holding metadata.csv, or a CSV."""
+source, view, age_group, sex, finding used when present. ROOT is the folder holding metadata.csv, or a CSV.
+A row with an empty path or a value not allowed is returned with its line and the reason, never raised: ingest
+lists every such row and ingests the rest."""
 
 from __future__ import annotations
 
@@ -23,13 +25,10 @@ def detect(root: Path) -> bool:
     return bool(set(REQUIRED) & set(read_header(csv_file(root))))
 
 
-def _check_values(df: pd.DataFrame, column: str, allowed: tuple[str, ...], csv_path: Path) -> None:
-    """One error naming the CSV line (the header is line 1) of the first value not allowed."""
-    bad = ~df[column].isin(allowed)
-    if bad.any():
-        row = int(bad.to_numpy().argmax())
-        value, choices = df[column].iloc[row], ", ".join(allowed)
-        raise ValueError(f"{csv_path}: line {row + 2}: {column} {value!r} is not one of {choices}")
+def _not_allowed(values: pd.Series, column: str, allowed: tuple[str, ...]) -> pd.Series:
+    """Per row: why its value is not allowed, or ''."""
+    reason = values.map(lambda v: f"{column} {v!r} is not one of {', '.join(allowed)}")
+    return reason.where(~values.isin(allowed), "")
 
 
 def _optional(df: pd.DataFrame, name: str) -> pd.Series:
@@ -37,25 +36,30 @@ def _optional(df: pd.DataFrame, name: str) -> pd.Series:
     return df[name].str.strip() if name in df else pd.Series("", index=df.index, dtype=str)
 
 
+def _problems(df: pd.DataFrame) -> pd.Series:
+    """Per row: why it cannot be ingested ('' when it can); the first of several reasons is enough to fix."""
+    empty = df["path"].str.strip().eq("").map({True: "empty path", False: ""})
+    checks = pd.concat([empty, _not_allowed(df["label"], "label", LABELS),
+                        _not_allowed(df["age_group"], "age_group", AGE_GROUPS)], axis=1)
+    return checks.mask(checks == "").bfill(axis=1).iloc[:, 0].fillna("")
+
+
 def rows(root: Path) -> pd.DataFrame:
+    """Every CSV row, each with its line; rows that cannot be used carry the reason in `problem` (none is fatal)."""
     path = csv_file(root)
     if not path.is_file():
         raise ValueError(f"{path}: no such CSV file")
-    df = read_csv(path)
+    df = read_csv(path, numbered=True)
     require_columns(df, path, REQUIRED)
     df["label"] = df["label"].str.strip().str.lower()
-    _check_values(df, "label", LABELS, path)
-    empty = df["path"].str.strip() == ""
-    if empty.any():
-        raise ValueError(f"{path}: line {int(empty.to_numpy().argmax()) + 2}: empty path")
-    sources = _optional(df, "source").where(lambda s: s != "", path.parent.resolve().name)
     df["age_group"] = _optional(df, "age_group").str.lower().replace("", "unknown")
-    _check_values(df, "age_group", AGE_GROUPS, path)
+    problems = _problems(df)
+    sources = _optional(df, "source").where(lambda s: s != "", path.parent.resolve().name)
     # no patient id: the path stands in, one id per image (the CSV says nothing about patients)
     patients = _optional(df, "patient_id").where(lambda s: s != "", df["path"])
     records = [
         {
-            "path": abspath(path.parent / rel),
+            "path": abspath(path.parent / rel) if rel.strip() else "",
             "label": lab,
             "source": src,
             "patient_id": patient(src, pid),
@@ -63,8 +67,11 @@ def rows(root: Path) -> pd.DataFrame:
             "finding": fnd,
             "age_group": age,
             "sex": sex(sx),
+            "listed_in": str(path),
+            "line": str(line),
+            "problem": problem,
         }
-        for rel, lab, src, pid, v, fnd, age, sx in zip(
+        for rel, lab, src, pid, v, fnd, age, sx, line, problem in zip(
             df["path"],
             df["label"],
             sources,
@@ -73,6 +80,8 @@ def rows(root: Path) -> pd.DataFrame:
             _optional(df, "finding"),
             df["age_group"],
             _optional(df, "sex"),
+            df.index,
+            problems,
         )
     ]
     return frame(records)
