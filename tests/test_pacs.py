@@ -19,7 +19,8 @@ import pydicom
 import pytest
 import requests
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (CTImageStorage, ComputedRadiographyImageStorage, ExplicitVRLittleEndian,
+                        SecondaryCaptureImageStorage, generate_uid)
 from pynetdicom import AE
 
 from conftest import xray
@@ -27,7 +28,7 @@ from covidcxr import cli
 from covidcxr.deploy.predict import Predictor
 from covidcxr.errors import InputError
 from covidcxr.hospital.pacs import TOKEN_ENV, Dicomweb, PacsUnavailable, authorize
-from covidcxr.hospital.state import State
+from covidcxr.hospital.state import MAX_ATTEMPTS, State
 from covidcxr.hospital.watch import Watcher, study_date_range
 from orthanc import Orthanc, free_port
 
@@ -75,7 +76,11 @@ class Background:
         self.lines: list[str] = []
         self.process = subprocess.Popen([sys.executable, "-m", "covidcxr.cli", *args], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True).start()
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
 
     def wait_for(self, pattern: str, timeout: float = 90) -> str:
         deadline = time.monotonic() + timeout
@@ -93,9 +98,13 @@ class Background:
         return self.process.wait(30)
 
 
+def studied(server: Orthanc, study_uid: str) -> list[Dataset]:
+    """Every instance of one study in the PACS."""
+    return [pydicom.dcmread(io.BytesIO(data)) for data in server.study_instances(study_uid)]
+
+
 def reports(server: Orthanc, study_uid: str) -> list[Dataset]:
-    found = [pydicom.dcmread(io.BytesIO(data)) for data in server.study_instances(study_uid)]
-    return [ds for ds in found if ds.Modality == SR_MODALITY]
+    return [ds for ds in studied(server, study_uid) if ds.Modality == SR_MODALITY]
 
 
 def items(sr: Dataset) -> dict[str, Dataset]:
@@ -143,7 +152,7 @@ def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, pr
     for ds in (chest, ct, blank):
         orthanc.upload(to_bytes(ds))
     state = tmp_path / "state.sqlite"
-    watch = ["pacs", "watch", str(tiny_run), "--url", orthanc.dicomweb, "--once", "--state", str(state)]
+    watch = ["pacs", "watch", str(tiny_run), "--url", orthanc.dicomweb, "--once", "--state", str(state), "--cam"]
 
     first = covidcxr(*watch)
     assert first.returncode == 1, first.stderr  # the image without pixels could not be scored
@@ -157,6 +166,10 @@ def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, pr
     image_path.write_bytes(to_bytes(chest))
     assert_report(found[0], chest, predictor, image_path)
     assert reports(orthanc, ct.StudyInstanceUID) == [] and reports(orthanc, blank.StudyInstanceUID) == []
+    captures = [ds for ds in studied(orthanc, chest.StudyInstanceUID) if ds.SOPClassUID == SecondaryCaptureImageStorage]
+    assert len(captures) == 1 and captures[0].PatientID == chest.PatientID
+    overlay = captures[0].pixel_array
+    assert overlay.ndim == 3 and overlay.shape[2] == 3 and overlay.std() > 0  # the Grad-CAM colours on the X-ray
 
     with sqlite3.connect(state) as db:
         rows = {uid: (status, reason) for uid, status, reason in
@@ -252,3 +265,12 @@ def test_credentials_come_from_a_file_or_the_environment(tmp_path, monkeypatch):
     creds.write_text("user:pw")
     with pytest.raises(InputError, match="creds.json"):
         authorize(requests.Session(), creds)
+
+
+def test_a_refused_instance_is_tried_again_then_given_up(tmp_path):
+    state = State(tmp_path / "s.sqlite")
+    assert [state.postpone("1.2.3", "1.2", "HTTP 409 Conflict") for _ in range(MAX_ATTEMPTS)] == \
+        [False] * (MAX_ATTEMPTS - 1) + [True]
+    assert state.is_final("1.2.3")
+    reopened = State(tmp_path / "s.sqlite")  # a restart sees the same
+    assert reopened.is_final("1.2.3") and not reopened.is_final("1.2.4")

@@ -22,7 +22,7 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageSt
 
 from covidcxr.deploy.predict import Predictor
 from covidcxr.errors import InputError
-from covidcxr.hospital.pacs import Dicomweb, PacsUnavailable, StoreRefused, with_retries
+from covidcxr.hospital.pacs import Dicomweb, PacsUnavailable, StoreRefused, check_retries, with_retries
 from covidcxr.hospital.score import Screener
 from covidcxr.hospital.state import State
 
@@ -42,6 +42,7 @@ class CStoreSender:
     """Sends reports to one DICOM node, a new association per instance's reports, retried while it is unreachable."""
 
     def __init__(self, node: str, calling_aet: str, retries: int = 5, backoff_s: float = 1.0):
+        check_retries(retries, backoff_s)
         self.aet, self.host, self.port = parse_node(node)
         self.where, self.retries, self.backoff_s = node, retries, backoff_s
         self.ae = AE(ae_title=calling_aet)

@@ -90,6 +90,11 @@ def outage(exc: Exception) -> str | None:
     return f"HTTP {status}" if status in OUTAGE_STATUS else None
 
 
+def check_retries(retries: int, backoff_s: float) -> None:
+    if retries < 0 or backoff_s < 0:
+        raise InputError(f"--retries {retries} --backoff {backoff_s:g}: neither may be negative")
+
+
 def with_retries(call: Callable[[], T], what: str, where: str, retries: int, backoff_s: float,
                  fix: str = "that --url is its DICOMweb root") -> T:
     """`call()`, retried `retries` times with doubling delays while the PACS is unreachable; then PacsUnavailable."""
@@ -115,6 +120,9 @@ class Dicomweb:
     """A DICOMweb PACS (QIDO-RS, WADO-RS, STOW-RS), every request retried while it is unreachable."""
 
     def __init__(self, url: str, credentials: Path | None = None, retries: int = 5, backoff_s: float = 1.0):
+        check_retries(retries, backoff_s)
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise InputError(f"--url {url}: give the PACS's DICOMweb root, e.g. http://orthanc:8042/dicom-web")
         self.url, self.where, self.client = url, redact(url), connect(url, credentials)
         self.retries, self.backoff_s = retries, backoff_s
 

@@ -46,7 +46,7 @@ class Result:
 class Screener:
     """Scores instances with one run and hands their reports to `store`, recording every outcome in `state`."""
 
-    def __init__(self, predictor: Predictor, state: State, store: Callable[[list[Dataset], str], None],
+    def __init__(self, predictor: Predictor, state: State, store: Callable[[list[Dataset], str | None], None],
                  cam: bool = False):
         self.predictor, self.state, self.store, self.cam = predictor, state, store, cam
 

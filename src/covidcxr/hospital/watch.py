@@ -71,6 +71,8 @@ class Watcher:
             ds = self.pacs.retrieve(study, series, uid)
         except requests.HTTPError as exc:
             return self.screener.retry_later(uid, study, f"PACS refused to send it ({http_status(exc)})")
+        except ValueError as exc:  # dicomweb-client could not parse the answer (multipart or DICOM)
+            return self.screener.retry_later(uid, study, f"PACS sent an unreadable answer ({exc})".splitlines()[0])
         return self.screener.handle(ds)
 
 
@@ -84,6 +86,8 @@ def run_watch(run: str, url: str, once: bool = False, interval_s: float = 60, st
               backoff_s: float = 1.0) -> int:
     """`covidcxr pacs watch`: exit 0, or 1 when --once found instances it could not score (each listed); a PACS
     still unreachable after the retries ends --once with PacsUnavailable (exit 2) and makes a running watch wait."""
+    if interval_s <= 0:
+        raise InputError(f"--interval {interval_s:g}: give the seconds between polls, more than 0")
     pacs = Dicomweb(url, Path(credentials) if credentials else None, retries, backoff_s)
     predictor = Predictor.from_run(run)
     state = State(state_path)
