@@ -140,6 +140,31 @@ def _lungs_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _pacs_watch(a: argparse.Namespace) -> int:
+    from covidcxr.hospital.watch import run_watch
+    return run_watch(a.run, a.url, once=a.once, interval_s=a.interval, state_path=a.state, since=a.since, cam=a.cam,
+                     credentials=a.credentials, retries=a.retries, backoff_s=a.backoff)
+
+
+def _pacs_listen(a: argparse.Namespace) -> int:
+    from covidcxr.hospital.listen import run_listen
+    return run_listen(a.run, a.port, a.ae_title, host=a.host, store_to=a.store_to, url=a.url, state_path=a.state,
+                      cam=a.cam, credentials=a.credentials, retries=a.retries, backoff_s=a.backoff)
+
+
+def _add_pacs_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder whose model scores the images")
+    p.add_argument("--state", default="pacs-state.sqlite", help="SQLite file of what was scored or skipped and why "
+                   "(default pacs-state.sqlite)")
+    p.add_argument("--cam", action="store_true", help="also store a Grad-CAM Secondary Capture (default: the SR only)")
+    p.add_argument("--credentials", help="JSON file {\"token\": ...} or {\"username\": ..., \"password\": ...} for "
+                   "the DICOMweb PACS (default: $COVIDCXR_PACS_TOKEN, or $COVIDCXR_PACS_USER and "
+                   "$COVIDCXR_PACS_PASSWORD, else none)")
+    p.add_argument("--retries", type=int, default=5, help="retries while the PACS is unreachable (default 5)")
+    p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubled each retry "
+                   "(default 1)")
+
+
 def _add_lung_model_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lung-model", dest="lung_model", help="lung checkpoint (covidcxr lungs train) for the diagnostics' "
                    "lung fields; default: the run's own, else a heuristic")
@@ -289,6 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30, help="default 30")
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.set_defaults(func=_lungs_train)
+
+    pacs = sub.add_parser("pacs", help="read chest radiographs from a PACS, write DICOM Structured Reports back")
+    pacs = pacs.add_subparsers(dest="pacs_command", required=True, metavar="COMMAND")
+    p = pacs.add_parser("watch", help="poll a DICOMweb PACS (QIDO-RS/WADO-RS), store an SR per image (STOW-RS)")
+    _add_pacs_flags(p)
+    p.add_argument("--url", required=True, help="DICOMweb root, e.g. http://orthanc:8042/dicom-web (required)")
+    p.add_argument("--once", action="store_true", help="one poll, then exit (for cron and CI; default: keep polling)")
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between polls (default 60)")
+    p.add_argument("--since", help="only studies on or after this date, YYYY-MM-DD (default: all)")
+    p.set_defaults(func=_pacs_watch)
+    p = pacs.add_parser("listen", help="DICOM C-STORE receiver for modalities that push; sends an SR per image")
+    _add_pacs_flags(p)
+    p.add_argument("--port", type=int, required=True, help="TCP port to listen on (required)")
+    p.add_argument("--ae-title", dest="ae_title", default="COVIDCXR", help="this receiver's AE title, also the "
+                   "calling AE title when sending reports (default COVIDCXR)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for the network "
+                   "(default 127.0.0.1)")
+    p.add_argument("--store-to", dest="store_to", metavar="AET@HOST:PORT",
+                   help="send reports by C-STORE to this DICOM node (default: none; this or --url is required)")
+    p.add_argument("--url", help="send reports by STOW-RS to this DICOMweb root (default: none; this or --store-to "
+                   "is required)")
+    p.set_defaults(func=_pacs_listen)
     return parser
 
 

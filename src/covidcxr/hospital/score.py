@@ -1,0 +1,126 @@
+"""One DICOM instance from a PACS or a modality -> skipped, failed, or scored with its report stored; all recorded.
+
+`watch` and `listen` differ only in how instances arrive and how reports leave (the `store` callable), so both get
+exactly this: the chest check, `covidcxr predict`'s scoring of the file, the SR (and Grad-CAM capture), the state.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from covidcxr.data.reader import read_image
+from covidcxr.deploy.predict import Prediction, Predictor
+from covidcxr.hospital.pacs import StoreRefused
+from covidcxr.hospital.sr import cam_capture, finding, structured_report
+from covidcxr.hospital.state import MAX_ATTEMPTS, State
+
+CHEST_MODALITIES = ("CR", "DX", "DR")
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG")
+
+
+def not_chest(modality: str | None, body_part: str | None = None) -> str | None:
+    """Why an instance is not a chest radiograph, or None when it may be one (a missing body part is allowed:
+    many radiography units leave it out)."""
+    if (modality or "").upper() not in CHEST_MODALITIES:
+        return f"modality {modality or '(none)'} is not a radiograph ({'/'.join(CHEST_MODALITIES)})"
+    if body_part and body_part.upper() not in CHEST_BODY_PARTS:
+        return f"body part {body_part} is not the chest"
+    return None
+
+
+@dataclass
+class Result:
+    status: str  # scored | skipped | failed | pending
+    reason: str | None = None
+    prediction: Prediction | None = None
+    outputs: list[Dataset] = field(default_factory=list)
+
+
+class Screener:
+    """Scores instances with one run and hands their reports to `store`, recording every outcome in `state`."""
+
+    def __init__(self, predictor: Predictor, state: State, store: Callable[[list[Dataset], str | None], None],
+                 cam: bool = False):
+        self.predictor, self.state, self.store, self.cam = predictor, state, store, cam
+
+    def handle(self, ds: Dataset) -> Result:
+        """Assess one instance, store its report, record it; PacsUnavailable propagates and leaves it unrecorded."""
+        uid, study = str(ds.SOPInstanceUID), str(ds.get("StudyInstanceUID", "")) or None
+        result = self.assess(ds)
+        if result.status == "scored":
+            try:
+                self.store(result.outputs, study)
+            except StoreRefused as exc:
+                return self.retry_later(uid, study, str(exc))
+            for output in result.outputs:
+                self.state.record(str(output.SOPInstanceUID), study, "output", reason=f"written for {uid}")
+        p = result.prediction
+        self.state.record(uid, study, result.status, reason=result.reason, model_id=self.predictor.model_id,
+                          **({} if p is None or p.error else _columns(p, result.outputs)))
+        return self.report(uid, result)
+
+    def skip(self, uid: str, study: str | None, reason: str) -> Result:
+        """Record an instance that is not scored, known before it is retrieved (e.g. a CT from its search answer)."""
+        self.state.record(uid, study, "skipped", reason=reason)
+        return self.report(uid, Result("skipped", reason))
+
+    def retry_later(self, uid: str, study: str | None, reason: str) -> Result:
+        """A transient refusal: tried again on the next poll, final after MAX_ATTEMPTS."""
+        if self.state.postpone(uid, study, reason):
+            return self.report(uid, Result("failed", f"gave up after {MAX_ATTEMPTS} attempts: {reason}"))
+        return self.report(uid, Result("pending", reason))
+
+    def assess(self, ds: Dataset) -> Result:
+        """Skip what is not a chest radiograph, score the rest as `covidcxr predict` scores the same file."""
+        reason = not_chest(ds.get("Modality"), ds.get("BodyPartExamined"))
+        if reason:
+            return Result("skipped", reason)
+        with tempfile.TemporaryDirectory(prefix="covidcxr-pacs-") as tmp:
+            path = Path(tmp) / "instance.dcm"
+            try:
+                ds.save_as(path, enforce_file_format=True)
+            except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                return Result("failed", f"cannot write the DICOM dataset ({exc})".splitlines()[0])
+            prediction = self.predictor.predict_paths([path])[0]
+            if prediction.error:
+                return Result("failed", prediction.error, prediction)
+            try:
+                outputs = [structured_report(ds, prediction, self.predictor.model_id)]
+                if self.cam:
+                    outputs.append(cam_capture(ds, self._overlay(path), self.predictor.model_id))
+            except (ValueError, TypeError, AttributeError) as exc:  # highdicom refuses unusable patient/study data
+                return Result("failed", f"cannot build the report ({exc})".splitlines()[0], prediction)
+        return Result("scored", None, prediction, outputs)
+
+    def _overlay(self, path: Path) -> np.ndarray:
+        from covidcxr.model.cam import cam_overlay
+        return np.asarray(cam_overlay(self.predictor, self.predictor.preprocess(read_image(path))).convert("RGB"))
+
+    def report(self, uid: str, result: Result) -> Result:
+        """One line per instance: scored and skipped on stdout, failures and postponements on stderr."""
+        if result.status == "scored":
+            p = result.prediction
+            print(f"scored {uid}: P(covid) {p.probability:.3f}, {finding(p).meaning} (threshold {p.threshold:.3f}); "
+                  f"report {result.outputs[0].SOPInstanceUID}", flush=True)
+        elif result.status == "skipped":
+            print(f"skipped {uid}: {result.reason}", flush=True)
+        elif result.status == "pending":
+            print(f"covidcxr: {uid}: {result.reason}; will try again (at most {MAX_ATTEMPTS} attempts)",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"covidcxr: cannot score {uid}: {result.reason}", file=sys.stderr, flush=True)
+        return result
+
+
+def _columns(p: Prediction, outputs: list[Dataset]) -> dict:
+    in_distribution = getattr(p, "in_distribution", None)
+    return {"probability": p.probability, "label": p.label, "threshold": p.threshold,
+            "in_distribution": None if in_distribution is None else int(in_distribution),
+            "report_uid": str(outputs[0].SOPInstanceUID) if outputs else None}
