@@ -13,7 +13,8 @@ from covidcxr import experiment as ex
 from covidcxr.data.cache import ImageCache
 from covidcxr.config import TrainConfig
 from covidcxr.evaluation.metrics import evaluate_predictions
-from covidcxr.reproduce import MIN_CLASS, PAPER, external_folds, write_summary
+from covidcxr.data.splits import MIN_CLASS, external_folds
+from covidcxr.reproduce import PAPER, write_summary
 
 SETTINGS = {"plain": {}, "no-equalize": {"augment": {"equalize": False}}}
 BASE = {"weights": "none", "image_size": 64, "epochs": 1, "batch_size": 16, "max_train_images": 32, "device": "cpu",

@@ -21,11 +21,11 @@ import yaml  # noqa: E402
 from scipy import stats  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from covidcxr.data import tasks# noqa: E402
+from covidcxr.data import tasks  # noqa: E402
 from covidcxr.data.cache import ImageCache  # noqa: E402
 from covidcxr.config import TrainConfig, config_hash, from_dict, to_dict  # noqa: E402
 from covidcxr.evaluation.evaluate import predictions  # noqa: E402
-from covidcxr.reproduce import external_folds  # noqa: E402
+from covidcxr.data.splits import external_folds  # noqa: E402
 from covidcxr.training.trainer import train  # noqa: E402
 
 FIXED_SENSITIVITY = 0.9

@@ -17,6 +17,7 @@ import pandas as pd
 
 from covidcxr.data import tasks
 from covidcxr.data.cache import CACHE_META, ImageCache
+from covidcxr.data.splits import MIN_CLASS, external_folds
 from covidcxr.config import IngestConfig, TrainConfig, save_json, to_dict
 from covidcxr.evaluation.evaluate import evaluate
 from covidcxr.data.ingest import ingest
@@ -25,7 +26,6 @@ from covidcxr.training.trainer import train
 
 PAPER = {"accuracy": 0.965, "sensitivity": 0.980, "specificity": 0.917}
 METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc")
-MIN_CLASS = 10  # a source needs this many images of a class to count as holding it
 
 
 def prepare_data(data: str | Path, out: Path) -> Path:
@@ -55,26 +55,6 @@ def resolve_weights(weights: str, arch: str) -> tuple[str, str | None]:
                    "unlike the paper's transfer learning. Numbers are therefore not the paper's method.")
         warnings.warn(message, stacklevel=1)
         return "none", message
-
-
-def external_folds(df: pd.DataFrame, task: str) -> list[list[str]]:
-    """Groups of sources to hold out: sources holding both classes alone; one-class sources paired (a positive-only
-    with a negative-only one, largest first) so each held-out test has both classes where the data allows; the
-    one-class sources left over are held out together (that test gives sensitivity or specificity only)."""
-    df = df[tasks.encode(df["label"], task) >= 0]
-    pos = df["label"] == "covid"
-    counts = pd.DataFrame({"pos": pos.groupby(df["source"]).sum(), "neg": (~pos).groupby(df["source"]).sum()})
-    counts = counts.rename_axis("source").reset_index()
-    both = counts.loc[(counts["pos"] >= MIN_CLASS) & (counts["neg"] >= MIN_CLASS), "source"].tolist()
-    def largest_first(mask: pd.Series, col: str) -> pd.Index:  # ties broken by name, so folds never depend on order
-        return pd.Index(counts[mask].sort_values([col, "source"], ascending=[False, True])["source"])
-    only_pos = largest_first((counts["pos"] >= MIN_CLASS) & (counts["neg"] < MIN_CLASS), "pos")
-    only_neg = largest_first((counts["neg"] >= MIN_CLASS) & (counts["pos"] < MIN_CLASS), "neg")
-    folds = [[s] for s in both]
-    folds += [[p, n] for p, n in zip(only_pos, only_neg)]
-    paired = len(folds) - len(both)
-    leftover = list(only_pos[paired:]) + list(only_neg[paired:])
-    return folds + ([leftover] if leftover else [])  # the unpaired rest held out together: one more run, not many
 
 
 EXTERNAL_EPOCHS = 8  # external-validation runs are shorter so that the whole job fits 30 minutes on 2 CPU cores

@@ -12,6 +12,8 @@ import hashlib
 import numpy as np
 import pandas as pd
 
+from covidcxr.data import tasks
+
 PARTS = ("train", "val", "test")
 
 
@@ -66,3 +68,26 @@ def assert_patient_disjoint(patient_ids: pd.Series, parts: pd.Series) -> None:
     leaked = per_patient[per_patient > 1]
     if len(leaked):
         raise LeakageError(f"{len(leaked)} patient(s) in more than one split part, e.g. {list(leaked.index[:5])}")
+
+
+MIN_CLASS = 10  # a source needs this many images of a class to count as holding it
+
+
+def external_folds(df: pd.DataFrame, task: str) -> list[list[str]]:
+    """Groups of sources to hold out: sources holding both classes alone; one-class sources paired (a positive-only
+    with a negative-only one, largest first) so each held-out test has both classes where the data allows; the
+    one-class sources left over are held out together (that test gives sensitivity or specificity only)."""
+    df = df[tasks.encode(df["label"], task) >= 0]
+    pos = df["label"] == "covid"
+    counts = pd.DataFrame({"pos": pos.groupby(df["source"]).sum(), "neg": (~pos).groupby(df["source"]).sum()})
+    counts = counts.rename_axis("source").reset_index()
+    both = counts.loc[(counts["pos"] >= MIN_CLASS) & (counts["neg"] >= MIN_CLASS), "source"].tolist()
+    def largest_first(mask: pd.Series, col: str) -> pd.Index:  # ties broken by name, so folds never depend on order
+        return pd.Index(counts[mask].sort_values([col, "source"], ascending=[False, True])["source"])
+    only_pos = largest_first((counts["pos"] >= MIN_CLASS) & (counts["neg"] < MIN_CLASS), "pos")
+    only_neg = largest_first((counts["neg"] >= MIN_CLASS) & (counts["pos"] < MIN_CLASS), "neg")
+    folds = [[s] for s in both]
+    folds += [[p, n] for p, n in zip(only_pos, only_neg)]
+    paired = len(folds) - len(both)
+    leftover = list(only_pos[paired:]) + list(only_neg[paired:])
+    return folds + ([leftover] if leftover else [])  # the unpaired rest held out together: one more run, not many
