@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,11 +67,11 @@ def _blob_image() -> tuple[torch.Tensor, np.ndarray]:
 
 
 def test_map_has_the_inputs_shape_values_in_0_1_and_depends_on_the_class(predictor, images):
-    square = predictor.preprocess(images.smooth(0))
-    x = predictor.model_input(square)
-    maps = {c: grad_cam(predictor.model, x, c) for c in (0, 1)}
+    square = predictor.square(images.smooth(0))
+    x = next(predictor.scorer.inputs(square[None]))
+    maps = {c: grad_cam(predictor.scorer.model, x, c) for c in (0, 1)}
     for m in maps.values():
-        assert m.shape == (1, *x.shape[2:]) and x.shape[2] == predictor.meta["image_size"]
+        assert m.shape == (1, *x.shape[2:]) and x.shape[2] == predictor.spec.preprocess.image_size
         assert m.min() >= 0 and m.max() <= 1 and m.max() > 0.5  # normalised, not blank
     assert not np.allclose(maps[0], maps[1], atol=1e-3)
 
@@ -98,10 +99,10 @@ def test_batch_maps_equal_single_maps():
 
 
 def test_overlay_png_is_the_model_input_in_colour(predictor, images):
-    png = cam_overlay_png(predictor, predictor.preprocess(images.smooth(1)))
+    png = cam_overlay_png(predictor.scorer, predictor.square(images.smooth(1)))
     with Image.open(io.BytesIO(png)) as img:
         assert img.format == "PNG" and img.mode == "RGB" and img.size[0] == img.size[1] >= OVERLAY_MIN_SIDE
-        assert img.size[0] % predictor.meta["image_size"] == 0  # a whole-number enlargement of the model input
+        assert img.size[0] % predictor.spec.preprocess.image_size == 0  # a whole-number enlargement of the model input
         rgb = np.asarray(img, dtype=np.int16)
     assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 30  # a heatmap was blended in, not just gray
 
@@ -109,7 +110,7 @@ def test_overlay_png_is_the_model_input_in_colour(predictor, images):
 def test_write_cams_keeps_one_overlay_per_image_when_names_repeat(predictor, images, tmp_path):
     paths = [images.save(tmp_path / "a.png", images.smooth(0)), images.save(tmp_path / "a.jpg", images.smooth(1)),
              images.save(tmp_path / "sub" / "a.png", images.smooth(2))]
-    (tmp_path / "bad.png").write_bytes(b"")
-    written = write_cams(predictor, [*paths, tmp_path / "bad.png"], tmp_path / "cams")
+    squares, _ = predictor.read_squares(paths)
+    written = write_cams(predictor.scorer, [(Path(p), s) for p, s in squares.items()], tmp_path / "cams")
     assert len(written) == len(set(written)) == 3
     assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == sorted(p.name for p in written)

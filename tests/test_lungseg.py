@@ -249,8 +249,8 @@ def test_a_lung_cropped_run_keeps_its_lung_model_and_is_scored_and_diagnosed_wit
     metrics = evaluate(run, tiny_data, "test", tmp_path / "report", n_boot=20, diagnostics=False)
     assert 0.0 <= metrics["auc"]["value"] <= 1.0
     predictor = Predictor.from_run(run)
-    square = predictor.preprocess(toy_film(np.random.default_rng(5), 80, 64)[0])
-    assert 0.0 <= float(predictor.probabilities([square])[0]) <= 1.0
+    square = predictor.square(toy_film(np.random.default_rng(5), 80, 64)[0])
+    assert 0.0 <= float(predictor.scorer.scores(square[None])[0]) <= 1.0
     result = diagnose(run, tiny_data, tmp_path / "diag", max_cam_images=20)
     assert result["lung_masks"]["method"].startswith("learned")
     assert 0.1 < result["lung_masks"]["mean_area_fraction"] < 0.6
