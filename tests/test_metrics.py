@@ -56,10 +56,50 @@ def test_undefined_metrics_are_nan_not_made_up():
     only_neg = M.binary_metrics([0, 0, 0], [0.1, 0.7, 0.2], 0.5)
     assert math.isnan(only_neg["sensitivity"]) and math.isnan(only_neg["auc"]) and math.isnan(only_neg["pr_auc"])
     assert math.isnan(only_neg["balanced_accuracy"])
-    assert only_neg["specificity"] == pytest.approx(2 / 3)
+    assert math.isnan(only_neg["ppv"]) and math.isnan(only_neg["npv"]) and math.isnan(only_neg["f1"])  # was 0, 1, 0
+    assert only_neg["specificity"] == pytest.approx(2 / 3) and only_neg["accuracy"] == pytest.approx(2 / 3)
     nobody_called = M.binary_metrics([1, 0, 0], [0.2, 0.1, 0.3], 0.9)
     assert math.isnan(nobody_called["ppv"])
     assert nobody_called["sensitivity"] == 0.0 and nobody_called["npv"] == pytest.approx(2 / 3)
+
+
+def test_positives_only_get_no_perfect_ppv_or_pr_auc():
+    """With positives only, PPV and average precision would be 1 for any model: undefined, in the bootstrap too."""
+    y, score = [1, 1, 1, 1], [0.9, 0.6, 0.3, 0.8]
+    only_pos = M.binary_metrics(y, score, 0.5)
+    assert only_pos["sensitivity"] == pytest.approx(3 / 4) and only_pos["accuracy"] == pytest.approx(3 / 4)
+    for name in ("specificity", "ppv", "npv", "f1", "balanced_accuracy", "auc", "pr_auc"):
+        assert math.isnan(only_pos[name]), name
+    ci = M.bootstrap_ci(_frame(y, score), 0.5, n_boot=100)
+    assert all(math.isnan(v) for v in ci["ppv"] + ci["pr_auc"]) and not math.isnan(ci["sensitivity"][0])
+
+
+def test_bootstrap_leaves_one_class_resamples_out_of_ppv():
+    """Two patients, one of each class: resamples drawing one patient twice hold one class and give no PPV, so the
+    interval is that of the resamples holding both (PPV 1/2 here), not pulled to 1 by positives-only draws."""
+    df = _frame([1, 0], [0.9, 0.8])
+    assert M.bootstrap_ci(df, 0.5, n_boot=200)["ppv"] == (0.5, 0.5)
+
+
+def test_paired_bootstrap_aucs_match_bootstrap_ci_and_pair_the_replicates():
+    rng = np.random.default_rng(2)
+    y = np.arange(80) % 2
+    score = 1 / (1 + np.exp(-(y * 1.5 + rng.normal(0, 1, 80))))
+    close = score + rng.normal(0, 0.02, 80)  # nearly the same ranking
+    df = _frame(y, score)
+    reps = M.bootstrap_aucs(y, [score, close], M.patient_codes(df), n_boot=300, seed=4)
+    assert reps.shape == (300, 2)
+    assert M.percentile_interval(reps[:, 0]) == pytest.approx(M.bootstrap_ci(df, 0.5, n_boot=300, seed=4)["auc"])
+    lo, hi = M.percentile_interval(reps[:, 0])
+    d_lo, d_hi = M.percentile_interval(reps[:, 0] - reps[:, 1])
+    assert d_hi - d_lo < (hi - lo) / 4  # paired: the difference varies far less than either AUC
+    one_class = M.bootstrap_aucs(np.ones(80, int), [score], np.arange(80), n_boot=20)
+    assert np.isnan(one_class).all()
+
+
+def test_fmt_shows_undefined_as_na():
+    assert M.fmt(None) == M.fmt(float("nan")) == "n/a" and M.fmt(0.12345) == "0.123" and M.fmt(1, 1) == "1.0"
+    assert M.fmt_ci([None, 0.5], 2) == "[n/a, 0.50]"
 
 
 @pytest.mark.parametrize(
@@ -202,6 +242,9 @@ def test_evaluate_predictions_builds_the_design_structure(tmp_path):
     assert negs["n"] == 4 and negs["n_patients"] == 3 and "negatives only" in negs["note"]
     assert negs["sensitivity"]["value"] is None and negs["sensitivity"]["ci95"] == [None, None]
     assert negs["specificity"]["value"] == pytest.approx(3 / 4)
+    for name in ("ppv", "npv", "f1", "pr_auc"):  # one class: undefined, not the made-up 0 or 1
+        assert negs[name] == {"value": None, "ci95": [None, None]}, name
+    assert out["ppv"]["value"] == pytest.approx(3 / 6)  # overall both classes are present
 
     path = M.write_metrics(out, tmp_path / "metrics.json")
     text = path.read_text()

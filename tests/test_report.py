@@ -6,12 +6,16 @@ import base64
 import io
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from covidcxr.config import IngestConfig
+from covidcxr.data.ingest import ingest
 from covidcxr.evaluation import plots
 from covidcxr.evaluation.metrics import METRIC_NAMES, evaluate_predictions
 from covidcxr.evaluation.report import FIGURES, write_report
@@ -101,6 +105,31 @@ def test_single_class_data_still_gives_a_report(tmp_path):
     _assert_png(tmp_path / "roc.png")
 
 
+def _cells(text: str, first_cell: str) -> list[str]:
+    """The cells of the table row whose first cell is `first_cell`, tags stripped."""
+    row = re.search(rf'<tr><td class="k">{re.escape(first_cell)}</td>(.*?)</tr>', text).group(1)
+    return [re.sub(r"<[^>]+>", " ", c).split() for c in re.findall(r"<td>(.*?)</td>", row)]
+
+
+def test_one_class_source_shows_na_not_perfect_ppv(tmp_path):
+    """A positives-only source: PPV and PR-AUC would be 1.000 [1, 1] for any model; they are null in metrics.json
+    and n/a in report.html's per-source table, beside the sensitivity, which is defined."""
+    df = _predictions(seed=4)
+    df.loc[df["source"] == "alpha", ["label", "y"]] = ["covid", 1]
+    metrics = evaluate_predictions(df, 0.5, "youden", n_boot=50)
+    alpha = metrics["per_source"]["alpha"]
+    for name in ("specificity", "ppv", "npv", "f1", "balanced_accuracy", "auc", "pr_auc"):
+        assert alpha[name] == {"value": None, "ci95": [None, None]}, name
+    assert 0 < alpha["sensitivity"]["value"] < 1 and "positives only" in alpha["note"]
+    text = write_report(tmp_path, df, metrics, "one source one class", {}).read_text()
+    cells = dict(zip(["images", "patients", *METRIC_NAMES], _cells(text, "alpha")))
+    for name in ("ppv", "pr_auc", "auc", "specificity"):
+        assert cells[name] == ["n/a", "[n/a,", "n/a]"], name
+    assert cells["sensitivity"][0] == f"{alpha['sensitivity']['value']:.3f}"
+    assert _cells(text, "PPV (precision)")[0] == [f"{metrics['ppv']['value']:.3f}"]  # both classes overall
+    assert json.loads((tmp_path / "metrics.json").read_text())["per_source"]["alpha"]["ppv"]["value"] is None
+
+
 def test_metrics_for_other_predictions_are_refused(tmp_path):
     df = _predictions(seed=2, n_patients=12)
     metrics = evaluate_predictions(df, 0.5, "youden", n_boot=20)
@@ -113,3 +142,23 @@ def test_roc_overlay_and_plots_handle_one_class(tmp_path):
     curves = {"in-distribution": (df["y"], df["score"]), "negatives": (np.zeros(5), np.linspace(0, 1, 5))}
     _assert_png(plots.plot_roc_overlay(curves, tmp_path / "overlay.png"))
     _assert_png(plots.plot_score_histograms(np.zeros(5), np.linspace(0, 1, 5), 0.5, tmp_path / "s.png"))
+
+
+def test_evaluate_on_one_class_data_prints_na(tiny_run, xray_source, tmp_path):
+    """`covidcxr evaluate` on normals only: the report is written and the summary line says AUC n/a (it crashed
+    formatting a null AUC as a number), diagnostics included."""
+    (tmp_path / "src").mkdir()
+    root = xray_source(tmp_path / "src", 16, seed=9)
+    meta = pd.read_csv(root / "metadata.csv")
+    meta[meta["label"] == "normal"].to_csv(root / "metadata.csv", index=False)
+    data, out = tmp_path / "normals", tmp_path / "report"
+    assert ingest([root], data, IngestConfig(size=64, workers=1)).kept == 8
+    cmd = [sys.executable, "-m", "covidcxr.cli", "evaluate", str(tiny_run), "--data", str(data), "--split", "all",
+           "--out", str(out), "--n-boot", "20"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("AUC n/a (one class)") and "Traceback" not in result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["auc"]["value"] is None and metrics["ppv"]["value"] is None and metrics["n"] == 8
+    text = (out / "report.html").read_text()
+    assert "negatives only" in text and "No sign of shortcut learning" not in text

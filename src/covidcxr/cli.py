@@ -68,9 +68,11 @@ def _train(a: argparse.Namespace) -> int:
 
 def _evaluate(a: argparse.Namespace) -> int:
     from covidcxr.evaluation.evaluate import evaluate
+    from covidcxr.evaluation.metrics import fmt, fmt_ci
     metrics = evaluate(a.run, a.data, a.split, a.out, n_boot=a.n_boot, diagnostics=a.diagnose, lung_model=a.lung_model)
     auc = metrics["auc"]
-    print(f"AUC {auc['value']:.3f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]  report: {Path(a.out) / 'report.html'}")
+    shown = "n/a (one class)" if auc["value"] is None else f"{fmt(auc['value'])} {fmt_ci(auc['ci95'])}"
+    print(f"AUC {shown}  report: {Path(a.out) / 'report.html'}")
     return 0
 
 

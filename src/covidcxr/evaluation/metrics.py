@@ -2,15 +2,16 @@
 
 Everything here works on predictions only: `y` (1 = positive, 0 = negative) and `score` (the model's
 positive-class probability); an image is called positive when `score >= threshold`.
-Undefined values (sensitivity without positives, AUC with one class, ...) are NaN, never a made-up number;
-`evaluate_predictions` and `write_metrics` turn them into JSON `null`.
+Undefined values are NaN, never a made-up number; `evaluate_predictions` and `write_metrics` turn them into JSON
+`null` and `fmt` shows them as "n/a". Sensitivity needs positives, specificity negatives; PPV, NPV, F1, balanced
+accuracy, AUC and PR-AUC need both classes (with positives only, PPV and PR-AUC would be 1 whatever the model does).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,17 +59,32 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.full(np.broadcast(num, den).shape, np.nan), where=den > 0)
 
 
+def fmt(x: Any, digits: int = 3) -> str:
+    """A metric for people: fixed digits, "n/a" where it is undefined (None or NaN)."""
+    return f"{x:.{digits}f}" if x is not None and math.isfinite(x) else "n/a"
+
+
+def fmt_ci(ci: Sequence[Any], digits: int = 3) -> str:
+    """An interval for people: "[lo, hi]", each end "n/a" where undefined."""
+    return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
+
+
 def _rates(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
     """Threshold metrics from (possibly weighted, possibly vectorised) confusion counts."""
     sensitivity = _safe_div(tp, tp + fn)
     specificity = _safe_div(tn, tn + fp)
+    both = (np.asarray(tp + fn) > 0) & (np.asarray(tn + fp) > 0)
+
+    def two_class(rate: np.ndarray) -> np.ndarray:
+        return np.where(both, rate, np.nan)
+
     return {
         "accuracy": _safe_div(tp + tn, tp + fp + tn + fn),
         "sensitivity": sensitivity,
         "specificity": specificity,
-        "ppv": _safe_div(tp, tp + fp),
-        "npv": _safe_div(tn, tn + fn),
-        "f1": _safe_div(2 * tp, 2 * tp + fp + fn),
+        "ppv": two_class(_safe_div(tp, tp + fp)),
+        "npv": two_class(_safe_div(tn, tn + fn)),
+        "f1": two_class(_safe_div(2 * tp, 2 * tp + fp + fn)),
         "balanced_accuracy": (sensitivity + specificity) / 2,  # NaN when either class is absent
     }
 
@@ -87,21 +103,24 @@ def binary_metrics(y: Any, score: Any, threshold: float) -> dict[str, float]:
     out = {k: float(v) for k, v in _rates(c["tp"], c["fp"], c["tn"], c["fn"]).items()}
     has_pos, has_neg = bool(y_arr.any()), bool((1 - y_arr).any())
     out["auc"] = float(roc_auc_score(y_arr, s_arr)) if has_pos and has_neg else math.nan
-    out["pr_auc"] = float(average_precision_score(y_arr, s_arr)) if has_pos else math.nan
+    out["pr_auc"] = float(average_precision_score(y_arr, s_arr)) if has_pos and has_neg else math.nan
     return out
 
 
 def _weighted_metrics(y: np.ndarray, score: np.ndarray, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:
-    """All metrics for each row of image weights `w` (B, n) at once: the bootstrap's inner loop.
-
-    AUC and average precision come from per-score-level weighted counts (ties count one half in AUC),
-    the same definitions as scikit-learn's with sample_weight.
-    """
+    """All metrics for each row of image weights `w` (B, n) at once: the bootstrap's inner loop."""
     pos, called = y.astype(bool), score >= threshold
     tp, fp = w @ (pos & called), w @ (~pos & called)
     fn, tn = w @ (pos & ~called), w @ (~pos & ~called)
-    out = _rates(tp, fp, tn, fn)
+    return {**_rates(tp, fp, tn, fn), **_rank_metrics(pos, score, w)}
 
+
+def _rank_metrics(pos: np.ndarray, score: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """AUC and average precision for each row of image weights `w` (B, n); NaN where a class has no weight.
+
+    Both come from per-score-level weighted counts (ties count one half in AUC), the same definitions as
+    scikit-learn's with sample_weight.
+    """
     order = np.argsort(-score, kind="stable")
     s_sorted = score[order]
     starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # one group per distinct score
@@ -112,10 +131,10 @@ def _weighted_metrics(y: np.ndarray, score: np.ndarray, threshold: float, w: np.
     cum_p, cum_n = np.cumsum(p_level, axis=1), np.cumsum(n_level, axis=1)
     tot_p, tot_n = cum_p[:, -1], cum_n[:, -1]
     below = tot_n[:, None] - cum_n  # negative weight strictly below each level
-    out["auc"] = _safe_div((p_level * (below + 0.5 * n_level)).sum(axis=1), tot_p * tot_n)
     precision = _safe_div(cum_p, cum_p + cum_n)
-    out["pr_auc"] = _safe_div(np.where(p_level > 0, p_level * precision, 0.0).sum(axis=1), tot_p)
-    return out
+    average_precision = _safe_div(np.where(p_level > 0, p_level * precision, 0.0).sum(axis=1), tot_p)
+    return {"auc": _safe_div((p_level * (below + 0.5 * n_level)).sum(axis=1), tot_p * tot_n),
+            "pr_auc": np.where(tot_n > 0, average_precision, np.nan)}
 
 
 def patient_codes(pred_df: pd.DataFrame) -> np.ndarray:
@@ -137,23 +156,42 @@ def bootstrap_ci(
     Replicates where a metric is undefined (e.g. no positive patient drawn) are left out of its interval.
     """
     y, score = _as_arrays(pred_df["y"].to_numpy(), pred_df["score"].to_numpy())
+    reps: dict[str, list[np.ndarray]] = {name: [] for name in METRIC_NAMES}
+    for w in patient_bootstrap_weights(patient_codes(pred_df), n_boot, seed):
+        for name, values in _weighted_metrics(y, score, threshold, w).items():
+            reps[name].append(values)
+    return {name: percentile_interval(np.concatenate(chunks)) for name, chunks in reps.items()}
+
+
+def patient_bootstrap_weights(codes: np.ndarray, n_boot: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Bootstrap replicates as image weights, in chunks of shape (b, n_images): how often each image's patient
+    (`codes`: one value per image, e.g. from patient_codes) was drawn when resampling patients with replacement."""
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
-    codes = patient_codes(pred_df)
+    codes, _ = pd.factorize(np.asarray(codes))  # contiguous 0..k-1; patient_codes output passes unchanged
     n_pat = int(codes.max()) + 1
     rng = np.random.default_rng(seed)
-    reps: dict[str, list[np.ndarray]] = {name: [] for name in METRIC_NAMES}
     for start in range(0, n_boot, _BOOT_CHUNK):
         b = min(_BOOT_CHUNK, n_boot - start)
         draws = rng.integers(0, n_pat, size=(b, n_pat))
         flat = (np.arange(b)[:, None] * n_pat + draws).ravel()
-        per_patient = np.bincount(flat, minlength=b * n_pat).reshape(b, n_pat).astype(float)
-        for name, values in _weighted_metrics(y, score, threshold, per_patient[:, codes]).items():
-            reps[name].append(values)
-    return {name: _percentile_interval(np.concatenate(chunks)) for name, chunks in reps.items()}
+        yield np.bincount(flat, minlength=b * n_pat).reshape(b, n_pat).astype(float)[:, codes]
 
 
-def _percentile_interval(values: np.ndarray) -> tuple[float, float]:
+def bootstrap_aucs(y: Any, scores: Sequence[Any], codes: np.ndarray, n_boot: int = 1000,
+                   seed: int = 0) -> np.ndarray:
+    """(n_boot, len(scores)) AUCs of several scores of the same images on the same patient resamples (NaN where a
+    resample holds one class). The replicates are paired, so a difference between two scores gets an interval
+    that accounts for their correlation (two separate intervals overlap far more than the difference varies)."""
+    arrays = [_as_arrays(y, s) for s in scores]
+    pos = arrays[0][0].astype(bool)
+    chunks = [np.stack([_rank_metrics(pos, s, w)["auc"] for _, s in arrays], axis=1)
+              for w in patient_bootstrap_weights(codes, n_boot, seed)]
+    return np.concatenate(chunks)
+
+
+def percentile_interval(values: np.ndarray) -> tuple[float, float]:
+    """The 95 % percentile interval of bootstrap replicates, undefined (NaN) ones left out."""
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return (math.nan, math.nan)
@@ -208,10 +246,11 @@ def _summary(pred_df: pd.DataFrame, threshold: float, n_boot: int, seed: int) ->
 
 
 def _one_class_note(y: np.ndarray) -> str | None:
+    undefined = "PPV, NPV, F1, balanced accuracy, AUC and PR-AUC are undefined (they need both classes)"
     if y.all():
-        return "positives only: sensitivity is the meaningful rate; specificity, AUC and balanced accuracy are undefined"
+        return f"positives only: sensitivity is the meaningful rate; specificity, {undefined}"
     if not y.any():
-        return "negatives only: specificity is the meaningful rate; sensitivity, AUC and PR-AUC are undefined"
+        return f"negatives only: specificity is the meaningful rate; sensitivity, {undefined}"
     return None
 
 

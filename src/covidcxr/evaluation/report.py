@@ -19,7 +19,7 @@ import pandas as pd
 
 from covidcxr import __version__
 from covidcxr.evaluation import plots
-from covidcxr.evaluation.metrics import METRIC_NAMES, write_metrics
+from covidcxr.evaluation.metrics import METRIC_NAMES, fmt, fmt_ci, write_metrics
 
 METRIC_LABELS = {
     "accuracy": "Accuracy",
@@ -54,13 +54,8 @@ pre{margin:0;font-size:.85em;text-align:left;white-space:pre-wrap}.scroll{overfl
 """
 
 
-def _num(x: Any, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
 def _value_ci(entry: Mapping[str, Any]) -> str:
-    lo, hi = entry["ci95"]
-    return f'{_num(entry["value"])}<br><span class="ci">[{_num(lo)}, {_num(hi)}]</span>'
+    return f'{fmt(entry["value"])}<br><span class="ci">{fmt_ci(entry["ci95"])}</span>'
 
 
 def class_names(pred_df: pd.DataFrame, positive_label: str) -> tuple[str, str]:
@@ -86,8 +81,8 @@ def draw_figures(out_dir: Path, pred_df: pd.DataFrame, metrics: Mapping[str, Any
 
 def _metrics_table(metrics: Mapping[str, Any]) -> str:
     rows = "".join(
-        f'<tr><td class="k">{METRIC_LABELS[m]}</td><td>{_num(metrics[m]["value"])}</td>'
-        f'<td>{_num(metrics[m]["ci95"][0])} &ndash; {_num(metrics[m]["ci95"][1])}</td></tr>'
+        f'<tr><td class="k">{METRIC_LABELS[m]}</td><td>{fmt(metrics[m]["value"])}</td>'
+        f'<td>{fmt(metrics[m]["ci95"][0])} &ndash; {fmt(metrics[m]["ci95"][1])}</td></tr>'
         for m in METRIC_NAMES
     )
     return f'<table><tr><th class="k">metric</th><th>value</th><th>95 % CI</th></tr>{rows}</table>'
@@ -153,7 +148,7 @@ def render_html(
     summary = (
         f'{metrics["n"]} images from {metrics["n_patients"]} patients; positive class '
         f'<b>{html.escape(labels[1])}</b>, negative <b>{html.escape(labels[0])}</b>; threshold '
-        f'{_num(metrics["threshold"])} ({html.escape(str(metrics["threshold_method"]))}); '
+        f'{fmt(metrics["threshold"])} ({html.escape(str(metrics["threshold_method"]))}); '
         "95 % intervals from a patient-level bootstrap."
     )
     if metrics.get("note"):
@@ -173,7 +168,7 @@ def render_html(
 <h2>Figures</h2>
 {_figures_html(figures)}
 <h2>Calibration</h2>
-<p>Expected calibration error {_num(cal["ece"])}; Brier score {_num(cal["brier"])}.</p>
+<p>Expected calibration error {fmt(cal["ece"])}; Brier score {fmt(cal["brier"])}.</p>
 <h2>Per source</h2>
 {_per_source_table(metrics["per_source"])}
 <h2>Provenance</h2>

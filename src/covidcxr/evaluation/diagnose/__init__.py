@@ -4,9 +4,9 @@ Four checks, on the run's test images (or on all unseen images of another ingest
 1. source probe: how well the source collection can be predicted from the model's penultimate features;
 2. occlusion: the model's scores with the lung fields blanked and with only the lungs kept (occlusion.py says how
    the blanked regions are filled, and why);
-3. image statistics: how well a gradient-boosted classifier on non-anatomical features alone (size and aspect
-   before resizing, padding and border, intensity histogram, sharpness and noise) predicts the label,
-   cross-validated by patient. High means the data itself carries a shortcut, whatever the model does;
+3. image statistics: how well a classifier on non-anatomical features alone (size and aspect before resizing,
+   padding and border, intensity histogram, sharpness and noise) predicts the label, cross-validated by patient
+   (regularised logistic regression below 200 images, gradient boosting from there). High means the data itself carries a shortcut, whatever the model does;
 4. Grad-CAM lung share: the share of the COVID-19 attribution that falls inside the lung fields, beside the
    share of the image the lungs cover (what an attribution spread evenly would give).
 Lung fields come from a learned lung model (lungseg.py) when one is given or the run has one, else from `lungs.py`

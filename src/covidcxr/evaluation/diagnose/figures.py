@@ -98,7 +98,7 @@ def _plot_image_stats(stats: dict, path: Path) -> None:
         left.barh(names, [stats["groups"][k]["auc"] for k in names], color="C1")
         top = sorted(stats["features"].items(), key=lambda kv: kv[1])[-12:]
         right.barh([k for k, _ in top], [v for _, v in top], color="C2")
-    for ax, title in ((left, "label from image statistics\n(gradient boosting, CV by patient)"),
+    for ax, title in ((left, "label from image statistics\n(CV by patient)"),
                       (right, "single features (AUC, either direction)")):
         ax.axvline(0.5, color="k", ls="--", lw=1)
         ax.set(xlim=(0.4, 1.0), xlabel="AUC", title=title)

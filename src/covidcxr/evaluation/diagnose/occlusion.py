@@ -4,18 +4,21 @@ Blanked regions are set to one mid-gray level for all images (the mean content i
 black is what the padding bars look like (their amount is itself a source cue) and a black hole makes a strong
 artificial edge; not to each image's own mean, which would carry that image's brightness (a source cue too) into
 the blanked version. "Lungs only" blanks everything else, padding, borders and burned-in text included.
+
+Each AUC has a 95 % patient-bootstrap interval, and the fall of the AUC when the lungs are blanked ("auc_drop",
+intact minus blanked) an interval from the same resamples (paired: the two AUCs share their images, so separate
+intervals would overlap far more than the difference varies). verdict.py reads these.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from covidcxr.lungs import heuristic as lungs
-from covidcxr.evaluation.metrics import binary_metrics, bootstrap_ci
+from covidcxr.evaluation.metrics import binary_metrics, bootstrap_aucs, patient_codes, percentile_interval
 from covidcxr.scoring import Scorer
 
 CONDITIONS = ("intact", "lungs blanked", "lungs only")
@@ -48,15 +51,20 @@ def fill_level(images: np.ndarray) -> int:
 def occlusion_test(scorer: Scorer, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame, y: np.ndarray,
                    n_boot: int = 500) -> dict[str, Any]:
     """{"fill_level": the gray level occluded regions were set to, "conditions": per condition the AUC (with a
-    patient-bootstrap CI), sensitivity and specificity at the run's threshold, and the scores}."""
+    patient-bootstrap CI), sensitivity and specificity at the run's threshold, and the scores; "auc_drop": intact
+    minus lungs-blanked AUC with its paired CI}."""
     threshold, fill = scorer.spec.threshold, fill_level(images)
     conditions: dict[str, Any] = {}
+    scores = []
     for condition in CONDITIONS:
         score = scorer.scores(np.ascontiguousarray(occlude(images, masks, condition, fill)))
         m = binary_metrics(y, score, threshold)
-        frame = rows[["path", "source", "patient_id"]].assign(y=y, score=score)
-        auc_ci = bootstrap_ci(frame, threshold, n_boot)["auc"] if 0 < y.sum() < len(y) else (math.nan, math.nan)
-        conditions[condition] = {"auc": m["auc"], "auc_ci95": list(auc_ci), "sensitivity": m["sensitivity"],
+        scores.append(score)
+        conditions[condition] = {"auc": m["auc"], "sensitivity": m["sensitivity"],
                                  "specificity": m["specificity"], "scores": score.round(5).tolist()}
-    return {"fill_level": fill, "conditions": conditions}
-
+    reps = bootstrap_aucs(y, scores, patient_codes(rows), n_boot)
+    for condition, column in zip(CONDITIONS, reps.T):
+        conditions[condition]["auc_ci95"] = list(percentile_interval(column))
+    drop = conditions["intact"]["auc"] - conditions["lungs blanked"]["auc"]
+    return {"fill_level": fill, "conditions": conditions,
+            "auc_drop": {"value": drop, "ci95": list(percentile_interval(reps[:, 0] - reps[:, 1]))}}

@@ -9,7 +9,8 @@ from typing import Any
 
 from covidcxr.evaluation.diagnose.figures import FIGURES
 from covidcxr.evaluation.diagnose.occlusion import CONDITIONS
-from covidcxr.evaluation.diagnose.verdict import fmt, pct, verdict
+from covidcxr.evaluation.diagnose.verdict import pct, verdict
+from covidcxr.evaluation.metrics import fmt, fmt_ci
 
 
 def diagnostics_html(result: dict[str, Any], out_dir: str | Path) -> str:
@@ -38,21 +39,22 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _probe_table(result: dict[str, Any]) -> str:
     probes = {"all images": result["source_probe"].get("overall"), **result["source_probe"].get("within_label", {})}
-    return _table(["source probe", "balanced accuracy", "chance", "images", "sources"],
-                  [[name, fmt(p["balanced_accuracy"], 3), fmt(p["chance"], 3), str(p["n"]), ", ".join(p["classes"])]
-                   for name, p in probes.items() if p])
+    return _table(["source probe", "balanced accuracy", "95 % CI", "chance", "images", "sources"],
+                  [[name, fmt(p["balanced_accuracy"]), fmt_ci(p["balanced_accuracy_ci95"]), fmt(p["chance"]),
+                    str(p["n"]), ", ".join(p["classes"])] for name, p in probes.items() if p])
 
 
 def _occlusion_table(result: dict[str, Any]) -> str:
-    occ = result["occlusion"]["conditions"]
+    occ, drop = result["occlusion"]["conditions"], result["occlusion"]["auc_drop"]
     return _table(["occlusion", "AUC", "95 % CI", "sensitivity", "specificity"],
-                  [[c, fmt(occ[c]["auc"], 3), f'{fmt(occ[c]["auc_ci95"][0], 3)} - {fmt(occ[c]["auc_ci95"][1], 3)}',
-                    fmt(occ[c]["sensitivity"], 3), fmt(occ[c]["specificity"], 3)] for c in CONDITIONS])
+                  [[c, fmt(occ[c]["auc"]), fmt_ci(occ[c]["auc_ci95"]), fmt(occ[c]["sensitivity"]),
+                    fmt(occ[c]["specificity"])] for c in CONDITIONS]
+                  + [["fall of the AUC with the lungs blanked", fmt(drop["value"]), fmt_ci(drop["ci95"]), "", ""]])
 
 
 def _stats_table(result: dict[str, Any]) -> str:
-    return _table(["image statistics -> label", "AUC", "balanced accuracy"],
-                  [[k, fmt(v["auc"], 3), fmt(v["balanced_accuracy"], 3)]
+    return _table(["image statistics -> label", "AUC", "95 % CI", "balanced accuracy"],
+                  [[k, fmt(v["auc"]), fmt_ci(v["auc_ci95"]), fmt(v["balanced_accuracy"])]
                    for k, v in result["image_stats"]["groups"].items()])
 
 
@@ -61,7 +63,7 @@ def _cam_table(result: dict[str, Any]) -> str:
     parts = [("all", cam["overall"]), *cam["per_label"].items(), *cam["per_source"].items()]
     return _table(["Grad-CAM", "images", "with evidence", "share in lungs", "lung area", "ratio"],
                   [[k, str(v["sampled"]), str(v["with_evidence"]), pct(v["lung_share"]), pct(v["lung_area"]),
-                    fmt(v["enrichment"])]
+                    fmt(v["enrichment"], 2)]
                    for k, v in parts])
 
 

@@ -8,36 +8,34 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
-from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
+from covidcxr.evaluation.diagnose.crossval import MIN_PER_CLASS, balanced_accuracy_ci, oof_proba
+from covidcxr.evaluation.metrics import fmt, fmt_ci, patient_codes
 
 
 def _probe(features: np.ndarray, target: pd.Series, groups: pd.Series, seed: int) -> dict | None:
-    """Cross-validated (by patient) balanced accuracy of a linear classifier, with chance level beside it."""
+    """Cross-validated (by patient) balanced accuracy of a linear classifier with its 95 % patient-bootstrap
+    interval, and chance level beside it. Sources with fewer than MIN_PER_CLASS images are left out; None when
+    fewer than two remain."""
     counts = target.value_counts()
-    keep = target.isin(counts[counts >= 5].index).to_numpy()
+    keep = target.isin(counts[counts >= MIN_PER_CLASS].index).to_numpy()
     if target[keep].nunique() < 2:
         return None
-    x, y, g = features[keep], target[keep].to_numpy(), groups[keep].to_numpy()
-    folds = min(5, int(pd.Series(y).value_counts().min()))
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1, class_weight="balanced"))
-    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    pred = cross_val_predict(clf, x, y, groups=g, cv=cv)
-    k = len(np.unique(y))
-    return {"balanced_accuracy": float(balanced_accuracy_score(y, pred)), "chance": 1.0 / k, "n": int(len(y)),
-            "classes": sorted(map(str, np.unique(y)))}
+    x, y, g = features[keep], target[keep].astype(str).to_numpy(), groups[keep].to_numpy()
+    classes = np.unique(y)
+    pred = classes[oof_proba(x, y, g, seed).argmax(axis=1)]
+    return {"balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+            "balanced_accuracy_ci95": list(balanced_accuracy_ci(y, pred, g, seed=seed)), "chance": 1.0 / len(classes),
+            "n": int(len(y)), "classes": classes.tolist()}
 
 
 def source_probe(features: np.ndarray, rows: pd.DataFrame, seed: int = 0) -> dict:
     """Source predictability overall and within each label (where a label spans several sources)."""
-    result = {"overall": _probe(features, rows["source"].reset_index(drop=True),
-                                rows["patient_id"].reset_index(drop=True), seed), "within_label": {}}
-    for label, sub in rows.reset_index(drop=True).groupby("label"):
-        probe = _probe(features[sub.index.to_numpy()], sub["source"], sub["patient_id"], seed)
+    rows = rows.reset_index(drop=True).assign(patient=patient_codes(rows))  # an image without an id: its own patient
+    result = {"overall": _probe(features, rows["source"], rows["patient"], seed), "within_label": {}}
+    for label, sub in rows.groupby("label"):
+        probe = _probe(features[sub.index.to_numpy()], sub["source"], sub["patient"], seed)
         if probe:
             result["within_label"][label] = probe
     return result
@@ -49,8 +47,12 @@ def describe(probe: dict) -> str:
     overall = probe.get("overall")
     if overall:
         lines.append(f"The source collection is predicted from the model's features with balanced accuracy "
-                     f"{overall['balanced_accuracy']:.2f} (chance {overall['chance']:.2f}, {len(overall['classes'])} sources).")
+                     f"{_with_ci(overall)} (chance {overall['chance']:.2f}, {len(overall['classes'])} sources).")
     for label, p in probe.get("within_label", {}).items():
-        lines.append(f"Among {label} images alone: {p['balanced_accuracy']:.2f} (chance {p['chance']:.2f}; "
+        lines.append(f"Among {label} images alone: {_with_ci(p)} (chance {p['chance']:.2f}; "
                      f"sources {', '.join(p['classes'])}).")
-    return " ".join(lines) or "Too few sources to probe."
+    return " ".join(lines) or f"Too few sources to probe (each needs {MIN_PER_CLASS} images)."
+
+
+def _with_ci(p: dict) -> str:
+    return f"{fmt(p['balanced_accuracy'], 2)} {fmt_ci(p['balanced_accuracy_ci95'], 2)}"
