@@ -14,10 +14,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from covidcxr.config import SQUARE_CHOICES
+from covidcxr.errors import InputError, MissingInputError
+
 CACHE_FILE = "cache.u8"
 CACHE_META = "cache.json"
 MANIFEST_FILE = "manifest.parquet"
-SQUARE_MODES = ("pad", "squash", "crop")
+SQUARE_MODES = SQUARE_CHOICES
 
 
 def to_square(img: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
@@ -29,7 +32,7 @@ def to_square(img: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
     padding differs between databases and can itself be learned.
     """
     if mode not in SQUARE_MODES:
-        raise ValueError(f"unknown square mode {mode!r}; choose one of {', '.join(SQUARE_MODES)}")
+        raise InputError(f"unknown square mode {mode!r}; choose one of {', '.join(SQUARE_MODES)}")
     pil = Image.fromarray(np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8), mode="L")
     w, h = pil.size
     if mode == "pad" and w != h:
@@ -55,10 +58,10 @@ class ImageCache:
             asked = {"size": size, "square": square}
             for key, value in asked.items():
                 if value is not None and value != meta[key]:
-                    raise ValueError(f"{self.dir}: cache was built with {key}={meta[key]}, asked for {value}; use a new --out")
+                    raise InputError(f"{self.dir}: cache was built with {key}={meta[key]}, asked for {value}; use a new --out")
             self.size, self.capacity, self.square = int(meta["size"]), int(meta["capacity"]), meta["square"]
         elif size is None:
-            raise FileNotFoundError(f"{self.dir}: not an ingested data folder (no {CACHE_META}); run covidcxr ingest first")
+            raise MissingInputError(f"{self.dir}: not an ingested data folder (no {CACHE_META}); run covidcxr ingest first")
         else:
             self.size, self.capacity, self.square = size, 0, square or "pad"
         self.mode = mode

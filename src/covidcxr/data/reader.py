@@ -14,17 +14,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from covidcxr.errors import ImageReadError
+
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: no chest X-ray has 100 megapixels
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, what Pillow's "L" uses
-
-
-class ImageReadError(ValueError):
-    """A file that cannot be turned into an image; `reason` is one short human sentence."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 def read_image(source: str | Path | bytes, name: str = "<upload>") -> np.ndarray:

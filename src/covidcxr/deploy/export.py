@@ -23,13 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from covidcxr.errors import ExportParityError, InputError
+
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # on probabilities
 PARITY_BATCHES = (1, 3)  # neither is the export example's batch of 2, so the dynamic batch axis is exercised
-
-
-class ExportParityError(RuntimeError):
-    """The exported model's outputs differ from PyTorch's."""
 
 
 class _Probabilities(nn.Module):
@@ -52,7 +50,7 @@ def export_model(
     Returns {"format", "path", "size_bytes", "max_abs_diff", "ok"}; raises ExportParityError beyond TOLERANCE.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
+        raise InputError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _Probabilities(model).to("cpu").eval()

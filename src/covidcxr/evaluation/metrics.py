@@ -24,6 +24,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from covidcxr.errors import InputError
+
 METRIC_NAMES = (
     "accuracy",
     "sensitivity",
@@ -46,7 +48,7 @@ def _as_arrays(y: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
     if y_arr.ndim != 1 or y_arr.shape != s_arr.shape:
         raise ValueError(f"y and score must be 1-D of equal length, got shapes {y_arr.shape} and {s_arr.shape}")
     if y_arr.size == 0:
-        raise ValueError("no predictions to evaluate")
+        raise InputError("no predictions to evaluate")
     if not np.isin(y_arr, (0, 1)).all():
         raise ValueError(f"y must be 0/1, got values {sorted(set(y_arr.tolist()) - {0, 1})[:5]}")
     if not np.isfinite(s_arr).all():
@@ -103,17 +105,17 @@ def choose_threshold(
     """
     y_arr, s_arr = _as_arrays(y, score)
     if y_arr.min() == y_arr.max():
-        raise ValueError("choosing a threshold needs both classes in the validation predictions")
+        raise InputError("choosing a threshold needs both classes in the validation predictions")
     fpr, tpr, thresholds = roc_curve(y_arr, s_arr, drop_intermediate=False)
     fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # drop the 'call nobody positive' point (inf)
     if method == "youden":
         best = int(np.argmax(tpr - fpr))
     elif method == "sensitivity":
         if not 0.0 < target_sensitivity <= 1.0:
-            raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+            raise InputError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
         best = int(np.argmax(tpr >= target_sensitivity - 1e-12))  # tpr ends at 1, so a match exists
     else:
-        raise ValueError(f"unknown threshold method {method!r}; use one of {', '.join(THRESHOLD_METHODS)}")
+        raise InputError(f"unknown threshold method {method!r}; use one of {', '.join(THRESHOLD_METHODS)}")
     return float(thresholds[best])
 
 
@@ -164,7 +166,7 @@ def bootstrap_ci(
     """
     y, score = _as_arrays(pred_df["y"].to_numpy(), pred_df["score"].to_numpy())
     if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+        raise InputError(f"n_boot must be at least 1, got {n_boot}")
     codes = patient_codes(pred_df)
     n_pat = int(codes.max()) + 1
     rng = np.random.default_rng(seed)
@@ -265,7 +267,7 @@ def evaluate_predictions(
     """
     missing = {"path", "source", "patient_id", "label", "y", "score"} - set(pred_df.columns)
     if missing:
-        raise ValueError(f"predictions lack columns {sorted(missing)}")
+        raise InputError(f"predictions lack columns {sorted(missing)}")
     metrics = _summary(pred_df, threshold, n_boot, seed)
     per_source: dict[str, Any] = {}
     for source, sub in pred_df.groupby(pred_df["source"].astype(str), sort=True):
@@ -313,8 +315,8 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read metrics ({err})") from None
+        raise InputError(f"{path}: cannot read metrics ({err})") from None
     missing = [k for k in (*METRIC_NAMES, "threshold", "confusion", "n") if k not in data]
     if missing:
-        raise ValueError(f"{path}: not a covidcxr metrics.json (missing {', '.join(missing)})")
+        raise InputError(f"{path}: not a covidcxr metrics.json (missing {', '.join(missing)})")
     return data

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from covidcxr.errors import InputError
+
 COLUMNS = ("path", "label", "source", "patient_id", "view", "finding", "age_group", "sex")
 LABELS = ("covid", "normal", "pneumonia", "other")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
@@ -83,7 +85,7 @@ def require_columns(df: pd.DataFrame, csv_path: Path, columns: tuple[str, ...] |
     """One clear error naming the file and the first missing column."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(f"{csv_path}: missing required column {missing[0]!r}")
+        raise InputError(f"{csv_path}: missing required column {missing[0]!r}")
 
 
 def image_files(folder: Path) -> list[Path]:

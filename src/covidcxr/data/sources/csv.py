@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidcxr.data.sources._common import LABELS, abspath, frame, patient, read_csv, read_header, require_columns, sex, view
+from covidcxr.errors import InputError
 
 NAME = "csv"
 REQUIRED = ("path", "label")
@@ -29,7 +30,7 @@ def _check_values(df: pd.DataFrame, column: str, allowed: tuple[str, ...], csv_p
     if bad.any():
         row = int(bad.to_numpy().argmax())
         value, choices = df[column].iloc[row], ", ".join(allowed)
-        raise ValueError(f"{csv_path}: line {row + 2}: {column} {value!r} is not one of {choices}")
+        raise InputError(f"{csv_path}: line {row + 2}: {column} {value!r} is not one of {choices}")
 
 
 def _optional(df: pd.DataFrame, name: str) -> pd.Series:
@@ -40,14 +41,14 @@ def _optional(df: pd.DataFrame, name: str) -> pd.Series:
 def rows(root: Path) -> pd.DataFrame:
     path = csv_file(root)
     if not path.is_file():
-        raise ValueError(f"{path}: no such CSV file")
+        raise InputError(f"{path}: no such CSV file")
     df = read_csv(path)
     require_columns(df, path, REQUIRED)
     df["label"] = df["label"].str.strip().str.lower()
     _check_values(df, "label", LABELS, path)
     empty = df["path"].str.strip() == ""
     if empty.any():
-        raise ValueError(f"{path}: line {int(empty.to_numpy().argmax()) + 2}: empty path")
+        raise InputError(f"{path}: line {int(empty.to_numpy().argmax()) + 2}: empty path")
     sources = _optional(df, "source").where(lambda s: s != "", path.parent.resolve().name)
     df["age_group"] = _optional(df, "age_group").str.lower().replace("", "unknown")
     _check_values(df, "age_group", AGE_GROUPS, path)
