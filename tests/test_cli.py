@@ -77,10 +77,17 @@ def test_bad_usage_exits_2_with_one_line(argv, capsys):
     assert len(err.strip().splitlines()) == 1 and err.startswith("covidcxr") and "--help" in err
 
 
-def test_unusable_input_exits_2_with_one_line(tmp_path, capsys):
-    assert cli.main(["predict", str(tmp_path / "no-run"), "x.png"]) == 2
+@pytest.mark.parametrize("argv", [
+    ["predict", "{tmp}/no-run", "x.png"],
+    ["experiment", "{tmp}/no-grid.yaml", "--out", "{tmp}/out"],
+    ["compare", "{tmp}/no-report"],
+    ["evaluate", "{tmp}/no-run", "--data", "{tmp}/no-data", "--out", "{tmp}/out"],
+], ids=lambda a: a[0])
+def test_unusable_input_exits_2_with_one_line(argv, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and str(tmp_path / "no-run") in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("covidcxr: error: ") and argv[1] in err
 
 
 def test_train_on_missing_data_exits_2_without_traceback(tmp_path):
@@ -203,7 +210,7 @@ def test_settings_in_a_config_file_are_validated_too(tiny_data, tmp_path):
     result = _covidcxr("train", str(tiny_data), "--out", str(tmp_path / "run"), "--config", str(config))
     _one_line_error(result, "batch_size = 0", "an integer >= 1")
     _one_line_error(_covidcxr("train", str(tiny_data), "--out", str(tmp_path / "run"), "--config",
-                              str(tmp_path / "missing.yaml")), "missing.yaml", "no such config file")
+                              str(tmp_path / "missing.yaml")), "missing.yaml", "no such file")
 
 
 def test_patient_leakage_is_one_line(tiny_data, tmp_path):

@@ -15,15 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
-
 from covidcxr import __version__
 from covidcxr.config import (ARCH_CHOICES, AUTO, BALANCE_CHOICES, COUNT, CROP_CHOICES, EQUALIZE_CHOICES, FRACTION,
                              NON_NEGATIVE, POSITIVE, POSITIVE_INT, SQUARE_CHOICES, IngestConfig, Rule, TrainConfig, from_dict,
-                             to_dict)
+                             read_yaml, to_dict)
 from covidcxr.data.sources import LAYOUTS
 from covidcxr.data.tasks import TASKS
-from covidcxr.errors import CovidcxrError, CovidcxrWarning, InputError, MissingInputError, one_line
+from covidcxr.errors import CovidcxrError, CovidcxrWarning, one_line
 
 
 def _ingest(a: argparse.Namespace) -> int:
@@ -48,24 +46,11 @@ def _download(a: argparse.Namespace) -> int:
     return 0
 
 
-def read_yaml_settings(path: Path) -> dict[str, Any]:
-    """The settings in a --config YAML file; a missing or malformed file is one line naming it."""
-    if not path.is_file():
-        raise MissingInputError(f"{path}: no such config file (--config takes a YAML file of TrainConfig settings)")
-    try:
-        settings = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({one_line(exc)})") from None
-    if not isinstance(settings, dict):
-        raise InputError(f"{path}: expected a mapping of TrainConfig settings, found a {type(settings).__name__}")
-    return settings
-
-
 def train_config(a: argparse.Namespace) -> TrainConfig:
     """Defaults <- --config YAML <- explicit flags."""
     values = to_dict(TrainConfig())
     if a.config:
-        values.update(read_yaml_settings(Path(a.config)))
+        values.update(read_yaml(a.config, "TrainConfig settings"))
     flags = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(a).items() if k in flags and v is not None})
     values["data"], values["out"] = str(a.data), str(a.out)

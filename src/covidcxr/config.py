@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from covidcxr.errors import InputError
+import yaml
+
+from covidcxr.errors import InputError, MissingInputError
 
 T = TypeVar("T")
 
@@ -192,6 +194,21 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping in a YAML file the user named (`what` it should hold, for the message); a missing or malformed
+    file is one InputError line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: no such file (expected a YAML file of {what})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of {what}, found a {type(data).__name__}")
+    return data
 
 
 def save_json(obj: Any, path: str | Path) -> None:

@@ -23,8 +23,8 @@ from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from covidcxr.data import tasks# noqa: E402
 from covidcxr.data.cache import ImageCache  # noqa: E402
-from covidcxr.config import TrainConfig, config_hash, from_dict, to_dict  # noqa: E402
-from covidcxr.errors import InputError
+from covidcxr.config import TrainConfig, config_hash, from_dict, read_yaml, to_dict  # noqa: E402
+from covidcxr.errors import InputError  # noqa: E402
 from covidcxr.evaluation.evaluate import predictions  # noqa: E402
 from covidcxr.reproduce import external_folds  # noqa: E402
 from covidcxr.training.trainer import train  # noqa: E402
@@ -45,7 +45,7 @@ GRID_KEYS = {"data", "settings", "base", "seeds", "eval_task", "folds", "keep_ch
 def load_grid(path: str | Path, data: str | None = None) -> dict:
     """Experiment YAML: data, eval_task, base (TrainConfig settings), settings {name: overrides}, seeds, folds,
     keep_checkpoints. Every key and setting is checked here, before anything is trained (a typo must not cost a grid)."""
-    spec = yaml.safe_load(Path(path).read_text()) or {}
+    spec = read_yaml(path, "experiment settings (data, settings, ...)")
     if data:
         spec["data"] = str(data)
     missing, unknown = {"data", "settings"} - set(spec), set(spec) - GRID_KEYS
