@@ -272,7 +272,8 @@ def _readme_rows(command: tuple[str, ...]) -> str:
                      if line.startswith("|") and f"covidcxr {' '.join(command)}" in line)
 
 
-LEAF_COMMANDS = [c for c in COMMANDS if not any(isinstance(a, argparse._SubParsersAction) for a in _parser_of(c)._actions)]
+LEAF_COMMANDS = [c for c in COMMANDS
+                 if not any(isinstance(a, argparse._SubParsersAction) for a in _parser_of(c)._actions)]
 
 
 @pytest.mark.parametrize("command", LEAF_COMMANDS, ids=" ".join)

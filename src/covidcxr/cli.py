@@ -17,8 +17,8 @@ from typing import Any, NoReturn
 
 from covidcxr import __version__
 from covidcxr.config import (ARCH_CHOICES, AUTO, BALANCE_CHOICES, COUNT, CROP_CHOICES, EQUALIZE_CHOICES, FRACTION,
-                             NON_NEGATIVE, POSITIVE, POSITIVE_INT, SQUARE_CHOICES, IngestConfig, Rule, TrainConfig, from_dict,
-                             read_yaml, to_dict)
+                             IMAGE_SIZE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SQUARE_CHOICES, IngestConfig, Rule,
+                             TrainConfig, from_dict, read_yaml, to_dict)
 from covidcxr.data.sources import LAYOUTS
 from covidcxr.data.tasks import TASKS
 from covidcxr.errors import CovidcxrError, CovidcxrWarning, one_line
@@ -165,17 +165,18 @@ POSITIVE_ARG = _typed(float, POSITIVE)
 NON_NEGATIVE_ARG = _typed(float, NON_NEGATIVE)
 FRACTION_ARG = _typed(float, FRACTION)
 PORT_ARG = _typed(int, (lambda v: 0 <= v <= 65535, "a port number in [0, 65535]"))
-IMAGE_SIZE_ARG = _typed(_image_size, (lambda v: v == AUTO or v >= 32, "auto or an integer >= 32"))
+IMAGE_SIZE_ARG = _typed(_image_size, IMAGE_SIZE)
 
 
 def _add_lung_model_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lung-model", dest="lung_model", help="lung checkpoint (covidcxr lungs train) for the diagnostics' "
-                   "lung fields (default: the run's own, else a heuristic)")
+    p.add_argument("--lung-model", dest="lung_model", help="lung checkpoint (covidcxr lungs train) for the "
+                   "diagnostics' lung fields (default: the run's own, else a heuristic)")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """Train's flags default to None, so that only the flags given override --config (see train_config)."""
-    d, aug = TrainConfig(), TrainConfig().augment
+    d = TrainConfig()
+    aug = d.augment
     p.add_argument("data", help="ingested data folder (covidcxr ingest --out)")
     p.add_argument("--out", required=True, help="run folder to write (required)")
     p.add_argument("--config", help="YAML file with TrainConfig settings; flags override it (default: none)")
@@ -184,7 +185,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    f"(default {d.weights}: ImageNet weights when cached or downloadable, else random initialisation "
                    "with a warning; imagenet insists)")
     p.add_argument("--task", choices=list(TASKS), help=f"classes to tell apart (default {d.task})")
-    p.add_argument("--epochs", type=POSITIVE_INT_ARG, help=f"most epochs; early stopping may end sooner (default {d.epochs})")
+    p.add_argument("--epochs", type=POSITIVE_INT_ARG,
+                   help=f"most epochs; early stopping may end sooner (default {d.epochs})")
     p.add_argument("--batch-size", dest="batch_size", type=POSITIVE_INT_ARG, help=f"default {d.batch_size}")
     p.add_argument("--lr", type=POSITIVE_ARG, help=f"learning rate of the new head; pretrained layers get x"
                    f"{d.backbone_lr_scale} (default {d.lr})")
@@ -264,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=1000,
                    help="bootstrap resamples for the confidence intervals (default 1000)")
     p.add_argument("--no-diagnose", dest="diagnose", action="store_false",
-                   help="skip the shortcut diagnostics, about a minute of CPU per few hundred images (default: run them)")
+                   help="skip the shortcut diagnostics, about a minute of CPU per few hundred images "
+                        "(default: run them)")
     _add_lung_model_flag(p)
     p.set_defaults(func=_evaluate)
 

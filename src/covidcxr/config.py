@@ -49,6 +49,7 @@ COUNT: Rule = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
 POSITIVE: Rule = (lambda v: _is_number(v) and v > 0, "a number > 0")
 NON_NEGATIVE: Rule = (lambda v: _is_number(v) and v >= 0, "a number >= 0")
 FRACTION: Rule = (lambda v: _is_number(v) and 0 <= v <= 1, "a fraction in [0, 1]")
+IMAGE_SIZE: Rule = (lambda v: v == AUTO or (_is_int(v) and v >= 32), "auto or an integer >= 32")
 
 
 def _check_rules(cfg: Any, rules: dict[str, Rule]) -> None:
@@ -164,7 +165,7 @@ class TrainConfig:
 
 
 _TRAIN_RULES: dict[str, Rule] = {
-    "image_size": (lambda v: v == AUTO or (_is_int(v) and v >= 32), "auto or an integer >= 32"),
+    "image_size": IMAGE_SIZE,
     "epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE, "backbone_lr_scale": NON_NEGATIVE,
     "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"), "weight_decay": NON_NEGATIVE,
     "patience": POSITIVE_INT, "checkpoint_every": POSITIVE_INT, "seed": COUNT,

@@ -234,7 +234,8 @@ class Trainer:
     def meta(self, epoch: int, val_auc: float, threshold: float | None = None) -> dict:
         cfg = self.cfg
         return {"arch": cfg.arch, "task": cfg.task, "classes": self.classes, "positive_index": tasks.POSITIVE_INDEX,
-                "image_size": self.image_size, "weights_used": self.weights, "cache_size": self.cache.size, "square": self.cache.square,
+                "image_size": self.image_size, "weights_used": self.weights, "cache_size": self.cache.size,
+                "square": self.cache.square,
                 "augment": to_dict(cfg.augment), "num_sources": len(self.sources) if cfg.domain_adversarial > 0 else 0,
                 "threshold": threshold, "threshold_method": cfg.threshold_method, "amp": cfg.amp, "epoch": epoch, "val_auc": val_auc,
                 "config_hash": config_hash(cfg), "manifest_hash": self.manifest_hash}
