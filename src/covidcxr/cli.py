@@ -1,7 +1,8 @@
 """The `covidcxr` command: parses arguments and calls the pipeline modules, nothing else.
 
-Exit codes: 0 all good; 1 the command ran but some inputs failed (each listed); 2 bad usage or unusable input
-(one line on stderr; the traceback only with --debug).
+Exit codes: 0 all good; 1 the command ran but some inputs failed (each listed); 2 bad usage or an expected failure
+(a `CovidcxrError`: one line on stderr naming the thing and the fix; the traceback only with --debug). Anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,12 +10,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-import yaml
-
-from covidcxr.config import CROP_CHOICES, EQUALIZE_CHOICES, IngestConfig, TrainConfig, from_dict, to_dict
+from covidcxr import __version__
+from covidcxr.config import (ARCH_CHOICES, AUTO, BALANCE_CHOICES, COUNT, CROP_CHOICES, EQUALIZE_CHOICES, FRACTION,
+                             IMAGE_SIZE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SQUARE_CHOICES, IngestConfig, Rule,
+                             TrainConfig, from_dict, read_yaml, to_dict)
+from covidcxr.data.sources import LAYOUTS
+from covidcxr.data.tasks import TASKS
+from covidcxr.errors import CovidcxrError, CovidcxrWarning, one_line
 
 
 def _ingest(a: argparse.Namespace) -> int:
@@ -46,7 +53,7 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
     """Defaults <- --config YAML <- explicit flags."""
     values = to_dict(TrainConfig())
     if a.config:
-        values.update(yaml.safe_load(Path(a.config).read_text()) or {})
+        values.update(read_yaml(a.config, "TrainConfig settings"))
     flags = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in vars(a).items() if k in flags and v is not None})
     values["data"], values["out"] = str(a.data), str(a.out)
@@ -165,41 +172,82 @@ def _add_pacs_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=5, help="retries while the PACS is unreachable (default 5)")
     p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubled each retry "
                    "(default 1)")
+def _typed(convert: Callable[[str], Any], rule: Rule) -> Callable[[str], Any]:
+    """An argparse type that converts and checks against one of config's rules, so a bad value is a usage error
+    (exit 2, one line) before any work starts."""
+    accepts, what = rule
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accepts(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+def _image_size(text: str) -> int | str:
+    return AUTO if text == AUTO else int(text)
+
+
+POSITIVE_INT_ARG = _typed(int, POSITIVE_INT)
+COUNT_ARG = _typed(int, COUNT)
+POSITIVE_ARG = _typed(float, POSITIVE)
+NON_NEGATIVE_ARG = _typed(float, NON_NEGATIVE)
+FRACTION_ARG = _typed(float, FRACTION)
+PORT_ARG = _typed(int, (lambda v: 0 <= v <= 65535, "a port number in [0, 65535]"))
+IMAGE_SIZE_ARG = _typed(_image_size, IMAGE_SIZE)
 
 
 def _add_lung_model_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lung-model", dest="lung_model", help="lung checkpoint (covidcxr lungs train) for the diagnostics' "
-                   "lung fields; default: the run's own, else a heuristic")
+    p.add_argument("--lung-model", dest="lung_model", help="lung checkpoint (covidcxr lungs train) for the "
+                   "diagnostics' lung fields (default: the run's own, else a heuristic)")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """Train's flags default to None, so that only the flags given override --config (see train_config)."""
     d = TrainConfig()
+    aug = d.augment
     p.add_argument("data", help="ingested data folder (covidcxr ingest --out)")
-    p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--config", help="YAML file with TrainConfig settings (flags override it)")
-    p.add_argument("--arch", help=f"backbone (default {d.arch}; also resnet18, densenet121, efficientnet_b0)")
-    p.add_argument("--weights", help="imagenet | none | PATH to a torchvision state dict or covidcxr checkpoint "
-                                     f"(default {d.weights})")
-    p.add_argument("--task", help=f"covid-vs-normal | covid-vs-rest | 3class (default {d.task})")
-    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, help=f"learning rate of the new head (default {d.lr}); pretrained layers x0.1")
-    p.add_argument("--image-size", dest="image_size", type=int, help=f"model input side (default {d.image_size})")
-    p.add_argument("--device", help="auto | cpu | cuda (default auto)")
-    p.add_argument("--seed", type=int, help=f"default {d.seed}")
-    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels (slower)")
-    p.add_argument("--holdout", nargs="+", metavar="SOURCE", help="sources kept out of training (external test)")
-    p.add_argument("--balance", help="class | source-class sampling (default class)")
-    p.add_argument("--target-sensitivity", dest="target_sensitivity", type=float,
+    p.add_argument("--out", required=True, help="run folder to write (required)")
+    p.add_argument("--config", help="YAML file with TrainConfig settings; flags override it (default: none)")
+    p.add_argument("--arch", choices=ARCH_CHOICES, help=f"backbone (default {d.arch})")
+    p.add_argument("--weights", help="auto | imagenet | none | PATH to a torchvision state dict or covidcxr checkpoint "
+                   f"(default {d.weights}: ImageNet weights when cached or downloadable, else random initialisation "
+                   "with a warning; imagenet insists)")
+    p.add_argument("--task", choices=list(TASKS), help=f"classes to tell apart (default {d.task})")
+    p.add_argument("--epochs", type=POSITIVE_INT_ARG,
+                   help=f"most epochs; early stopping may end sooner (default {d.epochs})")
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE_INT_ARG, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=POSITIVE_ARG, help=f"learning rate of the new head; pretrained layers get x"
+                   f"{d.backbone_lr_scale} (default {d.lr})")
+    p.add_argument("--image-size", dest="image_size", type=IMAGE_SIZE_ARG,
+                   help=f"model input side in pixels, or auto: 224 on a GPU, 112 on a CPU (default {d.image_size})")
+    p.add_argument("--device", help=f"auto | cpu | cuda | cuda:N | mps (default {d.device}: cuda when available)")
+    p.add_argument("--seed", type=COUNT_ARG, help=f"default {d.seed}")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic kernels, slower (default off)")
+    p.add_argument("--holdout", nargs="+", metavar="SOURCE",
+                   help="sources kept out of training and validation: the test part is them (default: none)")
+    p.add_argument("--balance", choices=BALANCE_CHOICES, help=f"how the sampler weights images (default {d.balance})")
+    p.add_argument("--target-sensitivity", dest="target_sensitivity", type=FRACTION_ARG,
                    help="choose the threshold on validation data for this sensitivity (default: Youden's J)")
-    p.add_argument("--domain-adversarial", dest="domain_adversarial", type=float,
-                   help="weight of a gradient-reversal source head (0 = off)")
-    p.add_argument("--max-train-images", dest="max_train_images", type=int, help="subsample training images")
-    p.add_argument("--equalize", choices=EQUALIZE_CHOICES, help="histogram equalization of every image (default global)")
-    p.add_argument("--crop", choices=CROP_CHOICES, help="crop to the content box less its border, or to the lungs "
-                   "(default none)")
-    p.add_argument("--lung-model", dest="lung_model", help="lung checkpoint for --crop lungs (covidcxr lungs train)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--domain-adversarial", dest="domain_adversarial", type=NON_NEGATIVE_ARG,
+                   help=f"weight of a gradient-reversal source head, 0 = off (default {d.domain_adversarial:g})")
+    p.add_argument("--max-train-images", dest="max_train_images", type=COUNT_ARG,
+                   help="subsample training images to this many, 0 = all (default 0)")
+    p.add_argument("--equalize", choices=EQUALIZE_CHOICES,
+                   help=f"histogram equalization of every image (default {aug.equalize})")
+    p.add_argument("--crop", choices=CROP_CHOICES,
+                   help=f"crop to the content box less its border, or to the lungs (default {aug.crop})")
+    p.add_argument("--lung-model", dest="lung_model",
+                   help="lung checkpoint for --crop lungs (covidcxr lungs train; default: none)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (default off)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -213,28 +261,32 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="covidcxr", description="Chest X-ray COVID-19 screening you can check.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"covidcxr {__version__}",
+                        help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error (default off)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("ingest", help="build or add to the manifest and image cache from database folders")
     p.add_argument("sources", nargs="+", help="database folders (layout detected per folder)")
     p.add_argument("--out", required=True,
-                   help="data folder to create or add to (re-ingesting a folder updates only its rows)")
+                   help="data folder to create or add to; re-ingesting a folder updates only its rows (required)")
     p.add_argument("--replace", action="store_true",
                    help="keep only the given folders' rows, dropping (and listing) the others (default: add)")
-    p.add_argument("--layout", default="auto", help="auto or a layout name (see docs; default auto)")
-    p.add_argument("--size", type=int, default=256, help="cached image side in pixels (default 256)")
-    p.add_argument("--square", default="pad", choices=["pad", "squash", "crop"],
+    p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], metavar="LAYOUT",
+                   help=f"database layout of every folder: auto (detected per folder) or one of {', '.join(LAYOUTS)} "
+                        "(default auto)")
+    p.add_argument("--size", type=POSITIVE_INT_ARG, default=256, help="cached image side in pixels (default 256)")
+    p.add_argument("--square", default="pad", choices=SQUARE_CHOICES,
                    help="how images are made square (default pad)")
-    p.add_argument("--workers", type=int, default=0, help="decoding processes (default: all cores)")
+    p.add_argument("--workers", type=COUNT_ARG, default=0, help="decoding processes, 0 = all cores (default 0)")
     p.set_defaults(func=_ingest)
 
     data = sub.add_parser("data", help="data set utilities").add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     p = data.add_parser("summary", help="counts label x source, patients, duplicates, unreadable files")
-    p.add_argument("data")
+    p.add_argument("data", help="ingested data folder (covidcxr ingest --out)")
     p.set_defaults(func=_summary)
     p = data.add_parser("download", help="download the public databases that need no credentials")
-    p.add_argument("--to", required=True, help="folder to download into")
+    p.add_argument("--to", required=True, help="folder to download into (required)")
     p.add_argument("--sources", nargs="+", help="database names (default: all that need no credentials)")
     p.set_defaults(func=_download)
 
@@ -243,78 +295,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="metrics with confidence intervals, figures and an HTML report")
-    p.add_argument("run")
-    p.add_argument("--data", required=True, help="ingested data folder (the run's own, or another for external validation)")
+    p.add_argument("run", help="run folder (covidcxr train --out)")
+    p.add_argument("--data", required=True,
+                   help="ingested data folder: the run's own, or another for external validation (required)")
     p.add_argument("--split", default="test", choices=["test", "all"],
-                   help="test (default): the run's test part; all: every image, except that on the run's own data its "
-                        "train and validation images are left out (the count is printed)")
-    p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--n-boot", dest="n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+                   help="test: the run's test part; all: every image, except that on the run's own data its train "
+                        "and validation images are left out and counted in a printed line (default test)")
+    p.add_argument("--out", required=True, help="report folder (required)")
+    p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=1000,
+                   help="bootstrap resamples for the confidence intervals (default 1000)")
     p.add_argument("--no-diagnose", dest="diagnose", action="store_false",
-                   help="skip the shortcut diagnostics (about a minute of CPU per few hundred images)")
+                   help="skip the shortcut diagnostics, about a minute of CPU per few hundred images "
+                        "(default: run them)")
     _add_lung_model_flag(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="score image files or folders")
-    p.add_argument("run")
+    p.add_argument("run", help="run folder (covidcxr train --out)")
     p.add_argument("inputs", nargs="+", help="images (PNG/JPEG/TIFF/BMP/DICOM) or folders")
-    p.add_argument("--format", default="table", choices=["table", "json", "csv"])
-    p.add_argument("--cam", help="folder for Grad-CAM overlays (one PNG per image)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    p.add_argument("--format", default="table", choices=["table", "json", "csv"], help="output format (default table)")
+    p.add_argument("--cam", help="folder for Grad-CAM overlays, one PNG per image (default: none)")
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE_INT_ARG, default=32,
+                   help="images scored at once (default 32)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("serve", help="HTTP API and web page")
-    p.add_argument("run")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--db", default="predictions.sqlite", help="SQLite prediction log")
+    p.add_argument("run", help="run folder (covidcxr train --out)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default 127.0.0.1)")
+    p.add_argument("--port", type=PORT_ARG, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--db", help="SQLite prediction log (default RUN/predictions.sqlite)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("export", help="deployable model (ONNX or TorchScript), parity-checked")
-    p.add_argument("run")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
-    p.add_argument("--out", required=True)
+    p.add_argument("run", help="run folder (covidcxr train --out)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="file format (required)")
+    p.add_argument("--out", required=True, help="file to write (required)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("reproduce", help="the paper's experiment end to end, plus the checks it lacked")
-    p.add_argument("--data", default="data/sources", help="database folder(s) root or an ingested data folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--weights", default="auto", help="auto | imagenet | none | PATH")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quick", action="store_true", help="smaller, faster settings (smoke test)")
+    p.add_argument("--data", default="data/sources",
+                   help="database folder(s) root or an ingested data folder (default data/sources)")
+    p.add_argument("--out", required=True, help="folder for everything it writes (required)")
+    p.add_argument("--weights", default="auto", help="auto | imagenet | none | PATH, as for train (default auto)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--quick", action="store_true", help="smaller, faster settings: a smoke test (default off)")
     p.set_defaults(func=_reproduce)
 
     p = sub.add_parser("compare", help="several reports side by side")
-    p.add_argument("reports", nargs="+")
-    p.add_argument("--out", help="folder for the table and the ROC overlay")
+    p.add_argument("reports", nargs="+", help="report folders (covidcxr evaluate --out)")
+    p.add_argument("--out", help="folder for the table and the ROC overlay (default: print the table only)")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("diagnose", help="does the model look at the disease or at the hospital?")
-    p.add_argument("run")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("run", help="run folder (covidcxr train --out)")
+    p.add_argument("--data", required=True, help="ingested data folder (required)")
+    p.add_argument("--out", required=True, help="folder for the diagnostics (required)")
     _add_lung_model_flag(p)
     p.set_defaults(func=_diagnose)
 
     p = sub.add_parser("experiment", help="train a grid of settings under a cross-source protocol")
     p.add_argument("config", help="experiment YAML")
-    p.add_argument("--data", help="ingested data folder (overrides the YAML's data)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", help="ingested data folder (default: the YAML's data)")
+    p.add_argument("--out", required=True, help="folder for runs and results (required)")
     p.set_defaults(func=_experiment)
 
     lungs = sub.add_parser("lungs", help="learned lung masks").add_subparsers(dest="lungs_command", required=True,
                                                                               metavar="COMMAND")
     p = lungs.add_parser("fetch", help="extract the hand-drawn lung masks from torchxrayvision's wheel (via pip)")
-    p.add_argument("--out", required=True, help="folder to put semantic_masks_v7labs_lungs/ in")
-    p.add_argument("--find-links", dest="find_links", help="folder holding the wheel (no package index is asked)")
+    p.add_argument("--out", required=True, help="folder to put semantic_masks_v7labs_lungs/ in (required)")
+    p.add_argument("--find-links", dest="find_links",
+                   help="folder holding the wheel, so no package index is asked (default: pip's index)")
     p.set_defaults(func=_lungs_fetch)
     p = lungs.add_parser("train", help="train the lung segmentation model on the masks")
     p.add_argument("data", help="raw data folder with metadata.csv (path, origin_path) whose images have masks")
-    p.add_argument("--masks", required=True, help="mask folder (covidcxr lungs fetch prints it)")
-    p.add_argument("--out", required=True, help="checkpoint file to write (a .json summary is written beside it)")
-    p.add_argument("--size", type=int, default=128, help="model input side in pixels (default 128)")
-    p.add_argument("--epochs", type=int, default=30, help="default 30")
-    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--masks", required=True, help="mask folder, as covidcxr lungs fetch prints it (required)")
+    p.add_argument("--out", required=True,
+                   help="checkpoint file to write; a .json summary is written beside it (required)")
+    p.add_argument("--size", type=POSITIVE_INT_ARG, default=128, help="model input side in pixels (default 128)")
+    p.add_argument("--epochs", type=POSITIVE_INT_ARG, default=30, help="default 30")
+    p.add_argument("--seed", type=COUNT_ARG, default=0, help="default 0")
     p.set_defaults(func=_lungs_train)
 
     pacs = sub.add_parser("pacs", help="read chest radiographs from a PACS, write DICOM Structured Reports back")
@@ -341,21 +400,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError)
+def _one_line_warnings(default: Callable[..., None]) -> Callable[..., None]:
+    """A warnings.showwarning that prints covidcxr's own warnings as one line on stderr, others as `default` does."""
+    def show(message: Warning | str, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
+        if issubclass(category, CovidcxrWarning):
+            print(f"covidcxr: warning: {one_line(message)}", file=sys.stderr)  # type: ignore[arg-type]
+        else:
+            default(message, category, *rest, **kwargs)
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("covidcxr: interrupted; finished work is saved (re-run, or --resume a training run)", file=sys.stderr)
-        return 130
-    except USAGE_ERRORS as exc:
-        if args.debug:
-            raise
-        print(f"covidcxr: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(warnings.showwarning)
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            print("covidcxr: interrupted; finished work is saved (re-run, or --resume a training run)", file=sys.stderr)
+            return 130
+        except CovidcxrError as exc:  # expected failures only: a bug (KeyError, OSError, ...) keeps its traceback
+            if args.debug:
+                raise
+            print(f"covidcxr: error: {one_line(exc)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -5,32 +5,59 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
+from covidcxr.errors import InputError, MissingInputError
+
 T = TypeVar("T")
 
 
-@dataclass
-class IngestConfig:
-    """How raw images become the manifest and the uint8 cache."""
-
-    size: int = 256  # side of the square cached image
-    workers: int = 0  # 0 = all cores
-    layout: str = "auto"
-    square: str = "pad"  # pad | squash | crop: how a non-square image becomes square (see cache.to_square)
-    near_duplicate_corr: float = 0.95  # thumbnail correlation that makes two images copies
-    conflict_duplicate_corr: float = 0.975  # the same, when their labels differ (look-alikes are not copies)
-
-
+SQUARE_CHOICES = ("pad", "squash", "crop")
 EQUALIZE_CHOICES = ("none", "global", "clahe")
 CROP_CHOICES = ("none", "border", "lungs")
 
 
+ARCH_CHOICES = ("alexnet", "resnet18", "densenet121", "efficientnet_b0")  # backbones model.network can build
+BALANCE_CHOICES = ("class", "source-class")
+THRESHOLD_CHOICES = ("youden", "sensitivity")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+AUTO = "auto"  # image_size / weights: chosen when the run starts (see TrainConfig)
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
+        raise InputError(f"{name} {value!r} is not one of {', '.join(choices)}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+Rule = tuple[Callable[[Any], bool], str]  # (accepts the value?, what a valid value is)
+POSITIVE_INT: Rule = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+COUNT: Rule = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+POSITIVE: Rule = (lambda v: _is_number(v) and v > 0, "a number > 0")
+NON_NEGATIVE: Rule = (lambda v: _is_number(v) and v >= 0, "a number >= 0")
+FRACTION: Rule = (lambda v: _is_number(v) and 0 <= v <= 1, "a fraction in [0, 1]")
+IMAGE_SIZE: Rule = (lambda v: v == AUTO or (_is_int(v) and v >= 32), "auto or an integer >= 32")
+
+
+def _check_rules(cfg: Any, rules: dict[str, Rule]) -> None:
+    """InputError naming the first setting that breaks its rule, so bad settings fail before any work starts."""
+    for name, (accepts, what) in rules.items():
+        value = getattr(cfg, name)
+        if not accepts(value):
+            raise InputError(f"{type(cfg).__name__} setting {name} = {value!r} is invalid: it must be {what}")
 
 
 @dataclass
@@ -61,12 +88,39 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         if isinstance(self.equalize, bool):  # configs saved before CLAHE stored a bool
             self.equalize = "global" if self.equalize else "none"
+        _check_rules(self, _AUGMENT_RULES)
         _check_choice("equalize", self.equalize, EQUALIZE_CHOICES)
         _check_choice("crop", self.crop, CROP_CHOICES)
         if self.crop == "lungs" and not self.lung_model:
-            raise ValueError("crop 'lungs' needs lung_model, a checkpoint written by `covidcxr lungs train`")
+            raise InputError("crop 'lungs' needs lung_model, a checkpoint written by `covidcxr lungs train`")
         if not 0.0 <= self.border < 0.5:
-            raise ValueError(f"border {self.border} is not a fraction in [0, 0.5)")
+            raise InputError(f"border {self.border} is not a fraction in [0, 0.5)")
+
+
+@dataclass
+class IngestConfig:
+    """How raw images become the manifest and the uint8 cache."""
+
+    size: int = 256  # side of the square cached image
+    workers: int = 0  # 0 = all cores
+    layout: str = "auto"
+    square: str = "pad"  # pad | squash | crop: how a non-square image becomes square (see cache.to_square)
+    near_duplicate_corr: float = 0.95  # thumbnail correlation that makes two images copies
+    conflict_duplicate_corr: float = 0.975  # the same, when their labels differ (look-alikes are not copies)
+
+    def __post_init__(self) -> None:
+        _check_rules(self, {"size": POSITIVE_INT, "workers": COUNT, "near_duplicate_corr": FRACTION,
+                            "conflict_duplicate_corr": FRACTION})
+        _check_choice("square", self.square, SQUARE_CHOICES)
+
+
+_AUGMENT_RULES: dict[str, Rule] = {
+    "rotate_deg": NON_NEGATIVE,
+    "scale": (lambda v: len(v) == 2 and all(_is_number(x) and x > 0 for x in v) and v[0] <= v[1],
+              "two numbers 0 < low <= high"),
+    "translate": FRACTION, "brightness": NON_NEGATIVE, "contrast": NON_NEGATIVE, "gamma": NON_NEGATIVE,
+    "blur": FRACTION, "noise": NON_NEGATIVE, "resolution_jitter": FRACTION, "jpeg": FRACTION, "clahe_clip": POSITIVE,
+}
 
 
 @dataclass
@@ -76,9 +130,9 @@ class TrainConfig:
     data: str = ""
     out: str = ""
     arch: str = "alexnet"
-    weights: str = "imagenet"  # imagenet | none | PATH
+    weights: str = AUTO  # auto (imagenet when it can be had, else none, with a warning) | imagenet | none | PATH
     task: str = "covid-vs-normal"
-    image_size: int = 112  # model input side: CPU-friendly; 224 for the paper's resolution on a GPU
+    image_size: int | str = AUTO  # model input side; auto: 224 (the paper's) on a GPU, 112 (CPU-friendly) on a CPU
     epochs: int = 15
     batch_size: int = 64
     lr: float = 0.01  # new head; the pretrained layers use lr * backbone_lr_scale
@@ -101,6 +155,26 @@ class TrainConfig:
     compile: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    def __post_init__(self) -> None:
+        _check_rules(self, _TRAIN_RULES)
+        _check_choice("arch", self.arch, ARCH_CHOICES)
+        _check_choice("balance", self.balance, BALANCE_CHOICES)
+        _check_choice("threshold_method", self.threshold_method, THRESHOLD_CHOICES)
+        if not DEVICE_PATTERN.fullmatch(str(self.device)):
+            raise InputError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+_TRAIN_RULES: dict[str, Rule] = {
+    "image_size": IMAGE_SIZE,
+    "epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE, "backbone_lr_scale": NON_NEGATIVE,
+    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"), "weight_decay": NON_NEGATIVE,
+    "patience": POSITIVE_INT, "checkpoint_every": POSITIVE_INT, "seed": COUNT,
+    "split_fractions": (lambda v: len(v) == 3 and all(FRACTION[0](x) for x in v) and abs(sum(v) - 1) < 1e-6,
+                        "three fractions (train, val, test) that sum to 1"),
+    "max_train_images": COUNT, "domain_adversarial": NON_NEGATIVE,
+    "target_sensitivity": (lambda v: _is_number(v) and 0 < v <= 1, "a fraction in (0, 1]"),
+}
+
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
@@ -111,7 +185,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     hints = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(data) - set(hints)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} setting(s): {', '.join(sorted(unknown))}")
+        raise InputError(f"unknown {cls.__name__} setting(s): {', '.join(sorted(unknown))}")
     kwargs = {}
     for name, value in data.items():
         default = hints[name].default_factory if hints[name].default_factory is not dataclasses.MISSING else None
@@ -121,6 +195,21 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping in a YAML file the user named (`what` it should hold, for the message); a missing or malformed
+    file is one InputError line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: no such file (expected a YAML file of {what})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of {what}, found a {type(data).__name__}")
+    return data
 
 
 def save_json(obj: Any, path: str | Path) -> None:

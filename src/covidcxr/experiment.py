@@ -23,7 +23,8 @@ from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from covidcxr.data import tasks  # noqa: E402
 from covidcxr.data.cache import ImageCache  # noqa: E402
-from covidcxr.config import TrainConfig, config_hash, from_dict, to_dict  # noqa: E402
+from covidcxr.config import TrainConfig, config_hash, from_dict, read_yaml, to_dict  # noqa: E402
+from covidcxr.errors import InputError  # noqa: E402
 from covidcxr.evaluation.evaluate import predictions  # noqa: E402
 from covidcxr.data.splits import external_folds  # noqa: E402
 from covidcxr.training.trainer import train  # noqa: E402
@@ -44,16 +45,16 @@ GRID_KEYS = {"data", "settings", "base", "seeds", "eval_task", "folds", "keep_ch
 def load_grid(path: str | Path, data: str | None = None) -> dict:
     """Experiment YAML: data, eval_task, base (TrainConfig settings), settings {name: overrides}, seeds, folds,
     keep_checkpoints. Every key and setting is checked here, before anything is trained (a typo must not cost a grid)."""
-    spec = yaml.safe_load(Path(path).read_text()) or {}
+    spec = read_yaml(path, "experiment settings (data, settings, ...)")
     if data:
         spec["data"] = str(data)
     missing, unknown = {"data", "settings"} - set(spec), set(spec) - GRID_KEYS
     if missing or unknown:
         problems = [f"missing key(s) {', '.join(sorted(missing))}"] if missing else []
         problems += [f"unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(GRID_KEYS))})"] if unknown else []
-        raise ValueError(f"{path}: {'; '.join(problems)}")
+        raise InputError(f"{path}: {'; '.join(problems)}")
     if not isinstance(spec["settings"], dict) or not spec["settings"]:
-        raise ValueError(f"{path}: settings must map setting names to TrainConfig overrides")
+        raise InputError(f"{path}: settings must map setting names to TrainConfig overrides")
     spec.setdefault("base", {})
     spec.setdefault("seeds", [0])
     spec.setdefault("eval_task", "covid-vs-normal")
@@ -62,7 +63,7 @@ def load_grid(path: str | Path, data: str | None = None) -> dict:
         try:
             from_dict(TrainConfig, _merge(_merge(to_dict(TrainConfig()), spec["base"]), override or {}))
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"{path}: setting {name!r}: {exc}") from None
+            raise InputError(f"{path}: setting {name!r}: {exc}") from None
     return spec
 
 
@@ -74,7 +75,7 @@ def held_out_folds(spec: dict) -> list[list[str]]:
     names = ["+".join(f) for f in available]
     unknown = [f for f in spec["folds"] if f not in names]
     if unknown:
-        raise ValueError(f"folds {', '.join(unknown)} are not external folds of {spec['data']} "
+        raise InputError(f"folds {', '.join(unknown)} are not external folds of {spec['data']} "
                          f"(available: {', '.join(names) or 'none'})")
     return [[]] + [f for f in available if "+".join(f) in spec["folds"]]
 
@@ -146,7 +147,7 @@ def check_same_settings(run_dir: Path, cfg: TrainConfig) -> None:
     """A finished row is only reused when its run was trained with the settings asked for now."""
     saved = run_dir / "config.json"
     if saved.exists() and json.loads(saved.read_text()).get("config_hash") != config_hash(cfg):
-        raise ValueError(f"{run_dir} was trained with other settings than the experiment now asks for; "
+        raise InputError(f"{run_dir} was trained with other settings than the experiment now asks for; "
                          "use a new --out (or remove its row from results.csv to retrain it)")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import html
 import json
 import sys
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,9 +18,10 @@ from covidcxr.data import tasks
 from covidcxr.data.cache import CACHE_META, ImageCache
 from covidcxr.data.splits import MIN_CLASS, external_folds
 from covidcxr.config import IngestConfig, TrainConfig, save_json, to_dict
+from covidcxr.errors import MissingInputError
 from covidcxr.evaluation.evaluate import evaluate
 from covidcxr.data.ingest import ingest
-from covidcxr.model.network import WeightsUnavailableError, build_model
+from covidcxr.model.network import resolve_weights
 from covidcxr.training.trainer import train
 
 PAPER = {"accuracy": 0.965, "sensitivity": 0.980, "specificity": 0.917}
@@ -34,7 +34,7 @@ def prepare_data(data: str | Path, out: Path) -> Path:
     if (data / CACHE_META).exists():
         return data
     if not data.exists():
-        raise FileNotFoundError(f"{data}: no such folder; pass --data with database folders or an ingested data folder "
+        raise MissingInputError(f"{data}: no such folder; pass --data with database folders or an ingested data folder "
                                 f"(covidcxr data download --to {data} fetches the public ones)")
     report = ingest([data], out / "data", IngestConfig())
     if report.unreadable:
@@ -43,18 +43,6 @@ def prepare_data(data: str | Path, out: Path) -> Path:
     return out / "data"
 
 
-def resolve_weights(weights: str, arch: str) -> tuple[str, str | None]:
-    """'auto' -> imagenet when torchvision's weights can be had, else none with a warning to repeat in the report."""
-    if weights != "auto":
-        return weights, None
-    try:
-        build_model(arch, 2, "imagenet")
-        return "imagenet", None
-    except WeightsUnavailableError as exc:
-        message = (f"ImageNet weights could not be had ({exc}); the model was trained from random initialisation, "
-                   "unlike the paper's transfer learning. Numbers are therefore not the paper's method.")
-        warnings.warn(message, stacklevel=1)
-        return "none", message
 
 
 EXTERNAL_EPOCHS = 8  # external-validation runs are shorter so that the whole job fits 30 minutes on 2 CPU cores

@@ -14,12 +14,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from covidcxr.errors import InputError
+from covidcxr.config import SQUARE_CHOICES
+from covidcxr.errors import InputError, MissingInputError
 
 CACHE_FILE = "cache.u8"
 CACHE_META = "cache.json"
 MANIFEST_FILE = "manifest.parquet"
-SQUARE_MODES = ("pad", "squash", "crop")
 
 
 def to_levels(x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +61,8 @@ def to_cache_levels(image: torch.Tensor, mode: str, size: int) -> torch.Tensor:
 
 def to_square(img: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
     """Gray float image (H, W) in [0, 1] -> (size, size) uint8: what the cache stores for it."""
-    if mode not in SQUARE_MODES:
-        raise InputError(f"unknown square mode {mode!r}; choose one of {', '.join(SQUARE_MODES)}")
+    if mode not in SQUARE_CHOICES:
+        raise InputError(f"unknown square mode {mode!r}; choose one of {', '.join(SQUARE_CHOICES)}")
     with torch.no_grad():
         image = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
         return to_cache_levels(image, mode, size)[0, 0].to(torch.uint8).numpy()
@@ -79,10 +79,10 @@ class ImageCache:
             asked = {"size": size, "square": square}
             for key, value in asked.items():
                 if value is not None and value != meta[key]:
-                    raise ValueError(f"{self.dir}: cache was built with {key}={meta[key]}, asked for {value}; use a new --out")
+                    raise InputError(f"{self.dir}: cache was built with {key}={meta[key]}, asked for {value}; use a new --out")
             self.size, self.capacity, self.square = int(meta["size"]), int(meta["capacity"]), meta["square"]
         elif size is None:
-            raise FileNotFoundError(f"{self.dir}: not an ingested data folder (no {CACHE_META}); run covidcxr ingest first")
+            raise MissingInputError(f"{self.dir}: not an ingested data folder (no {CACHE_META}); run covidcxr ingest first")
         else:
             self.size, self.capacity, self.square = size, 0, square or "pad"
         self.mode = mode

@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from covidcxr.data.sources import LAYOUTS
+from covidcxr.errors import CovidcxrError
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,9 @@ _NLM_TB_BY_HAND = (
 )
 
 
-class DownloadError(OSError):
-    """A database could not be fetched; the message is one line saying why and what to do. An OSError, so
-    callers that report I/O failures as one line (the CLI does) need nothing extra."""
+class DownloadError(CovidcxrError, OSError):
+    """A database could not be fetched; the message is one line saying why and what to do (an OSError too, as
+    before it was a CovidcxrError)."""
 
 
 @dataclass(frozen=True)

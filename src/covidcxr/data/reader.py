@@ -25,6 +25,8 @@ from pydicom.uid import JPEGExtended12Bit
 
 from covidcxr.errors import InputError
 
+from covidcxr.errors import ImageReadError
+
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: no chest X-ray has 100 megapixels
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, what Pillow's "L" uses
 CHEST_MODALITIES = ("CR", "DX", "DR")  # computed and digital radiography (DR: a common non-standard spelling of DX)
@@ -32,15 +34,6 @@ LATERAL_VIEWS = ("LL", "RL", "LATERAL")
 
 # pydicom tries its own plugins first; this one decodes the 12-bit files they refuse (see covidcxr.data.jpeg12)
 get_decoder(JPEGExtended12Bit).add_plugin("covidcxr-jpeg12", ("covidcxr.data.jpeg12", "decode_frame"))
-
-
-class ImageReadError(InputError):
-    """A file that cannot be turned into an image; `reason` is one short human sentence, kept to one line."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = str(path)
-        self.reason = " ".join(reason.split())  # decoder messages span lines; reports and logs want one
-        super().__init__(f"{self.path}: {self.reason}")
 
 
 def read_image(source: str | Path | bytes, name: str = "<upload>") -> np.ndarray:

@@ -13,12 +13,9 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.data import tasks
+from covidcxr.errors import InputError, LeakageError
 
 PARTS = ("train", "val", "test")
-
-
-class LeakageError(AssertionError):
-    """A patient appears in more than one part of a split."""
 
 
 def patient_uniform(patient_ids: pd.Series, seed: int) -> np.ndarray:
@@ -33,7 +30,7 @@ def patient_uniform(patient_ids: pd.Series, seed: int) -> np.ndarray:
 def patient_split(df: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> pd.Series:
     """'train' / 'val' / 'test' per row, by patient."""
     if not np.isclose(sum(fractions), 1.0) or min(fractions) < 0:
-        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+        raise InputError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
     u = patient_uniform(df["patient_id"].astype(str), seed)
     edges = np.cumsum(fractions)[:-1]
     parts = np.array(PARTS)[np.searchsorted(edges, u, side="right")]
@@ -54,7 +51,7 @@ def leave_sources_out(df: pd.DataFrame, held_out: list[str], fractions=(0.85, 0.
     """Held-out sources are the test part; the rest is split train/val by patient (external validation)."""
     unknown = set(held_out) - set(df["source"])
     if unknown:
-        raise ValueError(f"unknown source(s) to hold out: {', '.join(sorted(unknown))}")
+        raise InputError(f"unknown source(s) to hold out: {', '.join(sorted(unknown))}")
     rest = ~df["source"].isin(held_out)
     split = pd.Series("test", index=df.index, name="split")
     split[rest] = patient_split(df[rest], (fractions[0], fractions[1], 0.0), seed)
@@ -67,7 +64,9 @@ def assert_patient_disjoint(patient_ids: pd.Series, parts: pd.Series) -> None:
     per_patient = pd.DataFrame({"p": patient_ids.astype(str), "s": parts}).groupby("p")["s"].nunique()
     leaked = per_patient[per_patient > 1]
     if len(leaked):
-        raise LeakageError(f"{len(leaked)} patient(s) in more than one split part, e.g. {list(leaked.index[:5])}")
+        raise LeakageError(f"{len(leaked)} patient(s) in more than one split part, e.g. {list(leaked.index[:5])}: "
+                           "a patient's images must share one part (hold out every source they appear in, or fix "
+                           "their patient_id)")
 
 
 MIN_CLASS = 10  # a source needs this many images of a class to count as holding it

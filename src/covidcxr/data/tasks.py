@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from covidcxr.errors import InputError
+
 LABELS = ("covid", "normal", "pneumonia", "other")
 
 # class order per task; the positive class (COVID-19) is always index 1 so binary scores are softmax[:, 1]
@@ -17,7 +19,7 @@ POSITIVE_INDEX = 1
 
 def check_task(task: str) -> str:
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     return task
 
 

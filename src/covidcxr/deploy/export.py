@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidcxr.errors import CovidcxrError, InputError
+from covidcxr.errors import ExportParityError, InputError
 from covidcxr.preprocess.transform import Preprocess
 from covidcxr.scoring import Scorer
 
@@ -35,10 +35,6 @@ PARITY_SHAPES = ((300, 200), (200, 333), (256, 256), (97, 131))  # portrait, lan
 MAX_SIDE = 16384
 CONTRACT = ("input `image`: float32 (1, 1, H, W), gray in [0, 1], at the decoded image's own size; "
             "output `probabilities`: float32 (1, {n}) in the order {classes}")
-
-
-class ExportParityError(CovidcxrError):
-    """The exported model's probabilities differ from covidcxr's own."""
 
 
 class ExportGraph(nn.Module):

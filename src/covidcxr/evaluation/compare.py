@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from covidcxr.errors import InputError
 from covidcxr.evaluation.metrics import METRIC_NAMES, read_metrics
 from covidcxr.evaluation.plots import plot_roc_overlay
 
@@ -21,16 +22,16 @@ def load_report(report_dir: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
     """metrics.json and predictions.csv of one report folder; one clear error naming the folder otherwise."""
     folder = Path(report_dir)
     if not folder.is_dir():
-        raise ValueError(f"{folder}: no such report folder")
+        raise InputError(f"{folder}: no such report folder")
     metrics = read_metrics(folder / "metrics.json")
     preds_path = folder / "predictions.csv"
     try:
         preds = pd.read_csv(preds_path)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise ValueError(f"{preds_path}: cannot read predictions ({err})") from None
+        raise InputError(f"{preds_path}: cannot read predictions ({err})") from None
     missing = {"y", "score"} - set(preds.columns)
     if missing:
-        raise ValueError(f"{preds_path}: missing columns {sorted(missing)}")
+        raise InputError(f"{preds_path}: missing columns {sorted(missing)}")
     return metrics, preds
 
 
@@ -69,7 +70,7 @@ def compare_reports(report_dirs: Sequence[str | Path], out: str | Path | None = 
     With `out`, also writes compare.csv, compare.md and roc_overlay.png there.
     """
     if not report_dirs:
-        raise ValueError("compare needs at least one report folder")
+        raise InputError("compare needs at least one report folder")
     dirs = [Path(d) for d in report_dirs]
     loaded = [load_report(d) for d in dirs]
     names = _names(dirs)

@@ -15,10 +15,20 @@ import torch
 from covidcxr.data import tasks
 from covidcxr.data.cache import ImageCache
 from covidcxr.data.manifest import manifest_hash
+from covidcxr.errors import InputError
 from covidcxr.evaluation.metrics import evaluate_predictions
 from covidcxr.scoring import Scorer
 from covidcxr.evaluation.report import write_report
 from covidcxr.evaluation.selection import select_images
+
+
+def weights_shown(config: dict) -> str:
+    """The weights a run started from, as a report shows them: what "auto" chose, and that random init is not
+    transfer learning."""
+    asked, used = config.get("weights", ""), config.get("weights_used")
+    if asked != "auto" or not used:
+        return asked
+    return "imagenet (auto)" if used == "imagenet" else f"{used} (auto: no ImageNet weights; NOT transfer learning)"
 
 
 def predictions(run: str | Path, data: str | Path, split: str = "test", device: str = "auto",
@@ -35,7 +45,7 @@ def predictions(run: str | Path, data: str | Path, split: str = "test", device: 
     task = task or meta["task"]
     rows = rows[tasks.encode(rows["label"], task) >= 0].reset_index(drop=True)
     if rows.empty:
-        raise ValueError(f"{data}: no images with labels that task {task} uses")
+        raise InputError(f"{data}: no images with labels that task {task} uses")
     if excluded:
         print(f"note: {excluded} image(s) of {data} were used to train or validate this run and are left out", file=sys.stderr)
     pred = rows[["path", "source", "patient_id", "label"]].copy()
@@ -46,7 +56,7 @@ def predictions(run: str | Path, data: str | Path, split: str = "test", device: 
         "run": str(run.resolve()), "run_config_hash": meta.get("config_hash", ""), "model_epoch": meta.get("epoch"),
         "run_manifest_hash": meta.get("manifest_hash", ""), "data": str(Path(data).resolve()),
         "data_manifest_hash": manifest_hash(rows), "split": split, "excluded_seen_images": excluded,
-        "task": task, "arch": meta["arch"], "weights": config.get("weights", ""),
+        "task": task, "arch": meta["arch"], "weights": weights_shown(config),
         "train_sources": ", ".join(config.get("train_sources", [])), "threshold_method": meta.get("threshold_method"),
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
     }

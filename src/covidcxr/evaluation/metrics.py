@@ -24,6 +24,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from covidcxr.errors import InputError
+
 METRIC_NAMES = (
     "accuracy",
     "sensitivity",
@@ -45,7 +47,7 @@ def _as_arrays(y: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
     if y_arr.ndim != 1 or y_arr.shape != s_arr.shape:
         raise ValueError(f"y and score must be 1-D of equal length, got shapes {y_arr.shape} and {s_arr.shape}")
     if y_arr.size == 0:
-        raise ValueError("no predictions to evaluate")
+        raise InputError("no predictions to evaluate")
     if not np.isin(y_arr, (0, 1)).all():
         raise ValueError(f"y must be 0/1, got values {sorted(set(y_arr.tolist()) - {0, 1})[:5]}")
     if not np.isfinite(s_arr).all():
@@ -167,7 +169,7 @@ def patient_bootstrap_weights(codes: np.ndarray, n_boot: int, seed: int = 0) -> 
     """Bootstrap replicates as image weights, in chunks of shape (b, n_images): how often each image's patient
     (`codes`: one value per image, e.g. from patient_codes) was drawn when resampling patients with replacement."""
     if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+        raise InputError(f"n_boot must be at least 1, got {n_boot}")
     codes, _ = pd.factorize(np.asarray(codes))  # contiguous 0..k-1; patient_codes output passes unchanged
     n_pat = int(codes.max()) + 1
     rng = np.random.default_rng(seed)
@@ -278,7 +280,7 @@ def evaluate_predictions(
     """
     missing = {"path", "source", "patient_id", "label", "y", "score"} - set(pred_df.columns)
     if missing:
-        raise ValueError(f"predictions lack columns {sorted(missing)}")
+        raise InputError(f"predictions lack columns {sorted(missing)}")
     metrics = _summary(pred_df, threshold, n_boot, seed)
     per_source: dict[str, Any] = {}
     for source, sub in pred_df.groupby(pred_df["source"].astype(str), sort=True):
@@ -326,8 +328,8 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read metrics ({err})") from None
+        raise InputError(f"{path}: cannot read metrics ({err})") from None
     missing = [k for k in (*METRIC_NAMES, "threshold", "confusion", "n") if k not in data]
     if missing:
-        raise ValueError(f"{path}: not a covidcxr metrics.json (missing {', '.join(missing)})")
+        raise InputError(f"{path}: not a covidcxr metrics.json (missing {', '.join(missing)})")
     return data

@@ -31,6 +31,7 @@ from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
+from covidcxr.errors import InputError, MissingInputError
 from covidcxr.lungs.boxes import mask_boxes
 from covidcxr.data.download import DownloadError
 from covidcxr.data.reader import read_image
@@ -96,16 +97,16 @@ def paired_images(data: Path, mask_dir: Path) -> pd.DataFrame:
     data, mask_dir = Path(data), Path(mask_dir)
     csv = data / "metadata.csv"
     if not csv.is_file():
-        raise FileNotFoundError(f"{csv} not found: expected a raw data folder with a metadata.csv (column path)")
+        raise MissingInputError(f"{csv} not found: expected a raw data folder with a metadata.csv (column path)")
     if not mask_dir.is_dir():
-        raise FileNotFoundError(f"mask folder {mask_dir} not found (covidcxr lungs fetch prints it)")
+        raise MissingInputError(f"mask folder {mask_dir} not found (covidcxr lungs fetch prints it)")
     meta = pd.read_csv(csv, dtype=str)
     key = "origin_path" if "origin_path" in meta.columns else "path"
     masks = {p.name: p for p in mask_dir.iterdir() if p.is_file()}
     names = meta[key].fillna("").map(lambda p: Path(p).name)
     matched = meta[names.isin(masks.keys())]
     if matched.empty:
-        raise ValueError(f"no image of {csv} has a mask in {mask_dir} (matched on the file name in column {key})")
+        raise InputError(f"no image of {csv} has a mask in {mask_dir} (matched on the file name in column {key})")
     pairs = pd.DataFrame({"image": [str(data / p) for p in matched["path"]],
                           "mask": [str(masks[n]) for n in names[matched.index]]})
     if "patient_id" in matched.columns:
@@ -165,7 +166,7 @@ def _load_pairs(pairs: pd.DataFrame, size: int) -> tuple[torch.Tensor, torch.Ten
         if drawn.shape != img.shape:  # the image may be a shrunk copy; the mask keeps the original size
             aspect = (img.shape[-1] / img.shape[-2], drawn.shape[-1] / drawn.shape[-2])
             if abs(aspect[0] - aspect[1]) > 0.02 * aspect[1]:
-                raise ValueError(f"{image} ({img.shape[-1]}x{img.shape[-2]}) and its mask {mask} "
+                raise InputError(f"{image} ({img.shape[-1]}x{img.shape[-2]}) and its mask {mask} "
                                  f"({drawn.shape[-1]}x{drawn.shape[-2]}) differ in aspect ratio")
         images.append(_resize(img, size))
         masks.append((_resize(drawn, size) > 0.5).float())
@@ -179,7 +180,7 @@ def _split(pairs: pd.DataFrame, val_fraction: float, seed: int) -> np.ndarray:
         else pairs["image"]
     unique = np.array(sorted(set(groups)))
     if len(unique) < 2:
-        raise ValueError(f"need images of at least 2 patients to hold some out for validation, got {len(unique)}")
+        raise InputError(f"need images of at least 2 patients to hold some out for validation, got {len(unique)}")
     shuffled = np.random.default_rng(seed).permutation(unique)
     n_val = min(len(unique) - 1, max(1, round(val_fraction * len(unique))))
     return groups.isin(shuffled[:n_val]).to_numpy(copy=True)

@@ -11,6 +11,8 @@ import os
 import pickle
 import re
 import socket
+import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +24,10 @@ import torch
 import torchvision
 from torch import nn
 
-ARCHS = ("alexnet", "resnet18", "densenet121", "efficientnet_b0")
+from covidcxr.config import ARCH_CHOICES
+from covidcxr.errors import CovidcxrWarning, InputError, MissingInputError, WeightsUnavailableError
+
+ARCHS = ARCH_CHOICES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,10 +41,6 @@ SOURCE_HIDDEN = 256
 
 
 LUNG_MODEL = "lungs.pt"  # a run's copy of the lung model its crop="lungs" preprocessing uses
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights are neither cached nor downloadable (e.g. offline)."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet", num_sour
     A pretrained head is kept when it already has `num_classes` outputs, else a new one is made.
     """
     if arch not in _SPECS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise InputError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if weights == "none":
         return _random_gray(arch, num_classes, num_sources)
     if weights == "imagenet":
@@ -164,6 +165,22 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet", num_sour
     if _is_checkpoint(obj):
         return _from_checkpoint(arch, obj, num_classes, num_sources, weights)
     return _from_torchvision(arch, obj, num_classes, num_sources, str(weights))
+
+
+def resolve_weights(weights: str, arch: str) -> tuple[str, str | None]:
+    """'auto' -> ("imagenet", None) when torchvision's weights are cached or downloadable, else ("none", note) with
+    the note also issued as a warning, so a new user offline gets a run (flagged as not transfer learning) instead of
+    an error. Any other value is returned as it is; "imagenet" stays strict in `build_model`."""
+    if weights != "auto":
+        return weights, None
+    try:
+        _imagenet_weights_file(arch)
+        return "imagenet", None
+    except WeightsUnavailableError as exc:
+        note = (f"weights auto: {exc}. Training from random initialisation instead, so the result is NOT transfer "
+                "learning (--weights imagenet insists on ImageNet weights)")
+        warnings.warn(note, CovidcxrWarning, stacklevel=2)
+        return "none", note
 
 
 def _random_gray(arch: str, num_classes: int, num_sources: int) -> GrayClassifier:
@@ -183,7 +200,7 @@ def _from_torchvision(
     try:
         tv.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise ValueError(f"{origin}: not a torchvision {arch} state dict ({_one_line(e)})") from None
+        raise InputError(f"{origin}: not a torchvision {arch} state dict ({_one_line(e)})") from None
     rgb = tv.get_submodule(_SPECS[arch].first_conv)
     return _to_gray(arch, tv, rgb, IMAGENET_MEAN, IMAGENET_STD, num_classes, num_sources)
 
@@ -194,13 +211,13 @@ def _from_checkpoint(
     """Start from a covidcxr checkpoint; its heads are reused where their shapes fit, else fresh ones are kept."""
     saved_arch = ckpt["meta"].get("arch")
     if saved_arch != arch:
-        raise ValueError(f"{path}: checkpoint is for arch {saved_arch!r}, not {arch!r}")
+        raise InputError(f"{path}: checkpoint is for arch {saved_arch!r}, not {arch!r}")
     model = _random_gray(arch, num_classes, num_sources)
     target = model.state_dict()
     usable = {k: v for k, v in ckpt["model"].items() if k in target and target[k].shape == v.shape}
     missing = [k for k in target if k.startswith("backbone.") and k not in usable]
     if missing:
-        raise ValueError(f"{path}: checkpoint does not fit a gray {arch} (e.g. {missing[0]})")
+        raise InputError(f"{path}: checkpoint does not fit a gray {arch} (e.g. {missing[0]})")
     model.load_state_dict(usable, strict=False)
     return model
 
@@ -282,7 +299,16 @@ def _imagenet_state_dict(arch: str) -> dict[str, Any]:
             f"use --weights none to train from scratch, or --weights PATH with a downloaded {filename} placed anywhere"
         ) from None
     except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise ValueError(f"ImageNet weights file {filename} for {arch} is unusable: {_one_line(e)}") from None
+        raise InputError(f"ImageNet weights file {filename} for {arch} is unusable: {_one_line(e)}") from None
+
+
+def _imagenet_weights_file(arch: str) -> Path:
+    """The cached ImageNet weights file, downloaded first when absent (without loading a cached one)."""
+    url = torchvision.models.get_model_weights(arch)["IMAGENET1K_V1"].url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    if not path.is_file():
+        _imagenet_state_dict(arch)
+    return path
 
 
 @contextmanager
@@ -296,13 +322,27 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(old)
 
 
-def _load_file(path: str | Path) -> Any:
+def _load_file(path: str | Path) -> dict[str, Any]:
+    """A dict saved by torch.save; anything else (a text file, a bare tensor) is an InputError naming the file."""
+    if not Path(path).is_file():
+        raise MissingInputError(f"{path}: no such weights file (use --weights imagenet, none or PATH)")
+    if not _saved_by_torch(Path(path)):  # torch.load fails on other files with any exception type at all
+        raise InputError(f"{path}: cannot read as PyTorch weights (not a file torch.save wrote; expected a state "
+                         "dict or covidcxr checkpoint)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such weights file (use --weights imagenet, none or PATH)") from None
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read as PyTorch weights ({_one_line(e)})") from None
+        raise InputError(f"{path}: cannot read as PyTorch weights ({_one_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict or covidcxr checkpoint")
+    return obj
+
+
+def _saved_by_torch(path: Path) -> bool:
+    """torch.save's formats: a zip archive (torch >= 1.6) or, legacy (e.g. torchvision's older weight files),
+    a pickle, whose first byte is the PROTO opcode."""
+    with open(path, "rb") as fh:
+        return fh.read(1) == pickle.PROTO or zipfile.is_zipfile(fh)
 
 
 def _is_checkpoint(obj: Any) -> bool:
@@ -341,7 +381,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint written by `save_checkpoint`, tensors on the CPU."""
     obj = _load_file(path)
     if not _is_checkpoint(obj):
-        raise ValueError(f"{path}: not a covidcxr checkpoint (no 'model' and 'meta' entries)")
+        raise InputError(f"{path}: not a covidcxr checkpoint (no 'model' and 'meta' entries)")
     return obj
 
 
@@ -351,14 +391,14 @@ def load_run(
     """The model saved in a run folder, in eval mode on `device`, and its meta."""
     path = Path(run_dir) / which
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a covidcxr run folder (no {which}); covidcxr train writes one")
+        raise MissingInputError(f"{run_dir}: not a covidcxr run folder (no {which}); covidcxr train writes one")
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
     try:
         model = build_model(meta["arch"], len(meta["classes"]), "none", int(meta.get("num_sources", 0)))
         model.load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as e:
-        raise ValueError(f"{path}: checkpoint does not match its meta ({_one_line(e)})") from None
+        raise InputError(f"{path}: checkpoint does not match its meta ({_one_line(e)})") from None
     if meta.get("augment", {}).get("crop") == "lungs":  # score with the run's copy of its lung model
         meta["augment"]["lung_model"] = str(Path(run_dir) / LUNG_MODEL)
     return model.to(device).eval(), meta

@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from covidcxr.errors import InputError
+
 THRESHOLD_METHODS = ("youden", "sensitivity")
 
 
@@ -20,15 +22,15 @@ def choose_threshold(
     """
     y_arr, s_arr = np.asarray(y), np.asarray(score, dtype=float)
     if y_arr.min() == y_arr.max():
-        raise ValueError("choosing a threshold needs both classes in the validation predictions")
+        raise InputError("choosing a threshold needs both classes in the validation predictions")
     fpr, tpr, thresholds = roc_curve(y_arr, s_arr, drop_intermediate=False)
     fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # drop the 'call nobody positive' point (inf)
     if method == "youden":
         best = int(np.argmax(tpr - fpr))
     elif method == "sensitivity":
         if not 0.0 < target_sensitivity <= 1.0:
-            raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+            raise InputError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
         best = int(np.argmax(tpr >= target_sensitivity - 1e-12))  # tpr ends at 1, so a match exists
     else:
-        raise ValueError(f"unknown threshold method {method!r}; use one of {', '.join(THRESHOLD_METHODS)}")
+        raise InputError(f"unknown threshold method {method!r}; use one of {', '.join(THRESHOLD_METHODS)}")
     return float(thresholds[best])

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covidcxr.config import AugmentConfig
-from covidcxr.data.cache import SQUARE_MODES, to_cache_levels, to_levels, resize
+from covidcxr.config import SQUARE_CHOICES, AugmentConfig
+from covidcxr.data.cache import to_cache_levels, to_levels, resize
 from covidcxr.errors import InputError
 from covidcxr.lungs.boxes import content_boxes
 
@@ -41,8 +41,8 @@ class PreprocessSpec:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        if self.square not in SQUARE_MODES:
-            raise InputError(f"unknown square mode {self.square!r}; choose one of {', '.join(SQUARE_MODES)}")
+        if self.square not in SQUARE_CHOICES:
+            raise InputError(f"unknown square mode {self.square!r}; choose one of {', '.join(SQUARE_CHOICES)}")
 
     @classmethod
     def from_meta(cls, meta: dict) -> "PreprocessSpec":

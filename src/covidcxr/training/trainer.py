@@ -26,18 +26,20 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from covidcxr.data import tasks
+from covidcxr.errors import InputError, MissingInputError, RunExistsError
 from covidcxr.preprocess.augment import augment_batch
 from covidcxr.preprocess.transform import Preprocess, PreprocessSpec
 from covidcxr.data.cache import ImageCache
-from covidcxr.config import TrainConfig, config_hash, save_json, to_dict
+from covidcxr.config import AUTO, TrainConfig, config_hash, save_json, to_dict
 from covidcxr.data.manifest import manifest_hash
 from covidcxr.model.threshold import choose_threshold
-from covidcxr.model.network import (LUNG_MODEL, build_model, forward_with_features, load_checkpoint, parameter_groups, save_checkpoint,
-                    source_logits)
+from covidcxr.model.network import (LUNG_MODEL, build_model, forward_with_features, load_checkpoint, parameter_groups,
+                                    resolve_weights, save_checkpoint, source_logits)
 from covidcxr.device import autocast, resolve_device
 from covidcxr.scoring import predict_probs
 from covidcxr.data.splits import leave_sources_out, patient_split
 
+AUTO_IMAGE_SIZE = {"cuda": 224, "cpu": 112}  # the paper's resolution where a GPU makes it affordable
 HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds"]
 
 
@@ -62,6 +64,11 @@ def init_distributed(device_type: str) -> Dist:
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend)
     return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_image_size(image_size: int | str, device: torch.device) -> int:
+    """image_size "auto" -> 224 on a GPU, 112 elsewhere; a number as it is."""
+    return AUTO_IMAGE_SIZE.get(device.type, AUTO_IMAGE_SIZE["cpu"]) if image_size == AUTO else int(image_size)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -94,7 +101,7 @@ def load_data(cfg: TrainConfig) -> tuple[ImageCache, pd.DataFrame]:
         df.loc[drop, "split"] = "unused"
     for part in ("train", "val"):
         if df.loc[df["split"] == part, "y"].nunique() < 2:
-            raise ValueError(f"{cfg.data}: the {part} part of the split has fewer than two classes for task {cfg.task}")
+            raise InputError(f"{cfg.data}: the {part} part of the split has fewer than two classes for task {cfg.task}")
     return cache, df
 
 
@@ -110,14 +117,20 @@ def epoch_order(train: pd.DataFrame, cfg: TrainConfig, epoch: int, d: Dist) -> t
     if cfg.balance == "source-class":  # every (source, class) group drawn equally often
         groups = train.groupby(["source", "y"])["y"].transform("size").to_numpy()
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        drawn = torch.multinomial(torch.tensor(1.0 / groups), len(train), replacement=True, generator=gen)
-        per_rank = len(drawn) // d.world
+        per_rank = math.ceil(len(train) / d.world)
+        drawn = torch.multinomial(torch.tensor(1.0 / groups), per_rank * d.world, replacement=True, generator=gen)
         return drawn[d.rank * per_rank:(d.rank + 1) * per_rank]
-    if cfg.balance != "class":
-        raise ValueError(f"unknown --balance {cfg.balance!r}; choose class or source-class")
-    sampler = DistributedSampler(range(len(train)), d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler = DistributedSampler(range(len(train)), d.world, d.rank, shuffle=True, seed=cfg.seed)  # pads, drops none
     sampler.set_epoch(epoch)
     return torch.tensor(list(iter(sampler)))
+
+
+def batches_per_epoch(n_images: int, batch_size: int, world: int, batchnorm: bool) -> int:
+    """One rank's batches per epoch, the last partial one included (dropping it cost small sets up to a third of
+    their images every epoch); only a last batch of one image is dropped for BatchNorm models, which cannot train
+    on it."""
+    full, rest = divmod(math.ceil(n_images / world), batch_size)
+    return max(1, full + int(rest > 1 or (rest == 1 and not batchnorm)))
 
 
 def lr_lambda(total_steps: int, warmup: int):
@@ -153,13 +166,14 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.d.local_rank)
         seed_everything(cfg.seed, cfg.deterministic)
         self.cache, self.df = load_data(cfg)
+        self.weights, self.image_size = self._resolve_auto(resume)
         self.manifest_hash = manifest_hash(self.df)  # identity of the data this run uses, written with every checkpoint
         self.classes = tasks.class_names(cfg.task)
         train = self.df[self.df["split"] == "train"].reset_index(drop=True)
         self.train_df = train
         self.sources = sorted(train["source"].unique())
         # the deterministic preprocessing, once per set: the same code and rounding that scoring uses
-        self.preprocess = Preprocess(PreprocessSpec(self.cache.square, self.cache.size, cfg.image_size, cfg.augment))
+        self.preprocess = Preprocess(PreprocessSpec(self.cache.square, self.cache.size, self.image_size, cfg.augment))
         self.train_x = self.preprocess.normalise_u8(self.cache.load(train["cache_index"]).to(self.device))
         self.train_y = torch.tensor(train["y"].to_numpy()).to(self.device)
         self.train_src = torch.tensor(train["source"].map({s: i for i, s in enumerate(self.sources)}).to_numpy()).to(self.device)
@@ -167,10 +181,11 @@ class Trainer:
         self.val_df = val
         self.val_x = self.preprocess.normalise_u8(self.cache.load(val["cache_index"]))
         self.model = self._build_model()
-        scale = 1.0 if cfg.weights == "none" else cfg.backbone_lr_scale  # nothing pretrained to protect
+        scale = 1.0 if self.weights == "none" else cfg.backbone_lr_scale  # nothing pretrained to protect
         self.optimizer = torch.optim.SGD(parameter_groups(self.model, cfg.lr, scale),
                                          momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.steps_per_epoch = max(1, len(train) // (cfg.batch_size * self.d.world))
+        batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        self.steps_per_epoch = batches_per_epoch(len(train), cfg.batch_size, self.d.world, batchnorm)
         total = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(total, warmup=max(1, self.steps_per_epoch // 2)))
@@ -180,7 +195,7 @@ class Trainer:
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             if not resume and (self.out / "last.pt").exists():
-                raise FileExistsError(f"{self.out} already holds a run; add --resume to continue it or choose a new --out")
+                raise RunExistsError(f"{self.out} already holds a run; add --resume to continue it or choose a new --out")
         if resume:
             self._resume()
         elif self.d.main:
@@ -192,15 +207,29 @@ class Trainer:
         self.step_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
         self.tensorboard = _tensorboard(self.out / "tensorboard") if self.d.main else None
 
+    def _resolve_auto(self, resume: bool) -> tuple[str, int]:
+        """(weights, image size) for "auto" settings: a resumed run keeps the ones it started with."""
+        saved = self.out / "config.json"
+        if resume and saved.exists():
+            run = json.loads(saved.read_text())
+            if "weights_used" in run:
+                return run["weights_used"], int(run["image_size_used"])
+        weights, _ = resolve_weights(self.cfg.weights, self.cfg.arch)
+        size = resolve_image_size(self.cfg.image_size, self.device)
+        if self.cfg.image_size == AUTO and self.d.main:
+            print(f"image size {size} px (auto on {self.device.type}; --image-size to choose)")
+        return weights, size
+
     def _build_model(self) -> torch.nn.Module:
         n_sources = len(self.sources) if self.cfg.domain_adversarial > 0 else 0
-        model = build_model(self.cfg.arch, len(self.classes), self.cfg.weights, num_sources=n_sources).to(self.device)
+        model = build_model(self.cfg.arch, len(self.classes), self.weights, num_sources=n_sources).to(self.device)
         return model.to(memory_format=torch.channels_last)
 
     def meta(self, epoch: int, val_auc: float, threshold: float | None = None) -> dict:
         cfg = self.cfg
         return {"arch": cfg.arch, "task": cfg.task, "classes": self.classes, "positive_index": tasks.POSITIVE_INDEX,
-                "image_size": cfg.image_size, "cache_size": self.cache.size, "square": self.cache.square,
+                "image_size": self.image_size, "weights_used": self.weights, "cache_size": self.cache.size,
+                "square": self.cache.square,
                 "augment": to_dict(cfg.augment), "num_sources": len(self.sources) if cfg.domain_adversarial > 0 else 0,
                 "threshold": threshold, "threshold_method": cfg.threshold_method, "amp": cfg.amp, "epoch": epoch, "val_auc": val_auc,
                 "config_hash": config_hash(cfg), "manifest_hash": self.manifest_hash}
@@ -208,7 +237,8 @@ class Trainer:
     def _write_run_files(self) -> None:
         if self.cfg.augment.crop == "lungs":  # the run needs its lung model to score anything: it keeps a copy
             shutil.copyfile(self.cfg.augment.lung_model, self.out / LUNG_MODEL)
-        save_json({**to_dict(self.cfg), "manifest_hash": self.manifest_hash, "config_hash": config_hash(self.cfg),
+        save_json({**to_dict(self.cfg), "weights_used": self.weights, "image_size_used": self.image_size,
+                   "manifest_hash": self.manifest_hash, "config_hash": config_hash(self.cfg),
                    "train_sources": self.sources, "torch": torch.__version__}, self.out / "config.json")
         cols = ["path", "source", "patient_id", "label", "split"]
         self.df[cols].to_csv(self.out / "split.csv", index=False)
@@ -219,10 +249,10 @@ class Trainer:
         """Continue from last.pt: model, optimizer, schedule, early-stopping state; history cut back to match."""
         path = self.out / "last.pt"
         if not path.exists():
-            raise FileNotFoundError(f"{path}: nothing to resume (no checkpoint yet); run without --resume")
+            raise MissingInputError(f"{path}: nothing to resume (no checkpoint yet); run without --resume")
         saved = json.loads((self.out / "config.json").read_text())
         if saved.get("config_hash") != config_hash(self.cfg):
-            raise ValueError(f"{self.out}: settings differ from the run being resumed; use the same options or a new --out")
+            raise InputError(f"{self.out}: settings differ from the run being resumed; use the same options or a new --out")
         ckpt = load_checkpoint(path)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -247,7 +277,7 @@ class Trainer:
                    disable=not self.d.main, leave=False)
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = augment_batch(self.train_x[idx], cfg.augment, cfg.image_size, gen)
+            x = augment_batch(self.train_x[idx], cfg.augment, self.image_size, gen)
             loss = self._loss(model, x.contiguous(memory_format=torch.channels_last), idx, epoch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

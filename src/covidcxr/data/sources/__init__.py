@@ -15,6 +15,7 @@ import pandas as pd
 
 from covidcxr.data.sources import actualmed, cohen, csv, figure1, folders, kermany, montgomery_shenzhen, nih, radiography, rsna
 from covidcxr.data.sources._common import COLUMNS, IMAGE_SUFFIXES, LABELS, file_problem, image_files
+from covidcxr.errors import InputError
 
 __all__ = ["COLUMNS", "IMAGE_SUFFIXES", "LABELS", "LAYOUTS", "detect_layout", "file_problem", "image_files",
            "load_source"]
@@ -34,21 +35,21 @@ def detect_layout(root: Path | str) -> str:
     for name, module in LAYOUTS.items():
         if module.detect(root):
             return name
-    raise ValueError(f"{root}: no known database layout found (known: {', '.join(LAYOUTS)})")
+    raise InputError(f"{root}: no known database layout found (known: {', '.join(LAYOUTS)})")
 
 
 def load_source(root: Path | str, layout: str = "auto") -> tuple[pd.DataFrame, str]:
     """Rows of one database folder and the layout that read it."""
     root = Path(root)
     if not root.exists():
-        raise ValueError(f"{root}: no such file or folder")
+        raise InputError(f"{root}: no such file or folder")
     if layout == "auto":
         layout = detect_layout(root)
     elif layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r} for {root} (known: auto, {', '.join(LAYOUTS)})")
+        raise InputError(f"unknown layout {layout!r} for {root} (known: auto, {', '.join(LAYOUTS)})")
     elif not LAYOUTS[layout].detect(root):
-        raise ValueError(f"{root}: does not look like the {layout} layout (try --layout auto)")
+        raise InputError(f"{root}: does not look like the {layout} layout (try --layout auto)")
     df = LAYOUTS[layout].rows(root)
     if df.empty:
-        raise ValueError(f"{root}: layout {layout} found no images")
+        raise InputError(f"{root}: layout {layout} found no images")
     return df, layout

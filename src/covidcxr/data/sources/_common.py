@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from covidcxr.errors import InputError
 # The row contract; the last three say where a row is listed (a CSV and its line; '' for files found in folders)
 # and why it cannot be used ('' when it can), so ingest lists every bad row instead of stopping at the first.
 COLUMNS = ("path", "label", "source", "patient_id", "view", "finding", "age_group", "sex",
@@ -93,7 +94,7 @@ def require_columns(df: pd.DataFrame, csv_path: Path, columns: tuple[str, ...] |
     """One clear error naming the file and the first missing column."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(f"{csv_path}: missing required column {missing[0]!r}")
+        raise InputError(f"{csv_path}: missing required column {missing[0]!r}")
 
 
 def image_files(folder: Path) -> list[Path]:

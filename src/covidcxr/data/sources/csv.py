@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidcxr.data.sources._common import LABELS, abspath, frame, patient, read_csv, read_header, require_columns, sex, view
+from covidcxr.errors import InputError
 
 NAME = "csv"
 REQUIRED = ("path", "label")
@@ -48,7 +49,7 @@ def rows(root: Path) -> pd.DataFrame:
     """Every CSV row, each with its line; rows that cannot be used carry the reason in `problem` (none is fatal)."""
     path = csv_file(root)
     if not path.is_file():
-        raise ValueError(f"{path}: no such CSV file")
+        raise InputError(f"{path}: no such CSV file")
     df = read_csv(path, numbered=True)
     require_columns(df, path, REQUIRED)
     df["label"] = df["label"].str.strip().str.lower()

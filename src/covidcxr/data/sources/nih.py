@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidcxr.data.sources._common import abspath, age_group, frame, patient, read_csv, require_columns, sex, view
+from covidcxr.errors import InputError
 
 NAME = "nih"
 COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position")
@@ -43,7 +44,7 @@ def label(finding_labels: str) -> str:
 def rows(root: Path) -> pd.DataFrame:
     csv_path = _entry_csv(root)
     if csv_path is None:
-        raise ValueError(f"{root}: no {' or '.join(CSV_NAMES)}")
+        raise InputError(f"{root}: no {' or '.join(CSV_NAMES)}")
     df = read_csv(csv_path)
     require_columns(df, csv_path, COLUMNS)
     index = _image_index(root)

@@ -10,6 +10,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from covidcxr.data.sources._common import abspath, age_group, frame, patient, read_csv, require_columns, sex, view
+from covidcxr.errors import InputError
 
 NAME = "rsna"
 CLASSES = {"Normal": "normal", "Lung Opacity": "pneumonia", "No Lung Opacity / Not Normal": "other"}
@@ -44,14 +45,14 @@ def _dicom_header(path: Path) -> dict[str, str]:
 def rows(root: Path) -> pd.DataFrame:
     found = _stage_files(root)
     if found is None:
-        raise ValueError(f"{root}: no stage_2_detailed_class_info.csv with stage_2_train_images/ beside it")
+        raise InputError(f"{root}: no stage_2_detailed_class_info.csv with stage_2_train_images/ beside it")
     info_csv, images = found
     info = read_csv(info_csv)
     require_columns(info, info_csv, ("patientId", "class"))
     info = info.drop_duplicates("patientId")  # one row per box in the CSV, one image each
     unknown = sorted(set(info["class"]) - set(CLASSES))
     if unknown:
-        raise ValueError(f"{info_csv}: unknown class {unknown[0]!r} (expected one of {', '.join(CLASSES)})")
+        raise InputError(f"{info_csv}: unknown class {unknown[0]!r} (expected one of {', '.join(CLASSES)})")
     records = []
     for pid, cls in zip(info["patientId"], info["class"]):
         path = images / f"{pid}.dcm"

@@ -8,6 +8,7 @@ model, so parallel calls into one predictor would gain little and could mix up t
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import socket
@@ -27,6 +28,7 @@ from pydantic import BaseModel, Field
 from covidcxr import __version__
 from covidcxr.data.reader import ImageReadError
 from covidcxr.deploy.serve.log import LogRecord, PredictionLog, utc_now
+from covidcxr.errors import InputError, PortInUseError
 
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # a large uncompressed DICOM radiograph is ~20-30 MB
 MULTIPART_SLACK_BYTES = 64 * 1024  # form framing around the file; the file itself is checked exactly
@@ -180,6 +182,21 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", timeout_s: float = 
         sock.close()
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The socket to serve on, bound before the model loads, so a busy port is one clear error (uvicorn would log
+    and exit 3)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart may reuse the port
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(f"{host}:{port} is already in use by another program; choose another --port") from None
+        raise InputError(f"cannot serve on {host}:{port} ({exc.strerror or exc}); check --host and --port") from None
+    return sock
+
+
 def serve(
     run_dir: str | Path,
     host: str = "127.0.0.1",
@@ -192,6 +209,8 @@ def serve(
 
     from covidcxr.deploy.predict import Predictor
 
-    predictor = Predictor.from_run(run_dir)
-    db = Path(db_path) if db_path is not None else Path(run_dir) / "predictions.sqlite"
-    uvicorn.run(create_app(predictor, db, max_upload_bytes), host=host, port=port)
+    with listening_socket(host, port) as sock:
+        predictor = Predictor.from_run(run_dir)
+        db = Path(db_path) if db_path is not None else Path(run_dir) / "predictions.sqlite"
+        config = uvicorn.Config(create_app(predictor, db, max_upload_bytes), host=host, port=port)
+        uvicorn.Server(config).run(sockets=[sock])

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
+from covidcxr.errors import InputError
 from covidcxr.lungs import heuristic as lungs
 from covidcxr.evaluation.diagnose import probe
 from covidcxr.data import tasks
@@ -124,6 +125,6 @@ def _task_rows(run: Path, cache: ImageCache, split: str, task: str) -> pd.DataFr
     rows, _ = select_images(run, cache, split)
     rows = rows[tasks.encode(rows["label"], task) >= 0].reset_index(drop=True)
     if rows.empty:
-        raise ValueError(f"{cache.dir}: no images of split {split!r} with labels that task {task} uses")
+        raise InputError(f"{cache.dir}: no images of split {split!r} with labels that task {task} uses")
     return rows
 
