@@ -43,8 +43,6 @@ def prepare_data(data: str | Path, out: Path) -> Path:
     return out / "data"
 
 
-
-
 EXTERNAL_EPOCHS = 8  # external-validation runs are shorter so that the whole job fits 30 minutes on 2 CPU cores
 
 
