@@ -22,12 +22,21 @@ from covidcxr.evaluation import diagnose as dg
 from covidcxr.evaluation.diagnose.probe import source_probe
 from covidcxr.lungs import heuristic as lungs
 from covidcxr.data.cache import to_square
+from covidcxr.preprocess.transform import PreprocessSpec
+from covidcxr.scoring import RunSpec, Scorer
 from covidcxr.config import AugmentConfig, IngestConfig, TrainConfig, to_dict
 from covidcxr.data.ingest import ingest
 from covidcxr.training.trainer import train
 
 SIZE = 64
 META = {"augment": to_dict(AugmentConfig()), "image_size": SIZE, "positive_index": 1, "threshold": 0.5}
+
+
+def _scorer(model: torch.nn.Module) -> Scorer:
+    """A Scorer around an in-memory model, with the run settings of META."""
+    spec = RunSpec(Path(), "alexnet", "covid-vs-normal", ("normal", "covid"), 1, META["threshold"], "youden",
+                   PreprocessSpec("pad", SIZE, SIZE, AugmentConfig()), "test-model")
+    return Scorer(model, spec, torch.device("cpu"))
 
 
 def marked_xray(rng: np.random.Generator, positive: bool) -> np.ndarray:
@@ -162,7 +171,7 @@ def test_occlusion_separates_lung_readers_from_corner_readers(label_in_lungs):
     corner = np.zeros((SIZE, SIZE), bool)
     corner[-8:, -15:] = True
     model = _RegionReader(_inner_lungs((SIZE, SIZE)) if label_in_lungs else corner)
-    occ = dg.occlusion_test(model, META, images, masks, rows, y, torch.device("cpu"), n_boot=50)
+    occ = dg.occlusion_test(_scorer(model), images, masks, rows, y, n_boot=50)
     auc = {c: occ["conditions"][c]["auc"] for c in dg.CONDITIONS}
     assert auc["intact"] > 0.95
     if label_in_lungs:  # the evidence is in the lungs: gone when they are blanked, kept when only they are kept
@@ -223,7 +232,7 @@ def test_occlusion_flags_an_auc_that_rises_without_the_lungs():
     images, y, rows = _noisy_lungs_marked_corner(30, 0.15)
     masks, _ = lungs.lung_masks(images)
     model = _RegionReader(_corner() | _inner_lungs((SIZE, SIZE)))
-    occ = dg.occlusion_test(model, META, images, masks, rows, y, torch.device("cpu"), n_boot=200)
+    occ = dg.occlusion_test(_scorer(model), images, masks, rows, y, n_boot=200)
     intact, blanked = occ["conditions"]["intact"], occ["conditions"]["lungs blanked"]
     assert 0.5 < intact["auc_ci95"][0] and intact["auc"] < 0.95 and blanked["auc"] > intact["auc"]
     assert occ["auc_drop"]["ci95"][1] < 0  # the paired interval: a rise, beyond doubt
@@ -238,8 +247,7 @@ def test_occlusion_of_a_chance_level_model_is_inconclusive():
     images, _, rows = _noisy_lungs_marked_corner(30, 0.0)
     y = np.random.default_rng(1).permutation(np.arange(30) % 2)  # the marker no longer follows the label
     masks, _ = lungs.lung_masks(images)
-    occ = dg.occlusion_test(_RegionReader(_inner_lungs((SIZE, SIZE))), META, images, masks, rows, y,
-                            torch.device("cpu"), n_boot=200)
+    occ = dg.occlusion_test(_scorer(_RegionReader(_inner_lungs((SIZE, SIZE)))), images, masks, rows, y, n_boot=200)
     lo, hi = occ["conditions"]["intact"]["auc_ci95"]
     assert lo < 0.5 < hi
     result = _with_others(occ)
@@ -282,8 +290,8 @@ def test_chance_level_checks_give_an_inconclusive_verdict():
     masks, _ = lungs.lung_masks(images)
     result = {
         "positive_label": "covid",
-        "occlusion": dg.occlusion_test(_RegionReader(_inner_lungs((SIZE, SIZE))), META, images, masks, rows, y,
-                                       torch.device("cpu"), n_boot=200),
+        "occlusion": dg.occlusion_test(_scorer(_RegionReader(_inner_lungs((SIZE, SIZE)))), images, masks, rows, y,
+                                       n_boot=200),
         "source_probe": source_probe(rng.normal(size=(n, 16)), rows),
         "image_stats": dg.image_stats_check(dg.image_features(images, SAME_SIZE_30), y, np.arange(n)),
         "cam": dg.cam_lung_share(np.ones((n, SIZE, SIZE), np.float32), masks, rows),  # spread evenly: ratio 1

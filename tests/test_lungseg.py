@@ -218,15 +218,15 @@ def test_cli_lungs_train(tmp_path, capsys):
 
 
 def test_lung_crop_boxes_follow_the_lungs_and_report_films_without_them(trained):
-    from covidcxr.preprocess.augment import crop_boxes
     from covidcxr.config import AugmentConfig
-    cfg = AugmentConfig(crop="lungs", lung_model=str(trained[0]))
+    from covidcxr.preprocess.transform import Preprocess, PreprocessSpec
+    pre = Preprocess(PreprocessSpec("pad", 64, 64, AugmentConfig(crop="lungs", lung_model=str(trained[0]))))
     films = [toy_film(np.random.default_rng(200 + i), 64, 64) for i in range(3)]
     images = torch.from_numpy((np.stack([f for f, _ in films]) * 255).astype(np.uint8))
     truth, _ = lungseg.lung_boxes(torch.from_numpy(np.stack([m for _, m in films])), margin=0.1)
-    torch.testing.assert_close(crop_boxes(images, cfg), truth, atol=0.08, rtol=0)
+    torch.testing.assert_close(pre.lung_boxes(images.unsqueeze(1).float()), truth, atol=0.08, rtol=0)
     with pytest.warns(UserWarning, match="1 of 1 images have no lung mask"):
-        box = crop_boxes(torch.zeros(1, 64, 64, dtype=torch.uint8), cfg)
+        box = pre.lung_boxes(torch.zeros(1, 1, 64, 64))
     assert box.tolist() == [[0.0, 0.0, 1.0, 1.0]]
 
 

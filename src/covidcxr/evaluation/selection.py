@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidcxr.data.cache import ImageCache
+from covidcxr.errors import InputError
 
 
 def select_images(run: Path, data: ImageCache, split: str) -> tuple[pd.DataFrame, int]:
@@ -17,7 +18,7 @@ def select_images(run: Path, data: ImageCache, split: str) -> tuple[pd.DataFrame
         test_paths = set(runs_split.loc[runs_split["split"] == "test", "path"])
         rows = df[df["path"].isin(test_paths)]
         if rows.empty:
-            raise ValueError(f"{data.dir} holds none of the test images of {run}; use --split all for another data set")
+            raise InputError(f"{data.dir} holds none of the test images of {run}; use --split all for another data set")
         return rows.reset_index(drop=True), 0
     seen = set(runs_split.loc[runs_split["split"].isin(["train", "val"]), "path"])
     used = df["path"].isin(seen)
