@@ -98,12 +98,12 @@ def start_server(run: Path, db: Path, port: int, threads: int, timeout_s: float 
     raise RuntimeError(f"server did not answer on port {port} within {timeout_s:.0f} s")
 
 
-def peak_rss_mb(pid: int) -> float:
-    """The process's peak resident set (VmHWM) in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def memory_mb(pid: int) -> dict[str, float]:
+    """The process's peak resident set (VmHWM), its resident set now (VmRSS) and the anonymous part of it (RssAnon:
+    what is not shared library code), in MB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[name].split()[0]) / 1024 for key, name in
+            (("peak", "VmHWM"), ("now", "VmRSS"), ("anon", "RssAnon"))}
 
 
 async def load(url: str, data: bytes, requests: int, concurrency: int, cam: bool, max_seconds: float) -> dict:
@@ -184,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 r = asyncio.run(load(f"http://127.0.0.1:{port}", chest_like_png(), args.requests, args.concurrency,
                                      args.cam, args.max_seconds))
-                rss = peak_rss_mb(proc.pid)
+                mem = memory_mb(proc.pid)
             finally:
                 proc.terminate()
                 proc.wait(30)
             line = (f"serve --threads {threads}: {r['ok']} ok, {r['errors']} errors in {r['seconds']:.1f} s: "
                     f"{r['requests_per_s']:.1f} requests/s, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
-                    f"server peak RSS {rss:.0f} MB\n  {verdict(r, rss, args.concurrency)}")
+                    f"server RSS {mem['now']:.0f} MB after the load ({mem['anon']:.0f} MB of it not shared library "
+                    f"code), peak {mem['peak']:.0f} MB\n  {verdict(r, mem['peak'], args.concurrency)}")
             print(line, flush=True)
             lines.append(line)
             if r["first_error"]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from covidcxr.config import TrainConfig
 from covidcxr.model.network import build_model, parameter_groups
-from covidcxr.deploy.predict import autocast
+from covidcxr.device import autocast
 from covidcxr.training.trainer import Trainer, resolve_device
 
 
