@@ -283,6 +283,18 @@ def test_empty_token_file_is_refused(tiny_run, tmp_path: Path) -> None:
         "empty; put the access token in it"
 
 
+def test_a_busy_port_is_a_one_line_error(tiny_run, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _serve_cli(str(tiny_run), "--port", str(port), "--db", str(tmp_path / "log.sqlite"))
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    [line] = err.splitlines()
+    assert line.startswith(f"covidcxr: error: cannot listen on 127.0.0.1:{port}") and "--port" in line
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

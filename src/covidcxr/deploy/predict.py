@@ -80,8 +80,9 @@ class Predictor:
 
     def explain(self, square: np.ndarray) -> tuple[float, bytes]:
         """(probability, Grad-CAM overlay PNG) for one cache square."""
-        from covidcxr.model.cam import cam_overlay_png  # grad-cam, OpenCV, scikit-learn: ~150 MB a server without
-        return float(self.scorer.scores(square[None])[0]), cam_overlay_png(self.scorer, square)  # CAM never needs
+        # imported here: grad-cam brings OpenCV and scikit-learn, ~150 MB that a server without CAM requests never needs
+        from covidcxr.model.cam import cam_overlay_png
+        return float(self.scorer.scores(square[None])[0]), cam_overlay_png(self.scorer, square)
 
     def predict_bytes(self, data: bytes, filename: str, cam: bool = False) -> dict:
         """One uploaded file -> result dict (raises ImageReadError for bad content)."""

@@ -344,11 +344,10 @@ class Trainer:
                 self.out / "val_predictions.csv", index=False)
             self.best_dirty = False
         progress = {"epoch": epoch, "best_auc": self.best_auc, "bad_epochs": self.bad_epochs, "finished": finished}
-        if finished and not self.keep_last:
-            save_checkpoint(self.out / "last.pt", self.model, self.meta(epoch, val_auc), progress, state_dict={})
-            return
-        save_checkpoint(self.out / "last.pt", self.model, self.meta(epoch, val_auc),
-                        {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), **progress})
+        resumable = not finished or self.keep_last
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()} if resumable else {}
+        save_checkpoint(self.out / "last.pt", self.model, self.meta(epoch, val_auc), {**state, **progress},
+                        state_dict=None if resumable else {})
 
 
 def train(cfg: TrainConfig, resume: bool = False, keep_last: bool = False) -> Path:

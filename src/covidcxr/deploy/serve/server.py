@@ -9,7 +9,7 @@ from covidcxr.deploy.predict import Predictor, use_threads
 from covidcxr.deploy.serve.access import access_token
 from covidcxr.deploy.serve.app import DEFAULT_MAX_UPLOAD_BYTES, create_app
 from covidcxr.deploy.serve.defaults import REQUEST_THREADS, SERVE_THREADS
-from covidcxr.errors import CovidcxrError
+from covidcxr.errors import InputError
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -21,7 +21,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise CovidcxrError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port or --host") from None
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port or --host") from None
     return sock
 
 
