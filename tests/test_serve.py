@@ -275,6 +275,18 @@ def test_serving_beyond_loopback_without_a_token_is_refused(tiny_run, tmp_path: 
     assert not (tmp_path / "log.sqlite").exists()
 
 
+def test_token_comes_from_the_file_then_the_environment_and_no_auth_lifts_the_refusal(tmp_path, monkeypatch) -> None:
+    from covidcxr.deploy.serve.access import access_token
+
+    monkeypatch.setenv("COVIDCXR_TOKEN", "from-env")
+    (tmp_path / "token").write_text(" from-file \n")
+    assert access_token("0.0.0.0", tmp_path / "token", no_auth=False) == "from-file"
+    assert access_token("0.0.0.0", None, no_auth=False) == "from-env"
+    monkeypatch.delenv("COVIDCXR_TOKEN")
+    assert access_token("0.0.0.0", None, no_auth=True) is None
+    assert access_token("::1", None, no_auth=False) is None and access_token("localhost", None, no_auth=False) is None
+
+
 def test_empty_token_file_is_refused(tiny_run, tmp_path: Path) -> None:
     (tmp_path / "token").write_text("\n")
     proc = _serve_cli(str(tiny_run), "--host", "0.0.0.0", "--token-file", str(tmp_path / "token"))
