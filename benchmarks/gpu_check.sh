@@ -1,25 +1,56 @@
 #!/usr/bin/env bash
-# One prepared script for a lent GPU machine (see README "GPU checks"): training throughput (model-only vs full loop)
-# and the cross-source mitigation grid. Expects an ingested data folder at $DATA (default .gpu/data112) and, where
-# the machine lacks them, wheels in .whl/ (pydicom, imagehash, PyWavelets, kornia, kornia_rs), and for the
-# preprocessing grid's lung crop a lung model at .gpu/lungs.pt (see preprocessing.yaml). GRID picks the grid.
-# Writes under $OUT (default ./gpu-out).
+# One prepared script for a lent GPU machine (see README "Performance"), on the pinned torch. It measures:
+#   1. training throughput at 224 px: the model alone vs the full loop (cache -> augment -> step), without and with
+#      torch.compile (the gain from compiling);
+#   2. inference throughput: the model alone (float32 and bf16) and the scoring path (Scorer.scores, float32);
+#   3. `covidcxr reproduce` end to end at 224 px (timed), on $DATA;
+# and writes each result, with the device and versions, to $RESULTS (default $OUT/docs/results, so the files come
+# back at the path they belong in; copy them into docs/results/). Not run in the session that wrote it.
+#
+# Expects an ingested data folder at $DATA (default .gpu/data112; a cache.u8.gz is unpacked) and, where the machine
+# lacks them, wheels in .whl/. GRID=YAML adds an experiment grid at the end. Time limits: STEP_SECONDS per benchmark (default 300), REPRO_SECONDS (default 540).
 set -u
-OUT=${OUT:-gpu-out}; DATA=${DATA:-.gpu/data112}; GRID_SECONDS=${GRID_SECONDS:-400}; BENCH=${BENCH:-1}
-GRID=${GRID:-benchmarks/experiments/preprocessing.yaml}
-mkdir -p "$OUT"
+OUT=${OUT:-gpu-out}; DATA=${DATA:-.gpu/data112}; RESULTS=${RESULTS:-$OUT/docs/results}
+STEP_SECONDS=${STEP_SECONDS:-300}; REPRO_SECONDS=${REPRO_SECONDS:-540}
+mkdir -p "$RESULTS"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__)"
 [ -f "$DATA/cache.u8.gz" ] && gunzip "$DATA/cache.u8.gz"  # carried compressed to fit the 64 MiB working-tree limit
-if [ "$BENCH" = 1 ]; then  # BENCH=0 skips the throughput benchmark (its figures are in docs/experiments)
-  python3 benchmarks/bench_train.py "$DATA" --device cuda --batch-size 1024 --image-size 224 --steps 30 --epochs 8 2>&1 \
-    | grep -v "batch/s" | tee "$OUT/bench_train.txt"
+
+header() {  # the machine and versions, at the top of every results file
+  echo "date: $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu: /'
+  python3 -c "import torch, platform; print('python', platform.python_version(), '| torch', torch.__version__,
+'| cuda', torch.version.cuda, '| cudnn', torch.backends.cudnn.version())"
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+}
+
+run() {  # run NAME TIMEOUT CMD...: output (without progress bars) to $RESULTS/NAME.txt after the header
+  local name=$1 limit=$2; shift 2
+  { header; echo "command: $*"; } > "$RESULTS/$name.txt"
+  timeout "$limit" "$@" 2>&1 | grep -v -e "batch/s" -e "it/s\]" | tee -a "$RESULTS/$name.txt"
+  echo "exit: ${PIPESTATUS[0]}" | tee -a "$RESULTS/$name.txt"
+}
+
+TRAIN=(python3 benchmarks/bench_train.py "$DATA" --device cuda --batch-size 1024 --image-size 224 --steps 30 --epochs 8)
+run gpu_train_224 "$STEP_SECONDS" "${TRAIN[@]}"
+run gpu_train_224_compile "$STEP_SECONDS" "${TRAIN[@]}" --compile
+run gpu_infer_224 "$STEP_SECONDS" python3 benchmarks/bench_infer.py --device cuda --image-size 224 --images 32768
+
+REPRO=(python3 -m covidcxr.cli reproduce --data "$DATA" --out "$OUT/reproduce" --device cuda)
+if python3 -m covidcxr.cli reproduce --help | grep -q -- "--image-size"; then
+  REPRO+=(--image-size 224)
+else
+  echo "note: this covidcxr has no reproduce --image-size; it ran at its default input side" > "$RESULTS/gpu_reproduce.note"
 fi
-timeout "$GRID_SECONDS" python3 -m covidcxr.cli experiment "$GRID" --data "$DATA" \
-  --out "$OUT/exp" 2>&1 | grep -v "batch/s" | grep -v "^epoch" | tail -20
-ls "$OUT/exp"; cat "$OUT/exp/summary.md" 2>/dev/null || tail -5 "$OUT/exp/results.csv"
+start=$(date +%s)
+run gpu_reproduce "$REPRO_SECONDS" "${REPRO[@]}"
+echo "wall: $(( $(date +%s) - start )) s" | tee -a "$RESULTS/gpu_reproduce.txt"
+cp "$OUT/reproduce/summary.md" "$RESULTS/gpu_reproduce_summary.md" 2>/dev/null
+if [ -n "${GRID:-}" ]; then  # opt-in: a mitigation grid, e.g. GRID=benchmarks/experiments/preprocessing.yaml
+  run gpu_grid "${GRID_SECONDS:-400}" python3 -m covidcxr.cli experiment "$GRID" --data "$DATA" --out "$OUT/exp"
+fi
+ls -l "$RESULTS"

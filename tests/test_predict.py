@@ -141,3 +141,31 @@ def test_a_broken_symlink_gets_its_own_error_row_through_the_cli(tiny_run, mixed
     assert rows[str(mixed / "sub/gone.dcm")]["error"].startswith("broken symbolic link (points to gone-for-good.dcm")
     assert all(rows[str(mixed / n)]["probability"] is not None for n in GOOD)  # the good files are still scored
     assert f"covidcxr: cannot score {mixed / 'moved.png'}: broken symbolic link" in result.stderr
+def test_threads_option_sets_torch_threads_and_keeps_the_scores(tiny_run, mixed, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        scores = {}
+        for threads in ("1", "2"):
+            code, out, _ = _predict(capsys, tiny_run, *(str(mixed / n) for n in GOOD), "--format", "json",
+                                    "--threads", threads)
+            assert code == 0 and torch.get_num_threads() == int(threads)
+            scores[threads] = [r["probability"] for r in json.loads(out)]
+        np.testing.assert_allclose(scores["1"], scores["2"], atol=1e-6)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_zero_threads_is_a_one_line_usage_error(tiny_run, mixed, capsys):
+    code, out, err = _predict(capsys, tiny_run, str(mixed / GOOD[0]), "--threads", "0")
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "--threads" in err and "'0'" in err
+
+
+def test_help_states_every_default():
+    commands = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    for command in ("predict", "serve"):
+        for action in commands[command]._actions:
+            if action.option_strings and action.dest != "help":
+                assert "default" in action.help, (command, action.option_strings)

@@ -1,4 +1,5 @@
-"""The HTTP service: uploads, validation, limits, the prediction log and concurrency, with a stand-in predictor."""
+"""The HTTP service on a real tiny run: uploads, validation, limits, the prediction log, batching of concurrent
+requests beside Grad-CAM ones, the access token, and `covidcxr serve`'s refusal to serve beyond loopback without one."""
 
 from __future__ import annotations
 
@@ -6,67 +7,40 @@ import asyncio
 import base64
 import hashlib
 import io
+import os
+import socket
 import struct
-import threading
+import subprocess
+import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from covidcxr.data.reader import read_image
-from covidcxr.deploy.serve import create_app
-from covidcxr.deploy.serve.app import MULTIPART_SLACK_BYTES
+from covidcxr.deploy.predict import Predictor
+from covidcxr.deploy.serve.app import MULTIPART_SLACK_BYTES, create_app
 from covidcxr.deploy.serve.log import PredictionLog
+from covidcxr.model.cam import OVERLAY_MIN_SIDE
 
 LIMIT = 50_000
-
-
-class MeanPredictor:
-    """Scores an image by its mean gray level; records how many calls overlap, to check the service's lock."""
-
-    model_id = "fake-mean"
-    threshold = 0.5
-    positive_label = "covid"
-
-    def __init__(self, delay_s: float = 0.0):
-        self.delay_s = delay_s
-        self.active = 0
-        self.max_active = 0
-        self._count_lock = threading.Lock()
-
-    def predict_bytes(self, data: bytes, filename: str, cam: bool) -> dict:
-        with self._count_lock:
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-        try:
-            gray = read_image(data, filename)
-            time.sleep(self.delay_s)
-            prob = float(gray.mean())
-            return {
-                "probability": prob,
-                "label": "covid" if prob >= self.threshold else "normal",
-                "threshold": self.threshold,
-                "heatmap_png": _png(1.0 - gray) if cam else None,
-            }
-        finally:
-            with self._count_lock:
-                self.active -= 1
-
-
-def _png(gray: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray((gray * 255).round().astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+TOKEN = "s3cret-token-for-tests"
 
 
 def _image_bytes(value: int, fmt: str = "PNG", size: int = 32, mode: str = "L") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, (size, size), value if mode == "L" else (value,) * 3).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _encoded(img: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((img * 255).round().astype(np.uint8)).save(buf, format=fmt)
     return buf.getvalue()
 
 
@@ -88,9 +62,20 @@ def _png_claiming_size(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-@pytest.fixture
-def predictor() -> MeanPredictor:
-    return MeanPredictor()
+@pytest.fixture(scope="module")
+def predictor(tiny_run) -> Predictor:
+    return Predictor.from_run(tiny_run)
+
+
+def _direct(predictor: Predictor, data: bytes, name: str = "x.png") -> float:
+    """The probability the predictor gives the file outside the service."""
+    return predictor.predict_bytes(data, name)["probability"]
+
+
+def _heatmap_side(data_url: str) -> tuple[int, int]:
+    prefix = "data:image/png;base64,"
+    assert data_url.startswith(prefix)
+    return Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix):]))).size
 
 
 @pytest.fixture
@@ -99,7 +84,7 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def client(predictor: MeanPredictor, db: Path):
+def client(predictor: Predictor, db: Path):
     with TestClient(create_app(predictor, db, max_upload_bytes=LIMIT)) as c:
         yield c
 
@@ -108,37 +93,37 @@ def _post(client: TestClient, name: str, data: bytes, cam: bool = False):
     return client.post("/api/predict", params={"cam": cam}, files={"file": (name, data, "application/octet-stream")})
 
 
-def test_png_upload_scores_logs_and_returns_heatmap(client: TestClient, db: Path) -> None:
+def test_png_upload_scores_logs_and_returns_heatmap(client: TestClient, predictor: Predictor, db: Path) -> None:
     data = _image_bytes(191)
     res = _post(client, "chest.png", data, cam=True)
     assert res.status_code == 200, res.text
     body = res.json()
-    assert body["probability"] == pytest.approx(191 / 255, abs=1e-6)
-    assert body["label"] == "covid" and body["threshold"] == 0.5 and body["model_id"] == "fake-mean"
-    assert body["sha256"] == hashlib.sha256(data).hexdigest()
-    prefix = "data:image/png;base64,"
-    assert body["heatmap"].startswith(prefix)
-    heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["heatmap"][len(prefix):]))))
-    assert heat.shape == (32, 32) and int(heat[0, 0]) == 255 - 191
+    assert body["probability"] == pytest.approx(_direct(predictor, data), abs=1e-6)
+    assert body["label"] == predictor.spec.label_for(body["probability"]) and body["threshold"] == predictor.threshold
+    assert body["model_id"] == predictor.model_id and body["sha256"] == hashlib.sha256(data).hexdigest()
+    width, height = _heatmap_side(body["heatmap"])
+    assert width == height >= OVERLAY_MIN_SIDE
     [row] = PredictionLog(db).records()
-    assert (row.sha256, row.filename, row.label, row.model_id) == (body["sha256"], "chest.png", "covid", "fake-mean")
-    assert row.probability == pytest.approx(body["probability"]) and row.threshold == 0.5
+    assert (row.sha256, row.filename, row.label, row.model_id) == (body["sha256"], "chest.png", body["label"],
+                                                                   predictor.model_id)
+    assert row.probability == pytest.approx(body["probability"]) and row.threshold == predictor.threshold
     assert row.time_utc.endswith("+00:00")
 
 
-def test_jpeg_upload_without_cam(client: TestClient) -> None:
-    res = _post(client, "chest.jpg", _image_bytes(40, fmt="JPEG", mode="RGB"))
+def test_jpeg_upload_without_cam(client: TestClient, predictor: Predictor, images) -> None:
+    data = _encoded(images.smooth(5), "JPEG")
+    res = _post(client, "chest.jpg", data)
     assert res.status_code == 200, res.text
-    assert res.json()["probability"] == pytest.approx(40 / 255, abs=2 / 255)
-    assert res.json()["label"] == "normal" and res.json()["heatmap"] is None
+    assert res.json()["probability"] == pytest.approx(_direct(predictor, data), abs=1e-6)
+    assert res.json()["heatmap"] is None
 
 
-def test_dicom_upload_is_decoded(client: TestClient, images) -> None:
-    pixels = np.zeros((16, 16), dtype=np.uint16)
-    pixels[:, 8:] = 4000  # right half bright: mean gray exactly 0.5 after the reader's min-max scaling
-    res = _post(client, "chest.dcm", images.dicom(None, pixels))
+def test_dicom_upload_is_decoded(client: TestClient, predictor: Predictor, images) -> None:
+    data = images.dicom(None, np.rint(images.smooth(6) * 4095))
+    res = _post(client, "chest.dcm", data)
     assert res.status_code == 200, res.text
-    assert res.json()["probability"] == pytest.approx(0.5)
+    assert res.json()["probability"] == pytest.approx(_direct(predictor, data, "chest.dcm"), abs=1e-6)
+    assert res.json()["probability"] != pytest.approx(_direct(predictor, _image_bytes(191)), abs=1e-6)
 
 
 def test_dicom_without_pixels_is_422(client: TestClient, db: Path, images) -> None:
@@ -183,7 +168,7 @@ def test_upload_limit_is_exact_on_the_file(client: TestClient, db: Path) -> None
     assert len(PredictionLog(db).records()) == 1
 
 
-def test_body_is_counted_while_streaming(predictor: MeanPredictor, db: Path) -> None:
+def test_body_is_counted_while_streaming(predictor: Predictor, db: Path) -> None:
     """Chunked body, no Content-Length: the server must count bytes itself and stop reading soon after the limit."""
     app = create_app(predictor, db, max_upload_bytes=LIMIT)
     head = b'--xx\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
@@ -216,35 +201,149 @@ def test_missing_field_is_422(client: TestClient) -> None:
     assert res.json()["detail"][0]["loc"] == ["body", "file"]
 
 
-def test_health_page_and_docs(client: TestClient) -> None:
+def test_health_page_and_docs(client: TestClient, predictor: Predictor) -> None:
     health = client.get("/api/health").json()
     assert health == {
         "status": "ok",
-        "model_id": "fake-mean",
+        "model_id": predictor.model_id,
         "positive_label": "covid",
-        "threshold": 0.5,
+        "threshold": predictor.threshold,
         "max_upload_bytes": LIMIT,
     }
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="file-input"' in page.text and "not a diagnosis" in page.text
     assert "http" not in page.text.split("<script>")[1]  # no CDN, no remote scripts
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "https://" not in docs.text  # Swagger UI from local files (test_browser.py)
     spec = client.get("/openapi.json").json()
     responses = spec["paths"]["/api/predict"]["post"]["responses"]
     assert {"200", "413", "415", "422"} <= set(responses)
 
 
-def test_concurrent_requests_all_succeed_and_are_logged(db: Path) -> None:
-    predictor = MeanPredictor(delay_s=0.01)
-    uploads = {f"img{i}.png": _image_bytes(10 * i) for i in range(16)}
-    with TestClient(create_app(predictor, db, max_upload_bytes=LIMIT)) as client:
+def test_concurrent_requests_are_batched_and_answered_each_on_its_own(predictor: Predictor, db: Path, images) -> None:
+    """16 different images from 8 threads, every third with Grad-CAM: each answer is its own image's score."""
+    uploads = {f"img{i}.png": _encoded(images.smooth(100 + i), "PNG") for i in range(16)}
+    expected = {name: _direct(predictor, data) for name, data in uploads.items()}
+    cams = {name for i, name in enumerate(uploads) if i % 3 == 0}
+    app = create_app(predictor, db, max_upload_bytes=LIMIT, max_wait_ms=50)  # a long wait: batches surely form
+    with TestClient(app) as client:
         with ThreadPoolExecutor(8) as pool:
-            responses = list(pool.map(lambda item: _post(client, *item), uploads.items()))
-    assert [r.status_code for r in responses] == [200] * 16
-    assert [r.json()["probability"] for r in responses] == pytest.approx([10 * i / 255 for i in range(16)])
+            responses = dict(zip(uploads, pool.map(lambda kv: _post(client, *kv, cam=kv[0] in cams), uploads.items())))
+        stats = app.state.batcher.stats
+    assert [r.status_code for r in responses.values()] == [200] * 16
+    for name, res in responses.items():
+        assert res.json()["probability"] == pytest.approx(expected[name], abs=1e-5), name
+        assert (res.json()["heatmap"] is not None) == (name in cams), name
+    assert stats.images == 16 - len(cams) and stats.passes < stats.images  # batched: fewer passes than images
     rows = PredictionLog(db).records()
     assert sorted((r.filename, r.sha256) for r in rows) == sorted(
         (name, hashlib.sha256(data).hexdigest()) for name, data in uploads.items()
     )
-    assert predictor.max_active == 1  # the service serialises inference
+
+
+def test_token_is_required_and_never_logged(predictor: Predictor, db: Path) -> None:
+    with TestClient(create_app(predictor, db, max_upload_bytes=LIMIT, token=TOKEN)) as client:
+        data = _image_bytes(90)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            res = client.post("/api/predict", files={"file": ("a.png", data)}, headers=headers)
+            assert res.status_code == 401 and res.headers["www-authenticate"] == "Bearer"
+            assert TOKEN not in res.text
+        assert client.get("/api/health").status_code == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.get("/api/health", headers=auth).status_code == 200
+        res = client.post("/api/predict", files={"file": ("a.png", data)}, headers=auth)
+        assert res.status_code == 200 and res.json()["probability"] == pytest.approx(_direct(predictor, data), abs=1e-6)
+        assert client.get("/").status_code == 200 and client.get("/docs").status_code == 200  # no data in them
+    assert len(PredictionLog(db).records()) == 1
+    assert TOKEN.encode() not in b"".join(p.read_bytes() for p in db.parent.iterdir())
+
+
+def _serve_cli(*args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "COVIDCXR_TOKEN"}
+    return subprocess.Popen([sys.executable, "-m", "covidcxr.cli", "serve", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "myhost.example"])
+def test_serving_beyond_loopback_without_a_token_is_refused(tiny_run, tmp_path: Path, host: str) -> None:
+    proc = _serve_cli(str(tiny_run), "--host", host, "--db", str(tmp_path / "log.sqlite"))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and out == ""
+    [line] = err.splitlines()
+    assert line.startswith(f"covidcxr: error: --host {host} is reachable from other machines") and "--token-file" in line
+    assert not (tmp_path / "log.sqlite").exists()
+
+
+def test_token_comes_from_the_file_then_the_environment_and_no_auth_lifts_the_refusal(tmp_path, monkeypatch) -> None:
+    from covidcxr.deploy.serve.access import access_token
+
+    monkeypatch.setenv("COVIDCXR_TOKEN", "from-env")
+    (tmp_path / "token").write_text(" from-file \n")
+    assert access_token("0.0.0.0", tmp_path / "token", no_auth=False) == "from-file"
+    assert access_token("0.0.0.0", None, no_auth=False) == "from-env"
+    monkeypatch.delenv("COVIDCXR_TOKEN")
+    assert access_token("0.0.0.0", None, no_auth=True) is None
+    assert access_token("::1", None, no_auth=False) is None and access_token("localhost", None, no_auth=False) is None
+
+
+def test_empty_token_file_is_refused(tiny_run, tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("\n")
+    proc = _serve_cli(str(tiny_run), "--host", "0.0.0.0", "--token-file", str(tmp_path / "token"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip() == f"covidcxr: error: --token-file {tmp_path / 'token'}: the file is " \
+        "empty; put the access token in it"
+
+
+def test_a_busy_port_is_a_one_line_error(tiny_run, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _serve_cli(str(tiny_run), "--port", str(port), "--db", str(tmp_path / "log.sqlite"))
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    [line] = err.splitlines()
+    assert line.startswith(f"covidcxr: error: cannot listen on 127.0.0.1:{port}") and "--port" in line
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            httpx.get(f"{url}/api/health", timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError(f"covidcxr serve did not answer on {url}")
+
+
+def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: Path) -> None:
+    """The real `covidcxr serve` process (loopback, token from a file): 401 without it, 200 with it; the token
+    appears neither in the server's output nor in the prediction log."""
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    port, db = _free_port(), tmp_path / "log.sqlite"
+    proc = _serve_cli(str(tiny_run), "--port", str(port), "--db", str(db), "--token-file", str(tmp_path / "token"),
+                      "--threads", "1")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url, proc)
+        data = _image_bytes(60)
+        assert httpx.post(f"{url}/api/predict", files={"file": ("a.png", data)}).status_code == 401
+        res = httpx.post(f"{url}/api/predict", files={"file": ("a.png", data)},
+                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+        assert res.status_code == 200, res.text
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    assert "token required" in out and "POST /api/predict" in out + err  # uvicorn's access log is on
+    assert TOKEN not in out + err
+    assert [r.filename for r in PredictionLog(db).records()] == ["a.png"]
+    assert TOKEN.encode() not in b"".join(f.read_bytes() for f in tmp_path.glob("log.sqlite*"))

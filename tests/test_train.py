@@ -45,7 +45,7 @@ def test_train_writes_run_files(tiny_data, tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
-    full = train_mod.train(_cfg(tiny_data, tmp_path / "full"))
+    full = train_mod.train(_cfg(tiny_data, tmp_path / "full"), keep_last=True)  # the final weights, to compare
     original = train_mod.Trainer._end_epoch
 
     def crash_after_second_epoch(self, epoch, *args):
@@ -59,7 +59,7 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
         train_mod.train(_cfg(tiny_data, tmp_path / "resumed"))
     monkeypatch.setattr(train_mod.Trainer, "_end_epoch", original)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
-    resumed = train_mod.train(_cfg(tiny_data, tmp_path / "resumed"), resume=True)
+    resumed = train_mod.train(_cfg(tiny_data, tmp_path / "resumed"), resume=True, keep_last=True)
     a, b = load_checkpoint(full / "last.pt")["model"], load_checkpoint(resumed / "last.pt")["model"]
     assert a.keys() == b.keys()
     for key in a:

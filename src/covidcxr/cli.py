@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -68,7 +69,7 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
 
 def _train(a: argparse.Namespace) -> int:
     from covidcxr.training.trainer import train
-    run = train(train_config(a), resume=a.resume)
+    run = train(train_config(a), resume=a.resume, keep_last=a.keep_last)
     print(f"run written to {run}")
     return 0
 
@@ -84,7 +85,8 @@ def _evaluate(a: argparse.Namespace) -> int:
 
 
 def _predict(a: argparse.Namespace) -> int:
-    from covidcxr.deploy.predict import format_predictions, predict_files
+    from covidcxr.deploy.predict import format_predictions, predict_files, use_threads
+    use_threads(a.threads)
     results = predict_files(a.run, a.inputs, a.cam, a.batch_size)
     print(format_predictions(results, a.format))
     failed = [r for r in results if r.error]
@@ -94,8 +96,9 @@ def _predict(a: argparse.Namespace) -> int:
 
 
 def _serve(a: argparse.Namespace) -> int:
-    from covidcxr.deploy.serve.app import serve
-    serve(a.run, a.host, a.port, a.db)
+    from covidcxr.deploy.serve.server import serve
+    serve(a.run, a.host, a.port, a.db, token_file=a.token_file, no_auth=a.no_auth, threads=a.threads,
+          request_threads=a.request_threads)
     return 0
 
 
@@ -248,6 +251,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="lung checkpoint for --crop lungs (covidcxr lungs train; default: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (default off)")
+    p.add_argument("--keep-last", dest="keep_last", action="store_true",
+                   help="keep the finished run's last.pt with its optimizer state (~2x model.pt; default: only the "
+                        "record that the run is finished, since nothing can resume it)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -317,13 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cam", help="folder for Grad-CAM overlays, one PNG per image (default: none)")
     p.add_argument("--batch-size", dest="batch_size", type=POSITIVE_INT_ARG, default=32,
                    help="images scored at once (default 32)")
+    p.add_argument("--threads", type=POSITIVE_INT_ARG, default=os.cpu_count() or 1,
+                   help=f"CPU threads for the model (default: one per core, {os.cpu_count() or 1} here)")
     p.set_defaults(func=_predict)
 
+    from covidcxr.deploy.serve.defaults import REQUEST_THREADS, SERVE_THREADS
     p = sub.add_parser("serve", help="HTTP API and web page")
     p.add_argument("run", help="run folder (covidcxr train --out)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "any other needs an access token)")
     p.add_argument("--port", type=PORT_ARG, default=8000, help="TCP port (default 8000)")
     p.add_argument("--db", help="SQLite prediction log (default RUN/predictions.sqlite)")
+    p.add_argument("--token-file", dest="token_file", help="file holding the access token clients must send as "
+                   "'Authorization: Bearer TOKEN' (default: $COVIDCXR_TOKEN; none on loopback)")
+    p.add_argument("--no-auth", dest="no_auth", action="store_true",
+                   help="serve beyond loopback without an access token (default: refused)")
+    p.add_argument("--threads", type=POSITIVE_INT_ARG, default=SERVE_THREADS,
+                   help=f"CPU threads for the model's batched forward passes (default {SERVE_THREADS})")
+    p.add_argument("--request-threads", dest="request_threads", type=POSITIVE_INT_ARG, default=REQUEST_THREADS,
+                   help=f"threads reading and decoding uploads (default {REQUEST_THREADS})")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("export", help="deployable model (ONNX or TorchScript), parity-checked")

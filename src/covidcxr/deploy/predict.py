@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from covidcxr.data.reader import ImageReadError, read_image
 from covidcxr.data.sources import IMAGE_SUFFIXES, file_problem, image_files
-from covidcxr.model.cam import cam_overlay_png, write_cams
+from covidcxr.errors import InputError
 from covidcxr.scoring import Scorer
 
 
@@ -72,13 +73,29 @@ class Predictor:
         order = {str(p): i for i, p in enumerate(paths)}
         return sorted(results, key=lambda r: order[r.path])
 
+    def read_bytes(self, data: bytes, filename: str) -> np.ndarray:
+        """An uploaded file's bytes -> its cache square (raises ImageReadError for bad content)."""
+        return self.square(read_image(data, name=filename))
+
+    def explain(self, square: np.ndarray) -> tuple[float, bytes]:
+        """(probability, Grad-CAM overlay PNG) for one cache square."""
+        # imported here: grad-cam brings OpenCV and scikit-learn, ~150 MB that a server without CAM requests never needs
+        from covidcxr.model.cam import cam_overlay_png
+        return float(self.scorer.scores(square[None])[0]), cam_overlay_png(self.scorer, square)
+
     def predict_bytes(self, data: bytes, filename: str, cam: bool = False) -> dict:
-        """One uploaded file -> result dict for the HTTP service (raises ImageReadError for bad content)."""
-        square = self.square(read_image(data, name=filename))
-        probability = float(self.scorer.scores(square[None])[0])
-        heatmap = cam_overlay_png(self.scorer, square) if cam else None
+        """One uploaded file -> result dict (raises ImageReadError for bad content)."""
+        square = self.read_bytes(data, filename)
+        probability, heatmap = self.explain(square) if cam else (float(self.scorer.scores(square[None])[0]), None)
         return {"probability": probability, "label": self.spec.label_for(probability), "threshold": self.threshold,
                 "heatmap_png": heatmap}
+
+
+def use_threads(threads: int) -> None:
+    """Torch's intra-op threads for this process (one forward pass spread over them); at least one."""
+    if threads < 1:
+        raise InputError(f"--threads {threads}: give at least 1")
+    torch.set_num_threads(threads)
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[Prediction]]:
@@ -133,5 +150,6 @@ def predict_files(run: str | Path, inputs: list[str], cam_dir: str | Path | None
     for r in results:
         r.threshold = predictor.threshold
     if cam_dir:
+        from covidcxr.model.cam import write_cams
         write_cams(predictor.scorer, [(Path(name), square) for name, square in squares.items()], Path(cam_dir))
     return results

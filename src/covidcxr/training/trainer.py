@@ -160,8 +160,8 @@ def _tensorboard(log_dir: Path):
 class Trainer:
     """One training run; `fit()` runs (or resumes) it to the end."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
-        self.cfg, self.out = cfg, Path(cfg.out)
+    def __init__(self, cfg: TrainConfig, resume: bool = False, keep_last: bool = False):
+        self.cfg, self.out, self.keep_last = cfg, Path(cfg.out), keep_last
         self.d = init_distributed(resolve_device(cfg.device).type)
         self.device = resolve_device(cfg.device, self.d.local_rank)
         seed_everything(cfg.seed, cfg.deterministic)
@@ -254,12 +254,15 @@ class Trainer:
         if saved.get("config_hash") != config_hash(self.cfg):
             raise InputError(f"{self.out}: settings differ from the run being resumed; use the same options or a new --out")
         ckpt = load_checkpoint(path)
+        if ckpt.get("finished"):  # early-stopped or complete: nothing left to do
+            self.start_epoch = self.cfg.epochs
+            if self.d.main:
+                print(f"{self.out}: finished after epoch {ckpt['epoch'] + 1}; nothing to resume")
+            return
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.start_epoch, self.best_auc, self.bad_epochs = ckpt["epoch"] + 1, ckpt["best_auc"], ckpt["bad_epochs"]
-        if ckpt.get("finished"):
-            self.start_epoch = self.cfg.epochs  # early-stopped or complete: nothing left to do
         if self.d.main:
             hist = pd.read_csv(self.out / "history.csv")
             hist[hist["epoch"] <= ckpt["epoch"]].to_csv(self.out / "history.csv", index=False)
@@ -360,23 +363,27 @@ class Trainer:
         self.best_dirty = True
 
     def _checkpoint(self, epoch: int, val_auc: float, finished: bool) -> None:
-        """model.pt (best so far) first, then last.pt: a crash between the two leaves a resumable pair."""
+        """model.pt (best so far) first, then last.pt: a crash between the two leaves a resumable pair.
+
+        Once the run is finished nothing can resume it, so last.pt then keeps only the record that it is finished
+        (a finished AlexNet run is model.pt's ~228 MB instead of ~684 MB); `keep_last` keeps the whole of it."""
         if self.best_dirty:
             state, meta, score = self.best
             save_checkpoint(self.out / "model.pt", self.model, meta, state_dict=state)
             self.val_df.assign(score=score)[["path", "source", "patient_id", "label", "score"]].to_csv(
                 self.out / "val_predictions.csv", index=False)
             self.best_dirty = False
-        save_checkpoint(self.out / "last.pt", self.model, self.meta(epoch, val_auc),
-                        {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                         "epoch": epoch, "best_auc": self.best_auc, "bad_epochs": self.bad_epochs,
-                         "finished": finished})
+        progress = {"epoch": epoch, "best_auc": self.best_auc, "bad_epochs": self.bad_epochs, "finished": finished}
+        resumable = not finished or self.keep_last
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()} if resumable else {}
+        save_checkpoint(self.out / "last.pt", self.model, self.meta(epoch, val_auc), {**state, **progress},
+                        state_dict=None if resumable else {})
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Fine-tune as configured; returns the run folder."""
+def train(cfg: TrainConfig, resume: bool = False, keep_last: bool = False) -> Path:
+    """Fine-tune as configured; returns the run folder. `keep_last` keeps the finished run's resumable last.pt."""
     tasks.check_task(cfg.task)
-    trainer = Trainer(cfg, resume)
+    trainer = Trainer(cfg, resume, keep_last)
     try:
         return trainer.fit()
     finally:

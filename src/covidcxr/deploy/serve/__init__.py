@@ -1,5 +1,4 @@
-"""HTTP service with a web page: `create_app(predictor, db_path)` builds it, `serve(run_dir, ...)` runs it."""
+"""HTTP service with a web page: `app.create_app(predictor, db_path)` builds it, `server.serve(run_dir, ...)` runs it.
 
-from covidcxr.deploy.serve.app import PredictorLike, background_server, create_app, serve
-
-__all__ = ["PredictorLike", "background_server", "create_app", "serve"]
+Nothing is imported here, so `covidcxr --help` can read `defaults` without loading the web stack or torch.
+"""

@@ -1,8 +1,10 @@
 """HTTP service: upload a chest X-ray, get the model's probability, its label and a Grad-CAM overlay.
 
-The predictor is built once by the caller and shared by all requests. Inference runs under one lock:
-PyTorch already spreads one forward pass over all CPU cores, and Grad-CAM keeps per-call state in hooks on the
-model, so parallel calls into one predictor would gain little and could mix up their maps.
+The predictor is loaded once and shared by all requests. Reading, checking and decoding an upload run on a small
+pool of request threads, off the event loop; the images of concurrent requests are then scored together in one
+forward pass (`Batcher`), on the one thread that owns the model, which also runs Grad-CAM requests between batches.
+Off loopback the API needs a bearer token (`access.py`); the OpenAPI docs are served from local files, so `/docs`
+works without the internet.
 """
 
 from __future__ import annotations
@@ -11,22 +13,26 @@ import base64
 import errno
 import hashlib
 import io
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
-from typing import Protocol
 
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+import anyio
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
+from fastapi_offline import FastAPIOffline
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from covidcxr import __version__
 from covidcxr.data.reader import ImageReadError
+from covidcxr.deploy.predict import Predictor
+from covidcxr.deploy.serve.access import bearer_guard
+from covidcxr.deploy.serve.batcher import Batcher
+from covidcxr.deploy.serve.defaults import MAX_BATCH, MAX_WAIT_MS, REQUEST_THREADS
 from covidcxr.deploy.serve.log import LogRecord, PredictionLog, utc_now
 from covidcxr.errors import InputError, PortInUseError
 
@@ -34,18 +40,6 @@ DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # a large uncompressed DICOM radiog
 MULTIPART_SLACK_BYTES = 64 * 1024  # form framing around the file; the file itself is checked exactly
 PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 ACCEPTED = "PNG, JPEG, TIFF, BMP or DICOM"
-
-
-class PredictorLike(Protocol):
-    """What the service needs from a model; `covidcxr.deploy.predict.Predictor` satisfies it."""
-
-    model_id: str
-    threshold: float
-    positive_label: str
-
-    def predict_bytes(self, data: bytes, filename: str, cam: bool) -> dict:
-        """-> {"probability", "label", "threshold", "heatmap_png": bytes | None}; raises ImageReadError."""
-        ...
 
 
 class Prediction(BaseModel):
@@ -93,124 +87,87 @@ def _read_upload(file: UploadFile, filename: str, limit: int) -> bytes:
     return data
 
 
+def _decode_upload(predictor: Predictor, file: UploadFile, filename: str, limit: int) -> tuple[str, np.ndarray]:
+    """(SHA-256, cache square) of an upload: everything before the model, run on a request thread."""
+    data = _read_upload(file, filename, limit)
+    _require_image_content(data, filename)
+    try:
+        square = predictor.read_bytes(data, filename)
+    except ImageReadError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return hashlib.sha256(data).hexdigest(), square
+
+
 def _data_url(png: bytes | None) -> str | None:
     return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def create_app(
-    predictor: PredictorLike, db_path: str | Path, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    predictor: Predictor,
+    db_path: str | Path,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    token: str | None = None,
+    request_threads: int = REQUEST_THREADS,
+    max_batch: int = MAX_BATCH,
+    max_wait_ms: float = MAX_WAIT_MS,
 ) -> FastAPI:
-    """Build the service around one already-loaded predictor; every successful prediction is logged to db_path."""
+    """Build the service around one loaded predictor; every successful prediction is logged to db_path.
+
+    With a `token`, every /api request must send `Authorization: Bearer <token>` (else 401)."""
     log = PredictionLog(db_path)
-    lock = threading.Lock()
+    batcher = Batcher(predictor, max_batch, max_wait_ms)
+    threads = anyio.CapacityLimiter(request_threads)
     page = (files("covidcxr.deploy.serve") / "static" / "index.html").read_text(encoding="utf-8")
     errors = {
+        401: {"model": Problem, "description": "missing or wrong access token (only when the service has one)"},
         413: {"model": Problem, "description": "file too large (text/plain when the whole body is over the limit)"},
         415: {"model": Problem, "description": f"not an image, or not {ACCEPTED}"},
     }
-    app = FastAPI(
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPIOffline(
         title="covidcxr",
         summary="COVID-19 chest X-ray screening aid (not a diagnosis)",
         version=__version__,
+        lifespan=lifespan,
+        redoc_url=None,
     )
+    app.state.batcher = batcher
+    api = APIRouter(prefix="/api", dependencies=[Depends(bearer_guard(token))] if token else [])
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> str:
+    async def index() -> str:
         return page
 
-    @app.get("/api/health")
-    def health() -> Health:
-        return Health(
-            status="ok",
-            model_id=predictor.model_id,
-            positive_label=predictor.positive_label,
-            threshold=predictor.threshold,
-            max_upload_bytes=max_upload_bytes,
-        )
+    @api.get("/health")
+    async def health() -> Health:
+        return Health(status="ok", model_id=predictor.model_id, positive_label=predictor.positive_label,
+                      threshold=predictor.threshold, max_upload_bytes=max_upload_bytes)
 
-    @app.post("/api/predict", responses=errors, max_body_size=max_upload_bytes + MULTIPART_SLACK_BYTES)
-    def predict(
+    @api.post("/predict", responses=errors, max_body_size=max_upload_bytes + MULTIPART_SLACK_BYTES)
+    async def predict(
         file: UploadFile = File(description=f"chest X-ray: {ACCEPTED}"),
         cam: bool = Query(False, description="also return a Grad-CAM overlay"),
     ) -> Prediction:
         """Score one uploaded image. Errors: 413 too large; 415 not an image; 422 an image that cannot be used
         (no pixel data, corrupt, absurd size: `detail` is one line) or a malformed form (`detail` is a list)."""
         filename = file.filename or "upload"
-        data = _read_upload(file, filename, max_upload_bytes)
-        _require_image_content(data, filename)
-        try:
-            with lock:
-                result = predictor.predict_bytes(data, filename, cam)
-        except ImageReadError as exc:
-            raise HTTPException(422, str(exc)) from None
-        digest = hashlib.sha256(data).hexdigest()
-        out = Prediction(
-            probability=float(result["probability"]),
-            label=result["label"],
-            threshold=float(result["threshold"]),
-            model_id=predictor.model_id,
-            heatmap=_data_url(result["heatmap_png"]),
-            sha256=digest,
-        )
-        log.add(LogRecord(utc_now(), digest, filename, out.probability, out.label, out.threshold, out.model_id))
+        decode = partial(_decode_upload, predictor, file, filename, max_upload_bytes)
+        digest, square = await anyio.to_thread.run_sync(decode, limiter=threads)
+        probability, heatmap = await batcher.explain(square) if cam else (await batcher.score(square), None)
+        out = Prediction(probability=probability, label=predictor.spec.label_for(probability),
+                         threshold=predictor.threshold, model_id=predictor.model_id, heatmap=_data_url(heatmap),
+                         sha256=digest)
+        record = LogRecord(utc_now(), digest, filename, out.probability, out.label, out.threshold, out.model_id)
+        await anyio.to_thread.run_sync(log.add, record, limiter=threads)
         return out
 
+    app.include_router(api)
     return app
-
-
-@contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1", timeout_s: float = 20.0) -> Iterator[str]:
-    """Run uvicorn on a free loopback port in a daemon thread; yield its base URL; stop it on exit."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind((host, 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
-        time.sleep(0.02)
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout_s)
-        sock.close()
-
-
-def listening_socket(host: str, port: int) -> socket.socket:
-    """The socket to serve on, bound before the model loads, so a busy port is one clear error (uvicorn would log
-    and exit 3)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart may reuse the port
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUseError(f"{host}:{port} is already in use by another program; choose another --port") from None
-        raise InputError(f"cannot serve on {host}:{port} ({exc.strerror or exc}); check --host and --port") from None
-    return sock
-
-
-def serve(
-    run_dir: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    db_path: str | Path | None = None,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-) -> None:
-    """Load the run's model once and serve it until interrupted; the log defaults to RUN/predictions.sqlite."""
-    import uvicorn
-
-    from covidcxr.deploy.predict import Predictor
-
-    with listening_socket(host, port) as sock:
-        predictor = Predictor.from_run(run_dir)
-        db = Path(db_path) if db_path is not None else Path(run_dir) / "predictions.sqlite"
-        config = uvicorn.Config(create_app(predictor, db, max_upload_bytes), host=host, port=port)
-        uvicorn.Server(config).run(sockets=[sock])

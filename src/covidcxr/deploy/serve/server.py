@@ -1,0 +1,53 @@
+"""`covidcxr serve`: load the run once, choose the threads, check who may connect, bind the port, serve."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from pathlib import Path
+
+from covidcxr.deploy.predict import Predictor, use_threads
+from covidcxr.deploy.serve.access import access_token
+from covidcxr.deploy.serve.app import DEFAULT_MAX_UPLOAD_BYTES, create_app
+from covidcxr.deploy.serve.defaults import REQUEST_THREADS, SERVE_THREADS
+from covidcxr.errors import InputError, PortInUseError
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a busy port is a one-line error, not a traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(f"{host}:{port} is already in use by another program; choose another --port") from None
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port or --host") from None
+    return sock
+
+
+def serve(
+    run_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    db_path: str | Path | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    token_file: str | Path | None = None,
+    no_auth: bool = False,
+    threads: int = SERVE_THREADS,
+    request_threads: int = REQUEST_THREADS,
+) -> None:
+    """Serve the run until interrupted; the log defaults to RUN/predictions.sqlite."""
+    import uvicorn
+
+    token = access_token(host, token_file, no_auth)
+    use_threads(threads)
+    sock = bind(host, port)
+    predictor = Predictor.from_run(run_dir, device="cpu")
+    db = Path(db_path) if db_path is not None else Path(run_dir) / "predictions.sqlite"
+    app = create_app(predictor, db, max_upload_bytes, token=token, request_threads=request_threads)
+    print(f"serving {predictor.model_id} on http://{host}:{sock.getsockname()[1]} "
+          f"({'token required' if token else 'no access token'}); Ctrl-C stops", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
