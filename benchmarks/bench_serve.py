@@ -38,10 +38,11 @@ SHARED_NOTE = ("Measured while other engineers' jobs shared the CPU (load averag
 
 def write_random_run(run_dir: Path, image_size: int | None = None, cache_size: int | None = None, seed: int = 0) -> Path:
     """A run folder holding a random-weights gray AlexNet with the meta a Predictor needs (tests and benchmarks);
-    input side and cache size default to `covidcxr train`'s and `covidcxr ingest`'s."""
+    input side and cache size default to `covidcxr train`'s on a CPU and `covidcxr ingest`'s."""
     import torch
 
-    from covidcxr.config import AugmentConfig, IngestConfig, TrainConfig, to_dict
+    from covidcxr.config import AugmentConfig, IngestConfig, to_dict
+    from covidcxr.training.trainer import AUTO_IMAGE_SIZE
     from covidcxr.data.tasks import POSITIVE_INDEX, class_names
     from covidcxr.model.network import build_model, save_checkpoint
 
@@ -51,7 +52,7 @@ def write_random_run(run_dir: Path, image_size: int | None = None, cache_size: i
         "task": "covid-vs-normal",
         "classes": class_names("covid-vs-normal"),
         "positive_index": POSITIVE_INDEX,
-        "image_size": image_size or TrainConfig().image_size,
+        "image_size": image_size or AUTO_IMAGE_SIZE["cpu"],
         "cache_size": cache_size or IngestConfig().size,
         "augment": to_dict(AugmentConfig()),
         "threshold": 0.5,

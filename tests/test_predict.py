@@ -158,8 +158,10 @@ def test_threads_option_sets_torch_threads_and_keeps_the_scores(tiny_run, mixed,
 
 
 def test_zero_threads_is_a_one_line_usage_error(tiny_run, mixed, capsys):
-    code, out, err = _predict(capsys, tiny_run, str(mixed / GOOD[0]), "--threads", "0")
-    assert code == 2 and out == ""
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses it before any work
+        cli.main(["predict", str(tiny_run), str(mixed / GOOD[0]), "--threads", "0"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and "--threads" in err and "'0'" in err
 
 

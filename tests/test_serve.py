@@ -304,7 +304,7 @@ def test_a_busy_port_is_a_one_line_error(tiny_run, tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     [line] = err.splitlines()
-    assert line.startswith(f"covidcxr: error: cannot listen on 127.0.0.1:{port}") and "--port" in line
+    assert line.startswith(f"covidcxr: error: 127.0.0.1:{port} is already in use") and "--port" in line
 
 
 def _free_port() -> int:

@@ -101,7 +101,7 @@ class Screener:
 
     def _overlay(self, path: Path) -> np.ndarray:
         from covidcxr.model.cam import cam_overlay
-        return np.asarray(cam_overlay(self.predictor, self.predictor.preprocess(read_image(path))).convert("RGB"))
+        return np.asarray(cam_overlay(self.predictor.scorer, self.predictor.square(read_image(path))).convert("RGB"))
 
     def report(self, uid: str, result: Result) -> Result:
         """One line per instance: scored and skipped on stdout, failures and postponements on stderr."""
