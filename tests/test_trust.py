@@ -29,19 +29,19 @@ def cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "covidcxr.cli", *argv], capture_output=True, text=True, env=env)
 
 
-def planted_shift(root: Path, xray_source, n: int = 40) -> Path:
+def planted_shift(root: Path, xray_source, n: int = 40, marks: bool = True, haze: float = 0.3) -> Path:
     """Toy X-rays of a new 'hospital' whose device leaves a bright haze over both lungs, a grid and strong noise.
 
     The toy model reads haze as COVID-19, so it calls nearly every image positive (a wide, one-sided error); the
-    grid and the noise are what make the images look unlike any it was trained on."""
+    grid and the noise (`marks`) are what make the images look unlike any it was trained on."""
     xray_source(root, n, seed=11, sources=("site", "site"))
     rng = np.random.default_rng(12)
     for png in sorted(root.glob("*.png")):
         img = np.asarray(Image.open(png), dtype=np.float32) / 255
         yy, xx = np.indices(img.shape) / np.array(img.shape)[:, None, None]
-        haze = sum(np.exp(-(((xx - cx) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2)) for cx in (0.3, 0.7))
+        fog = sum(np.exp(-(((xx - cx) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2)) for cx in (0.3, 0.7))
         grid = 0.15 * ((np.indices(img.shape) // 6).sum(0) % 2)
-        noisy = img + 0.3 * haze + grid + rng.normal(0, 0.2, img.shape)
+        noisy = img + haze * fog + (grid + rng.normal(0, 0.2, img.shape) if marks else rng.normal(0, 0.03, img.shape))
         Image.fromarray((np.clip(noisy, 0, 1) * 255).astype(np.uint8)).save(png)
     return root
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.evaluation.metrics import binary_metrics
+from covidcxr.trust.guard import Guard
 from covidcxr.trust.shift import reference_scores, shift_test
 
 
@@ -24,7 +25,10 @@ def ood_summary(pred: pd.DataFrame, threshold: float, run: str | Path, positive_
     accepted = pred["in_distribution"].astype(bool).to_numpy()
     wrong = ((pred["score"] >= threshold).astype(int) != pred["y"]).to_numpy()
     kept = pred[accepted]
-    return {"guard": True, "coverage": float(accepted.mean()), "n_accepted": int(accepted.sum()),
+    guard = Guard.load(run)
+    about = {"members": len(guard.members), "density": guard.density is not None, "threshold": guard.threshold,
+             **guard.info} if guard else {}
+    return {"guard": True, "about_guard": about, "coverage": float(accepted.mean()), "n_accepted": int(accepted.sum()),
             "accepted": binary_metrics(kept["y"], kept["score"], threshold) if len(kept) else None,
             "n_wrong": int(wrong.sum()), "wrong_flagged": float((~accepted[wrong]).mean()) if wrong.any() else None,
             "right_flagged": float((~accepted[~wrong]).mean()) if (~wrong).any() else None, "shift": shift}
@@ -52,4 +56,10 @@ def trust_html(ood: dict) -> str:
              f"{_pct(acc.get('sensitivity'))}, specificity {_pct(acc.get('specificity'))}, AUC "
              f"{'n/a' if acc.get('auc') is None or np.isnan(acc['auc']) else format(acc['auc'], '.3f')}. "
              "The columns in_distribution and ood_score of predictions.csv hold it per image.</p>")
+    about = ood.get("about_guard") or {}
+    if about.get("members"):
+        guard += (f"<p>The guard's {about['members']} member models are stored with the run (RUN/guard/, "
+                  f"{about.get('stored_dtype', '')}, {about.get('stored_members_bytes', 0) / 1e6:.1f} MB); scoring "
+                  f"an image with the run and its members took {about.get('cpu_seconds_per_image_run_and_members', 0) * 1e3:.1f}"
+                  " ms on the CPU when the guard was fitted.</p>")
     return alarm + tests + guard

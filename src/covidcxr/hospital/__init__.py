@@ -1,0 +1,1 @@
+"""Running covidcxr at a hospital: adapting a run to a site (calibrate), PACS hooks."""
