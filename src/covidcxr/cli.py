@@ -108,8 +108,7 @@ def _calibrate(a: argparse.Namespace) -> int:
     settings = CalibrateSettings(fraction=a.fraction, finetune_epochs=a.finetune_epochs, layers=a.finetune_layers,
                                  target_sensitivity=a.target_sensitivity)
     r = calibrate(a.run, a.data, a.out, settings, n_boot=a.n_boot)
-    print(f"held-back part: sensitivity {r['before_sensitivity']:.3f} -> {r['after_sensitivity']:.3f}, specificity "
-          f"{r['before_specificity']:.3f} -> {r['after_specificity']:.3f}; adapted run: {Path(a.out) / 'run'}")
+    print(f"{r['summary']}; adapted run: {Path(a.out) / 'run'}")
     return 0
 
 

@@ -156,8 +156,14 @@ def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings:
               "threshold_method": method, "counts": parts.value_counts().to_dict(),
               "images": {part: site.loc[parts == part, "path"].tolist() for part in ("finetune", "tune", "held-back")},
               **{f"{k}_{m}": reports[k][m]["value"] for k in reports for m in ("sensitivity", "specificity", "auc")}}
+    record["summary"] = "held-back part: " + ", ".join(
+        f"{m} {_num(record['before_' + m])} -> {_num(record['after_' + m])}" for m in ("sensitivity", "specificity", "auc"))
     save_json(record, out / "calibration.json")
     return record
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None or np.isnan(x) else f"{x:.3f}"
 
 
 def write_run(scorer: Scorer, run: Path, out: Path, site: pd.DataFrame, parts: pd.Series, threshold: float,

@@ -87,7 +87,7 @@ def trust_markdown(rows: list[dict], calibration: dict[str, list[dict]], main_oo
     lines = ["## Can a prediction be trusted? (issue 14, cross-source protocol)", "",
              f"Deployed guard (main run; members: the fold runs): {_pct(main_ood.get('coverage'))} of the "
              f"in-distribution test split accepted; shift alarm on the test split: "
-             f"{'FIRES' if main_ood['shift']['alarm'] else 'silent'} ({main_ood['shift']['message']}).", "",
+             f"{'FIRES' if main_ood['shift']['alarm'] else 'silent'}: {main_ood['shift']['message']}.", "",
              "Per fold, the held-out sources play a new site; the fold's guard members never saw them.", "",
              "| held out | members | in-dist. coverage | held-out coverage | wrong flagged | shift alarm |",
              "|---|---|---|---|---|---|"]
