@@ -21,3 +21,8 @@ def test_reproduce_writes_every_report_and_the_summary(tiny_data, tmp_path):
     assert verdict and verdict in text  # the diagnostics ran on the main report and their verdict is in the summary
     assert "Shortcut diagnostics" in (tmp_path / "main" / "report" / "report.html").read_text()
     assert json.loads((tmp_path / "config.json").read_text())["image_size"] == 64  # --quick's settings, saved
+    assert "Can a prediction be trusted?" in text and (tmp_path / "trust.csv").is_file()
+    trust = (tmp_path / "trust.md").read_text()
+    assert trust in text and "| a |" in trust and "| b |" in trust
+    assert (tmp_path / "main" / "run" / "guard.json").is_file()  # the deployed guard: the fold runs as members
+    assert json.loads((tmp_path / "main" / "report" / "metrics.json").read_text())["ood"]["guard"] is True

@@ -87,7 +87,7 @@ def _evaluate(a: argparse.Namespace) -> int:
 def _predict(a: argparse.Namespace) -> int:
     from covidcxr.deploy.predict import format_predictions, predict_files, use_threads
     use_threads(a.threads)
-    results = predict_files(a.run, a.inputs, a.cam, a.batch_size)
+    results = predict_files(a.run, a.inputs, a.cam, a.batch_size, a.reject_ood)
     print(format_predictions(results, a.format))
     failed = [r for r in results if r.error]
     for r in failed:
@@ -115,6 +115,15 @@ def _reproduce(a: argparse.Namespace) -> int:
     from covidcxr.reproduce import reproduce
     summary = reproduce(a.data, a.out, weights=a.weights, quick=a.quick, device=a.device)
     print(f"summary: {summary}")
+    return 0
+
+
+def _calibrate(a: argparse.Namespace) -> int:
+    from covidcxr.hospital.calibrate import CalibrateSettings, calibrate
+    settings = CalibrateSettings(fraction=a.fraction, finetune_epochs=a.finetune_epochs, layers=a.finetune_layers,
+                                 target_sensitivity=a.target_sensitivity)
+    r = calibrate(a.run, a.data, a.out, settings, n_boot=a.n_boot)
+    print(f"{r['summary']}; adapted run: {Path(a.out) / 'run'}")
     return 0
 
 
@@ -325,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images scored at once (default 32)")
     p.add_argument("--threads", type=POSITIVE_INT_ARG, default=os.cpu_count() or 1,
                    help=f"CPU threads for the model (default: one per core, {os.cpu_count() or 1} here)")
+    p.add_argument("--reject-ood", dest="reject_ood", action="store_true",
+                   help="withhold the label of images the run's guard calls out of distribution (default: label "
+                        "every image, flag them)")
     p.set_defaults(func=_predict)
 
     from covidcxr.deploy.serve.defaults import REQUEST_THREADS, SERVE_THREADS
@@ -358,6 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--quick", action="store_true", help="smaller, faster settings: a smoke test (default off)")
     p.set_defaults(func=_reproduce)
+
+    p = sub.add_parser("calibrate", help="adapt a run to a new site with some of its labelled images")
+    p.add_argument("run")
+    p.add_argument("--data", required=True, help="ingested data folder of the site's labelled images")
+    p.add_argument("--out", required=True, help="folder for run/, before/, after/ and calibration.json")
+    p.add_argument("--fraction", type=float, default=0.3, help="share of the site's patients used to adapt; the "
+                   "rest is held back to measure (default 0.3)")
+    p.add_argument("--finetune-epochs", dest="finetune_epochs", type=int, default=10,
+                   help="fine-tuning passes over the site's images (default 10; 0: threshold and temperature only)")
+    p.add_argument("--finetune-layers", dest="finetune_layers", default="head", choices=["head", "all"],
+                   help="layers fine-tuning changes (default head)")
+    p.add_argument("--target-sensitivity", dest="target_sensitivity", type=float,
+                   help="choose the site's threshold for this sensitivity (default: Youden's J)")
+    p.add_argument("--n-boot", dest="n_boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
+    p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("compare", help="several reports side by side")
     p.add_argument("reports", nargs="+", help="report folders (covidcxr evaluate --out)")

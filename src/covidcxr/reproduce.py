@@ -21,7 +21,9 @@ from covidcxr.config import IngestConfig, TrainConfig, save_json, to_dict
 from covidcxr.errors import MissingInputError
 from covidcxr.evaluation.evaluate import evaluate
 from covidcxr.data.ingest import ingest
+from covidcxr.hospital.crosssite import calibrate_rows, guard_fold, measure_fold, nested_members, write_trust
 from covidcxr.model.network import resolve_weights
+from covidcxr.training.guarding import attach_guard
 from covidcxr.training.trainer import train
 
 PAPER = {"accuracy": 0.965, "sensitivity": 0.980, "specificity": 0.917}
@@ -66,7 +68,7 @@ def _table_row(name: str, metrics: dict) -> str:
 
 
 def write_summary(out: Path, main: dict, external: dict[str, dict], diagnosis_verdict: str,
-                  weights_note: str | None, cfg: TrainConfig) -> Path:
+                  weights_note: str | None, cfg: TrainConfig, trust: str = "") -> Path:
     lines = ["# covidcxr reproduce: summary", ""]
     if weights_note:
         lines += [f"> **Warning:** {weights_note}", ""]
@@ -78,7 +80,7 @@ def write_summary(out: Path, main: dict, external: dict[str, dict], diagnosis_ve
               _table_row("ours, in-distribution test split", main)]
     lines += [_table_row(f"ours, external: trained without {name}", m) for name, m in external.items()]
     lines += ["", "## What the external validation shows", "", _external_words(main, external), "",
-              "## Shortcut diagnostics", "", diagnosis_verdict, "",
+              trust, "## Shortcut diagnostics", "", diagnosis_verdict, "",
               "Details, figures and lung masks: `main/report/diagnose/diagnose.html`.", "",
               "## Settings", "", f"```json\n{json.dumps(to_dict(cfg), indent=1)}\n```", "",
               "Reports: `main/report/report.html`, " + ", ".join(f"`external/{n}/report/report.html`" for n in external)]
@@ -127,16 +129,26 @@ def reproduce(data: str | Path, out: str | Path, weights: str = "auto", quick: b
     cfg = recipe(data_dir, out / "main" / "run", weights, device, quick)
     save_json(cfg, out / "config.json")
     run = train(cfg, resume=(out / "main" / "run" / "last.pt").exists())
+    folds = external_folds(ImageCache(data_dir).manifest(), cfg.task)
+    fold_runs = {}
+    for held in folds:
+        fold_out = out / "external" / "+".join(held)
+        fold_cfg = replace(cfg, out=str(fold_out / "run"), holdout_sources=held, epochs=min(cfg.epochs, EXTERNAL_EPOCHS))
+        fold_runs["+".join(held)] = train(fold_cfg, resume=(fold_out / "run" / "last.pt").exists())
+    if fold_runs:  # the deployed guard: the models trained with each source group held out
+        attach_guard(run, [r / "model.pt" for r in fold_runs.values()], data_dir)
     main = evaluate(run, data_dir, "test", out / "main" / "report", n_boot=n_boot, title="In-distribution test split",
                     extra_sections=extra, device=device)
-    external = {}
-    for held in external_folds(ImageCache(data_dir).manifest(), cfg.task):
-        name = "+".join(held)
+    external, trust_rows, calibration = {}, [], {}
+    for held, (name, fold_run) in zip(folds, fold_runs.items()):
         fold_out = out / "external" / name
-        fold_cfg = replace(cfg, out=str(fold_out / "run"), holdout_sources=held, epochs=min(cfg.epochs, EXTERNAL_EPOCHS))
-        fold_run = train(fold_cfg, resume=(fold_out / "run" / "last.pt").exists())
+        members = nested_members(cfg, held, folds, fold_out / "guard_members")
+        in_coverage = guard_fold(fold_run, members, data_dir)
         external[name] = evaluate(fold_run, data_dir, "test", fold_out / "report", n_boot=n_boot, extra_sections=extra,
                                   title=f"External validation: trained without {name}", device=device)
+        trust_rows.append(measure_fold(name, fold_run, external[name], in_coverage, len(members)))
+        calibration[name] = calibrate_rows(fold_run, data_dir, held, fold_out / "calibrate", min(n_boot, 200))
+    trust = write_trust(out, trust_rows, calibration, main["ood"])
     diagnosis = out / "main" / "report" / "diagnose" / "verdict.md"
     return write_summary(out, main, external, diagnosis.read_text().strip() if diagnosis.exists() else
-                         "The shortcut diagnostics could not run (see main/report/report.html).", note, cfg)
+                         "The shortcut diagnostics could not run (see main/report/report.html).", note, cfg, trust)

@@ -20,6 +20,7 @@ from covidcxr.data.cache import to_square
 from covidcxr.device import resolve_device
 from covidcxr.model.network import load_run, unwrap
 from covidcxr.preprocess.transform import Preprocess, PreprocessSpec
+from covidcxr.trust.guard import GUARD_DIR, Guard
 
 BATCH_SIZE = 256
 
@@ -80,16 +81,20 @@ def predict_probs(model: torch.nn.Module, normalised: torch.Tensor, preprocess: 
 class Scorer:
     """A run's model, preprocessing, device, precision and threshold, loaded once."""
 
-    def __init__(self, model: torch.nn.Module, spec: RunSpec, device: torch.device, meta: dict | None = None):
+    def __init__(self, model: torch.nn.Module, spec: RunSpec, device: torch.device, meta: dict | None = None,
+                 guard: Guard | None = None, members: list["Scorer"] | None = None):
         self.model, self.spec, self.device = model.to(device).eval(), spec, device
         self.meta = meta or {}  # the checkpoint's meta as saved: provenance (epoch, hashes) for reports
         self.preprocess = Preprocess(spec.preprocess)
+        self.guard, self.members = guard, members or []  # the per-image guard (trust/guard.py), None if the run has none
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", which: str = "model.pt") -> "Scorer":
         run_dir, dev = Path(run_dir), resolve_device(device)
         model, meta = load_run(run_dir, which, device=dev)
-        return cls(model, RunSpec.from_meta(meta, run_dir, model_id(run_dir, which)), dev, meta)
+        guard = Guard.load(run_dir)
+        members = [cls.from_run(run_dir / GUARD_DIR, device, m) for m in guard.members] if guard else []
+        return cls(model, RunSpec.from_meta(meta, run_dir, model_id(run_dir, which)), dev, meta, guard, members)
 
     def cache_square(self, image: np.ndarray) -> np.ndarray:
         """A decoded image (H, W) in [0, 1] -> the (S, S) uint8 square the cache would hold for it."""
@@ -118,3 +123,16 @@ class Scorer:
         """(N, D) penultimate features for cache squares."""
         net = unwrap(self.model)
         return torch.cat([net.features(x).cpu() for x in self.inputs(squares)] or [torch.zeros(0, 0)]).numpy()
+
+    def member_scores(self, squares: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(members, N) positive-class probabilities of the guard's member models."""
+        return np.stack([m.scores(squares) for m in self.members]) if self.members else np.zeros((0, len(squares)))
+
+    def assess(self, squares: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(scores, ood_scores, in_distribution) for cache squares; the last two are None when the run has no guard."""
+        scores = self.scores(squares)
+        if self.guard is None or not len(squares):
+            return scores, None, None
+        features = self.features(squares) if self.guard.density is not None else None
+        ood = self.guard.ood_scores(scores, self.member_scores(squares), features)
+        return scores, ood, self.guard.in_distribution(ood)

@@ -28,6 +28,8 @@ class Prediction:
     label: str | None
     threshold: float
     error: str | None = None
+    in_distribution: bool | None = None  # the run's guard accepts the image; None: the run has no guard
+    ood_score: float | None = None  # typicality (higher = less typical); > the guard's threshold = out of distribution
 
 
 class Predictor:
@@ -62,8 +64,11 @@ class Predictor:
         names, results = list(squares), []
         for start in range(0, len(names), batch_size):
             chunk = names[start:start + batch_size]
-            for name, p in zip(chunk, self.scorer.scores(np.stack([squares[n] for n in chunk]))):
-                results.append(Prediction(name, float(p), self.spec.label_for(float(p)), self.threshold))
+            scores, ood, accepted = self.scorer.assess(np.stack([squares[n] for n in chunk]))
+            for i, (name, p) in enumerate(zip(chunk, scores)):
+                results.append(Prediction(name, float(p), self.spec.label_for(float(p)), self.threshold,
+                                          in_distribution=None if accepted is None else bool(accepted[i]),
+                                          ood_score=None if ood is None else float(ood[i])))
         return results
 
     def predict_paths(self, paths: list[Path], batch_size: int = 32) -> list[Prediction]:
@@ -132,15 +137,19 @@ def format_predictions(results: list[Prediction], fmt: str) -> str:
     for r in results:
         if r.error:
             lines.append(f"{r.path:<{width}}  {'-':>8}  {'ERROR':<10} {r.error}")
+        elif r.label is None:
+            lines.append(f"{r.path:<{width}}  {r.probability:>8.3f}  withheld: out of distribution")
         else:
-            lines.append(f"{r.path:<{width}}  {r.probability:>8.3f}  {r.label:<10} {r.threshold:.3f}")
+            flag = "" if r.in_distribution is None else ("" if r.in_distribution else "  out of distribution")
+            lines.append(f"{r.path:<{width}}  {r.probability:>8.3f}  {r.label:<10} {r.threshold:.3f}{flag}")
     return "\n".join(lines)
 
 
 def predict_files(run: str | Path, inputs: list[str], cam_dir: str | Path | None = None,
-                  batch_size: int = 32) -> list[Prediction]:
+                  batch_size: int = 32, reject_ood: bool = False) -> list[Prediction]:
     """`covidcxr predict`: one Prediction per file (an error row for each file or folder that could not be scored),
-    and a Grad-CAM overlay per scored file in `cam_dir`, from the same decoded image."""
+    and a Grad-CAM overlay per scored file in `cam_dir`, from the same decoded image. `reject_ood`: withhold the
+    label (None) of images the run's guard calls out of distribution; their probability is still shown."""
     predictor = Predictor.from_run(run)
     paths, missing = expand_inputs(inputs)
     squares, failed = predictor.read_squares(paths)
@@ -149,6 +158,8 @@ def predict_files(run: str | Path, inputs: list[str], cam_dir: str | Path | None
     results = sorted(results, key=lambda r: order[r.path]) + missing
     for r in results:
         r.threshold = predictor.threshold
+        if reject_ood and r.in_distribution is False:
+            r.label = None
     if cam_dir:
         from covidcxr.model.cam import write_cams
         write_cams(predictor.scorer, [(Path(name), square) for name, square in squares.items()], Path(cam_dir))

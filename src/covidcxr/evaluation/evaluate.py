@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import sys
+from collections.abc import Collection
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from covidcxr.evaluation.metrics import evaluate_predictions
 from covidcxr.scoring import Scorer
 from covidcxr.evaluation.report import write_report
 from covidcxr.evaluation.selection import select_images
+from covidcxr.evaluation.trust import ood_summary, trust_html
 
 
 def weights_shown(config: dict) -> str:
@@ -32,7 +34,7 @@ def weights_shown(config: dict) -> str:
 
 
 def predictions(run: str | Path, data: str | Path, split: str = "test", device: str = "auto",
-                task: str | None = None) -> tuple[pd.DataFrame, dict, dict]:
+                task: str | None = None, images: Collection[str] | None = None) -> tuple[pd.DataFrame, dict, dict]:
     """(predictions frame with y and score, the run's meta, provenance) for the images the task uses.
 
     `task` overrides the run's own task for choosing and labelling images (e.g. score a covid-vs-rest model on
@@ -41,7 +43,7 @@ def predictions(run: str | Path, data: str | Path, split: str = "test", device: 
     scorer = Scorer.from_run(run, device)
     meta = scorer.meta
     cache = ImageCache(data)
-    rows, excluded = select_images(run, cache, split)
+    rows, excluded = select_images(run, cache, split) if images is None else (_only(cache, images), 0)
     task = task or meta["task"]
     rows = rows[tasks.encode(rows["label"], task) >= 0].reset_index(drop=True)
     if rows.empty:
@@ -50,7 +52,9 @@ def predictions(run: str | Path, data: str | Path, split: str = "test", device: 
         print(f"note: {excluded} image(s) of {data} were used to train or validate this run and are left out", file=sys.stderr)
     pred = rows[["path", "source", "patient_id", "label"]].copy()
     pred["y"] = (tasks.encode(rows["label"], task) == tasks.POSITIVE_INDEX).astype(int)
-    pred["score"] = scorer.scores(cache.load(rows["cache_index"]))  # in the precision the threshold was chosen in
+    score, ood, accepted = scorer.assess(cache.load(rows["cache_index"]))  # float32, as the threshold was chosen
+    pred["score"], pred["ood_score"] = score, ood if ood is not None else np.nan
+    pred["in_distribution"] = pd.array(accepted if accepted is not None else [pd.NA] * len(pred), dtype="boolean")
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
     provenance = {
         "run": str(run.resolve()), "run_config_hash": meta.get("config_hash", ""), "model_epoch": meta.get("epoch"),
@@ -63,19 +67,26 @@ def predictions(run: str | Path, data: str | Path, split: str = "test", device: 
     return pred, meta, provenance
 
 
+def _only(cache: ImageCache, images: Collection[str]) -> pd.DataFrame:
+    rows = cache.manifest()
+    return rows[rows["path"].isin(set(images))].reset_index(drop=True)
+
+
 def evaluate(run: str | Path, data: str | Path, split: str, out: str | Path, n_boot: int = 1000,
              title: str | None = None, extra_sections=(), device: str = "auto", diagnostics: bool = True,
-             lung_model: str | Path | None = None) -> dict:
+             lung_model: str | Path | None = None, images: Collection[str] | None = None) -> dict:
     """Write the report folder (predictions.csv, metrics.json, figures, report.html); return the metrics.
 
     `diagnostics`: also run the shortcut checks (diagnose/) on the same images into REPORT/diagnose/ and show them
     in the report: a figure such as the AUC means little until one knows whether it measures the disease.
     `lung_model`: lung segmentation checkpoint for the diagnostics' lung fields (see `diagnose`)."""
-    pred, meta, provenance = predictions(run, data, split, device)
+    pred, meta, provenance = predictions(run, data, split, device, images=images)
+    positive = meta["classes"][int(meta["positive_index"])]
     metrics = evaluate_predictions(pred, meta["threshold"], meta["threshold_method"], n_boot=n_boot,
-                                   provenance=provenance, positive_label=meta["classes"][int(meta["positive_index"])])
+                                   provenance=provenance, positive_label=positive)
+    metrics["ood"] = ood_summary(pred, meta["threshold"], run, positive)
     title = title or f"{Path(run).name} on {Path(data).name} ({split})"
-    sections = list(extra_sections)
+    sections = [("Can these predictions be trusted?", trust_html(metrics["ood"])), *extra_sections]
     write_report(out, pred, metrics, title, provenance, sections)  # on disk before the slower checks start
     if diagnostics:
         sections.append(("Shortcut diagnostics", _diagnostics_section(run, data, split, Path(out) / "diagnose", device,

@@ -1,0 +1,117 @@
+"""Issue 14's measurement under the cross-source protocol: each external fold's held-out sources play a new site.
+
+For each fold run: a guard whose members were trained without the fold's sources either (nested runs, shorter than
+the fold's: each also leaves out one other fold's sources); its threshold is set on half of the fold's validation
+patients and its in-distribution coverage measured on the other half, beside the held-out images' coverage and the
+share of wrong held-out predictions it flags; whether the shift alarm fires; and `calibrate` before/after with 20,
+50 and 100 labelled site images. Writes DIR/trust.csv and DIR/trust.md (also in summary.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidcxr.config import TrainConfig
+from covidcxr.data.splits import patient_uniform
+from covidcxr.errors import InputError
+from covidcxr.hospital.calibrate import CalibrateSettings, calibrate
+from covidcxr.scoring import Scorer
+from covidcxr.training.guarding import attach_guard, squares_for
+from covidcxr.training.trainer import train
+
+SITE_IMAGES = (20, 50, 100)
+NESTED_EPOCHS, NESTED_IMAGES, NESTED_MEMBERS = 1, 400, 2  # members: short runs, so that the whole adds ~3 min
+MAX_HELD_BACK = 300  # calibrate's before/after on at most this many held-back site images (time)
+
+
+def nested_members(cfg: TrainConfig, held: list[str], folds: list[list[str]], out: Path) -> list[Path]:
+    """model.pt of short runs trained without `held` and without one other fold's sources each."""
+    members = []
+    for other in [f for f in folds if f != held][:NESTED_MEMBERS]:
+        member_cfg = replace(cfg, out=str(out / "+".join(other)), holdout_sources=held + other,
+                             epochs=min(cfg.epochs, NESTED_EPOCHS),
+                             max_train_images=min(cfg.max_train_images or NESTED_IMAGES, NESTED_IMAGES))
+        try:
+            members.append(train(member_cfg, resume=(out / "+".join(other) / "last.pt").exists()) / "model.pt")
+        except ValueError as e:  # e.g. the remaining sources' validation part lacks a class
+            print(f"note: no guard member without {'+'.join(held + other)}: {e}")
+    return members
+
+
+def guard_fold(fold_run: Path, members: list[Path], data: Path) -> float | None:
+    """Fit the guard on half of the validation patients; returns its coverage on the other half."""
+    val = pd.read_csv(fold_run / "val_predictions.csv")
+    fit = patient_uniform(val["patient_id"].astype(str), seed=14) < 0.5
+    attach_guard(fold_run, members, data, paths=val.loc[fit, "path"], density=not members)
+    _, _, accepted = Scorer.from_run(fold_run, "cpu").assess(squares_for(data, val.loc[~fit, "path"]))
+    return float(np.mean(accepted)) if accepted is not None and len(accepted) else None
+
+
+def calibrate_rows(fold_run: Path, data: Path, held: list[str], out: Path, n_boot: int) -> list[dict]:
+    """calibrate with 20, 50, 100 labelled site images: before/after on (at most MAX_HELD_BACK of) the rest."""
+    rows = []
+    for n in SITE_IMAGES:
+        try:
+            r = calibrate(fold_run, data, out / f"n{n}", CalibrateSettings(n_images=n, max_held_back=MAX_HELD_BACK),
+                          sources=held, n_boot=n_boot)
+            rows.append({"site_images": n, **{k: r[k] for k in r if k.startswith(("before_", "after_"))}})
+        except InputError as e:
+            rows.append({"site_images": n, "note": str(e)})
+    return rows
+
+
+def measure_fold(name: str, fold_run: Path, metrics: dict, in_coverage: float | None, members: int) -> dict:
+    """One row of trust.csv from the fold's external evaluation (metrics.json's `ood`)."""
+    ood = metrics["ood"]
+    return {"held_out": name, "guard_members": members, "in_distribution_coverage": in_coverage,
+            "held_out_coverage": ood.get("coverage"), "wrong_flagged": ood.get("wrong_flagged"),
+            "n_wrong": ood.get("n_wrong"), "alarm": ood["shift"]["alarm"], "shift": ood["shift"]["message"],
+            "positive_rate": ood["shift"].get("positive_rate"),
+            "val_positive_rate": ood["shift"].get("reference_positive_rate")}
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x * 100:.0f} %"
+
+
+def _num(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.2f}"
+
+
+def trust_markdown(rows: list[dict], calibration: dict[str, list[dict]], main_ood: dict) -> str:
+    """The trust tables in words and numbers."""
+    lines = ["## Can a prediction be trusted? (issue 14, cross-source protocol)", "",
+             f"Deployed guard (main run; members: the fold runs): {_pct(main_ood.get('coverage'))} of the "
+             f"in-distribution test split accepted; shift alarm on the test split: "
+             f"{'FIRES' if main_ood['shift']['alarm'] else 'silent'}: {main_ood['shift']['message']}.", "",
+             "Per fold, the held-out sources play a new site; the fold's guard members never saw them.", "",
+             "| held out | members | in-dist. coverage | held-out coverage | wrong flagged | shift alarm |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['held_out']} | {r['guard_members']} | {_pct(r['in_distribution_coverage'])} | "
+              f"{_pct(r['held_out_coverage'])} | {_pct(r['wrong_flagged'])} of {r['n_wrong']} | "
+              f"{'fires' if r['alarm'] else 'silent'}: {r['shift']} |" for r in rows]
+    lines += ["", "calibrate with N labelled site images (before -> after, on held-back site images):", "",
+              "| held out | N | sensitivity | specificity | AUC |", "|---|---|---|---|---|"]
+    for name, cal in calibration.items():
+        for c in cal:
+            if "note" in c:
+                lines.append(f"| {name} | {c['site_images']} | not possible: {c['note']} | | |")
+            else:
+                lines.append(f"| {name} | {c['site_images']} | " + " | ".join(
+                    f"{_num(c['before_' + m])} -> {_num(c['after_' + m])}" for m in ("sensitivity", "specificity", "auc"))
+                    + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_trust(out: Path, rows: list[dict], calibration: dict[str, list[dict]], main_ood: dict) -> str:
+    """DIR/trust.csv (one row per fold and site size) and DIR/trust.md; returns the markdown."""
+    flat = [{**r, **{f"n{c['site_images']}_{k}": v for c in calibration.get(r["held_out"], [])
+                     for k, v in c.items() if k != "site_images"}} for r in rows]
+    pd.DataFrame(flat).to_csv(out / "trust.csv", index=False)
+    text = trust_markdown(rows, calibration, main_ood)
+    (out / "trust.md").write_text(text)
+    return text

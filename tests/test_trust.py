@@ -1,0 +1,153 @@
+"""Issue 14: the per-image guard and the shift alarm, on tiny real runs and a site with a planted shift."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from covidcxr.config import IngestConfig, TrainConfig
+from covidcxr.data.ingest import ingest
+from covidcxr.evaluation.evaluate import evaluate
+from covidcxr.scoring import Scorer
+from covidcxr.training.guarding import attach_guard
+from covidcxr.training.trainer import train
+from covidcxr.trust.guard import Guard, fit_guard
+from covidcxr.trust.shift import ShiftMonitor, reference_scores, shift_test
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "covidcxr.cli", *argv], capture_output=True, text=True, env=env)
+
+
+def planted_shift(root: Path, xray_source, n: int = 40, marks: bool = True, haze: float = 0.3) -> Path:
+    """Toy X-rays of a new 'hospital' whose device leaves a bright haze over both lungs, a grid and strong noise.
+
+    The toy model reads haze as COVID-19, so it calls nearly every image positive (a wide, one-sided error); the
+    grid and the noise (`marks`) are what make the images look unlike any it was trained on."""
+    xray_source(root, n, seed=11, sources=("site", "site"))
+    rng = np.random.default_rng(12)
+    for png in sorted(root.glob("*.png")):
+        img = np.asarray(Image.open(png), dtype=np.float32) / 255
+        yy, xx = np.indices(img.shape) / np.array(img.shape)[:, None, None]
+        fog = sum(np.exp(-(((xx - cx) / 0.12) ** 2 + ((yy - 0.5) / 0.25) ** 2)) for cx in (0.3, 0.7))
+        grid = 0.15 * ((np.indices(img.shape) // 6).sum(0) % 2)
+        noisy = img + haze * fog + (grid + rng.normal(0, 0.2, img.shape) if marks else rng.normal(0, 0.03, img.shape))
+        Image.fromarray((np.clip(noisy, 0, 1) * 255).astype(np.uint8)).save(png)
+    return root
+
+
+def tiny_resnet(data: Path, out: Path, seed: int, epochs: int) -> Path:
+    """A tiny ResNet-18 run from scratch: unlike a tiny AlexNet it learns in a few small batches."""
+    return train(TrainConfig(data=str(data), out=str(out), arch="resnet18", weights="none", image_size=64,
+                             epochs=epochs, batch_size=16, device="cpu", seed=seed, amp=False))
+
+
+@pytest.fixture(scope="module")
+def guarded_run(tiny_data, tmp_path_factory) -> Path:
+    """A run with a guard of two members (other seeds) and the density term."""
+    root = tmp_path_factory.mktemp("guarded")
+    members = [tiny_resnet(tiny_data, root / f"m{s}", s, 2) / "model.pt" for s in (1, 2)]
+    run = tiny_resnet(tiny_data, root / "run", 0, 3)
+    attach_guard(run, members, tiny_data, density=True)
+    return run
+
+
+@pytest.fixture(scope="module")
+def shifted_site(xray_source, tmp_path_factory) -> Path:
+    root = planted_shift(tmp_path_factory.mktemp("site_src"), xray_source)
+    data = tmp_path_factory.mktemp("site_data")
+    assert ingest([root], data, IngestConfig(size=64, workers=1)).kept == 40
+    return data
+
+
+def test_guard_is_stored_with_the_run_and_accepts_most_validation_images(guarded_run):
+    meta = json.loads((guarded_run / "guard.json").read_text())
+    assert meta["members"] == ["member-0.pt", "member-1.pt"] and meta["density"] is True
+    assert meta["info"]["stored_dtype"] == "bfloat16" and meta["info"]["stored_members_bytes"] > 0
+    stored = sum((guarded_run / "guard" / m).stat().st_size for m in meta["members"])
+    assert stored < 0.7 * 2 * (guarded_run / "model.pt").stat().st_size  # bf16 halves the members
+    scorer = Scorer.from_run(guarded_run, "cpu")
+    assert len(scorer.members) == 2 and scorer.guard.threshold > 0
+
+
+def test_fit_guard_accepts_the_chosen_share_of_its_reference():
+    rng = np.random.default_rng(0)
+    scores, members = rng.uniform(size=400), rng.uniform(size=(3, 400))
+    guard = fit_guard(scores, members, ["a", "b", "c"], coverage=0.9)
+    assert guard.in_distribution(guard.ood_scores(scores, members)).mean() == pytest.approx(0.9, abs=0.01)
+
+
+def test_planted_shift_is_flagged_and_the_alarm_fires(guarded_run, shifted_site, tmp_path):
+    metrics = evaluate(guarded_run, shifted_site, "all", tmp_path / "report", n_boot=20, diagnostics=False)
+    ood = metrics["ood"]
+    assert ood["guard"] and ood["coverage"] <= 0.75, ood  # vs 95 % of validation images
+    assert ood["shift"]["alarm"], ood["shift"]
+    pred = pd.read_csv(tmp_path / "report" / "predictions.csv")
+    assert {"in_distribution", "ood_score"} <= set(pred.columns)
+    assert (pred["in_distribution"] == (pred["ood_score"] <= json.loads(
+        (guarded_run / "guard.json").read_text())["threshold"])).all()
+    assert "Shift alarm" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_in_distribution_test_split_is_accepted_and_silent(guarded_run, tiny_data, tmp_path):
+    ood = evaluate(guarded_run, tiny_data, "test", tmp_path / "report", n_boot=20, diagnostics=False)["ood"]
+    assert ood["coverage"] >= 0.7, ood
+    assert not ood["shift"]["alarm"], ood["shift"]
+    written = json.loads((tmp_path / "report" / "metrics.json").read_text())["ood"]
+    assert written["coverage"] == ood["coverage"] and "wrong_flagged" in written
+
+
+def test_a_run_without_guard_claims_nothing(tiny_run, tiny_data, tmp_path):
+    ood = evaluate(tiny_run, tiny_data, "test", tmp_path / "report", n_boot=20, diagnostics=False)["ood"]
+    assert ood["guard"] is False and "shift" in ood
+    assert pd.read_csv(tmp_path / "report" / "predictions.csv")["in_distribution"].isna().all()
+
+
+def test_shift_test_fires_on_a_rate_gap_and_not_on_the_same_distribution():
+    rng = np.random.default_rng(1)
+    reference = rng.beta(2, 2, 300)  # about half above 0.5
+    assert not shift_test(reference, rng.beta(2, 2, 300), 0.5)["alarm"]
+    shifted = shift_test(reference, rng.beta(8, 1, 300), 0.5, "covid")
+    assert shifted["alarm"] and shifted["p_rate"] < 1e-6
+    assert "called covid here vs" in shifted["message"] and "not valid" in shifted["message"]
+    assert not shift_test(reference, rng.beta(8, 1, 5), 0.5)["alarm"]  # too few images: no verdict
+
+
+def test_shift_monitor_over_a_rolling_window(guarded_run):
+    reference = reference_scores(guarded_run)
+    monitor = ShiftMonitor(np.tile(reference, 10), threshold=0.5, window=50)
+    monitor.add(np.full(60, 0.99))
+    status = monitor.status()
+    assert status["n"] == 50 and status["window"] == 50 and status["alarm"] == (reference.mean() < 0.8)
+    monitor.add(np.tile(reference, 5)[-50:])
+    assert monitor.status()["positive_rate"] == pytest.approx((np.tile(reference, 5)[-50:] >= 0.5).mean())
+
+
+def test_predict_reports_and_can_withhold_out_of_distribution(guarded_run, xray_source, tmp_path):
+    planted = planted_shift(tmp_path, xray_source, n=6)
+    out = cli("predict", str(guarded_run), str(planted), "--format", "json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert all(isinstance(r["in_distribution"], bool) and r["ood_score"] is not None for r in rows)
+    assert any(not r["in_distribution"] for r in rows)
+    withheld = json.loads(cli("predict", str(guarded_run), str(planted), "--format", "json", "--reject-ood").stdout)
+    for r, w in zip(rows, withheld):
+        assert w["probability"] == r["probability"]
+        assert w["label"] == (r["label"] if r["in_distribution"] else None)
+    table = cli("predict", str(guarded_run), str(planted), "--reject-ood").stdout
+    assert "withheld: out of distribution" in table
+
+
+def test_predict_without_guard_gives_none(tiny_run, xray_source, tmp_path):
+    out = cli("predict", str(tiny_run), str(xray_source(tmp_path, 2, seed=3)), "--format", "json")
+    assert [r["in_distribution"] for r in json.loads(out.stdout)] == [None, None]
