@@ -151,3 +151,28 @@ def test_predict_reports_and_can_withhold_out_of_distribution(guarded_run, xray_
 def test_predict_without_guard_gives_none(tiny_run, xray_source, tmp_path):
     out = cli("predict", str(tiny_run), str(xray_source(tmp_path, 2, seed=3)), "--format", "json")
     assert [r["in_distribution"] for r in json.loads(out.stdout)] == [None, None]
+
+
+def test_the_service_flags_each_image_and_raises_the_shift_alarm(guarded_run, xray_source, tmp_path):
+    """The JSON carries in_distribution and ood_score; --reject-ood withholds the label of flagged images; after a
+    shifted batch /api/health carries the alarm that the page shows."""
+    from fastapi.testclient import TestClient
+
+    from covidcxr.deploy.predict import Predictor
+    from covidcxr.deploy.serve.app import create_app
+
+    planted = sorted(planted_shift(tmp_path, xray_source, n=40).glob("*.png"))
+    predictor = Predictor.from_run(guarded_run)
+    with TestClient(create_app(predictor, tmp_path / "log.sqlite", reject_ood=True, shift_window=40)) as client:
+        assert client.get("/api/health").json()["shift"]["alarm"] is False  # nothing scored yet: no verdict
+        answers = [client.post("/api/predict", files={"file": (p.name, p.read_bytes(), "image/png")}).json()
+                   for p in planted]
+        health = client.get("/api/health").json()
+    expected = {Path(r.path).name: r for r in predictor.predict_paths(planted)}
+    for path, got in zip(planted, answers):
+        want = expected[path.name]
+        assert got["probability"] == pytest.approx(want.probability, abs=1e-6)
+        assert got["in_distribution"] is want.in_distribution and got["ood_score"] == pytest.approx(want.ood_score, rel=1e-4)
+        assert got["label"] == (want.label if want.in_distribution else None)
+    assert any(a["in_distribution"] is False for a in answers)
+    assert health["shift"]["alarm"] is True and "probably not valid" in health["shift"]["message"]

@@ -98,7 +98,7 @@ def _predict(a: argparse.Namespace) -> int:
 def _serve(a: argparse.Namespace) -> int:
     from covidcxr.deploy.serve.server import serve
     serve(a.run, a.host, a.port, a.db, token_file=a.token_file, no_auth=a.no_auth, threads=a.threads,
-          request_threads=a.request_threads)
+          request_threads=a.request_threads, reject_ood=a.reject_ood)
     return 0
 
 
@@ -354,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"CPU threads for the model's batched forward passes (default {SERVE_THREADS})")
     p.add_argument("--request-threads", dest="request_threads", type=POSITIVE_INT_ARG, default=REQUEST_THREADS,
                    help=f"threads reading and decoding uploads (default {REQUEST_THREADS})")
+    p.add_argument("--reject-ood", dest="reject_ood", action="store_true",
+                   help="withhold the label of images the run's guard calls out of distribution (default: label "
+                        "every image, flag them)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("export", help="deployable model (ONNX or TorchScript), parity-checked")

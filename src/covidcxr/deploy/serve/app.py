@@ -10,7 +10,6 @@ works without the internet.
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import io
 from collections.abc import AsyncIterator
@@ -32,19 +31,26 @@ from covidcxr.data.reader import ImageReadError
 from covidcxr.deploy.predict import Predictor
 from covidcxr.deploy.serve.access import bearer_guard
 from covidcxr.deploy.serve.batcher import Batcher
-from covidcxr.deploy.serve.defaults import MAX_BATCH, MAX_WAIT_MS, REQUEST_THREADS
+from covidcxr.deploy.serve.defaults import MAX_BATCH, MAX_WAIT_MS, REQUEST_THREADS, SHIFT_WINDOW
 from covidcxr.deploy.serve.log import LogRecord, PredictionLog, utc_now
-from covidcxr.errors import InputError, PortInUseError
+from covidcxr.errors import InputError
+from covidcxr.trust.shift import ShiftMonitor, reference_scores
 
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # a large uncompressed DICOM radiograph is ~20-30 MB
 MULTIPART_SLACK_BYTES = 64 * 1024  # form framing around the file; the file itself is checked exactly
 PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 ACCEPTED = "PNG, JPEG, TIFF, BMP or DICOM"
+WITHHELD = "withheld: out of distribution"  # the label logged for an answer whose label --reject-ood withheld
 
 
 class Prediction(BaseModel):
     probability: float = Field(description="probability of the positive class, in [0, 1]")
-    label: str = Field(description="label at the threshold")
+    label: str | None = Field(description="label at the threshold; null when withheld (--reject-ood and the image "
+                                          "is out of distribution)")
+    in_distribution: bool | None = Field(description="the run's guard accepts the image as like its training data; "
+                                                     "null when the run has no guard")
+    ood_score: float | None = Field(description="typicality: higher is less typical; above the guard's threshold is "
+                                                "out of distribution")
     threshold: float
     model_id: str
     heatmap: str | None = Field(description="Grad-CAM overlay as a PNG data URL, when cam=true")
@@ -57,6 +63,8 @@ class Health(BaseModel):
     positive_label: str
     threshold: float
     max_upload_bytes: int
+    shift: dict | None = Field(description="the shift alarm over the latest predictions against the run's validation "
+                                           "scores (alarm, rates, p-values, message); null without validation scores")
 
 
 class Problem(BaseModel):
@@ -98,6 +106,15 @@ def _decode_upload(predictor: Predictor, file: UploadFile, filename: str, limit:
     return hashlib.sha256(data).hexdigest(), square
 
 
+def shift_monitor(predictor: Predictor, window: int) -> ShiftMonitor | None:
+    """The rolling shift alarm against the run's validation scores; None for a run without them (e.g. a random one)."""
+    try:
+        reference = reference_scores(predictor.spec.run_dir)
+    except InputError:
+        return None
+    return ShiftMonitor(reference, predictor.threshold, window, predictor.positive_label)
+
+
 def _data_url(png: bytes | None) -> str | None:
     return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -110,11 +127,15 @@ def create_app(
     request_threads: int = REQUEST_THREADS,
     max_batch: int = MAX_BATCH,
     max_wait_ms: float = MAX_WAIT_MS,
+    reject_ood: bool = False,
+    shift_window: int = SHIFT_WINDOW,
 ) -> FastAPI:
     """Build the service around one loaded predictor; every successful prediction is logged to db_path.
 
-    With a `token`, every /api request must send `Authorization: Bearer <token>` (else 401)."""
+    With a `token`, every /api request must send `Authorization: Bearer <token>` (else 401). `reject_ood` withholds
+    the label of images the run's guard calls out of distribution (the score is always given)."""
     log = PredictionLog(db_path)
+    monitor = shift_monitor(predictor, shift_window)
     batcher = Batcher(predictor, max_batch, max_wait_ms)
     threads = anyio.CapacityLimiter(request_threads)
     page = (files("covidcxr.deploy.serve") / "static" / "index.html").read_text(encoding="utf-8")
@@ -149,7 +170,8 @@ def create_app(
     @api.get("/health")
     async def health() -> Health:
         return Health(status="ok", model_id=predictor.model_id, positive_label=predictor.positive_label,
-                      threshold=predictor.threshold, max_upload_bytes=max_upload_bytes)
+                      threshold=predictor.threshold, max_upload_bytes=max_upload_bytes,
+                      shift=monitor.status() if monitor else None)
 
     @api.post("/predict", responses=errors, max_body_size=max_upload_bytes + MULTIPART_SLACK_BYTES)
     async def predict(
@@ -161,11 +183,16 @@ def create_app(
         filename = file.filename or "upload"
         decode = partial(_decode_upload, predictor, file, filename, max_upload_bytes)
         digest, square = await anyio.to_thread.run_sync(decode, limiter=threads)
-        probability, heatmap = await batcher.explain(square) if cam else (await batcher.score(square), None)
-        out = Prediction(probability=probability, label=predictor.spec.label_for(probability),
+        probability, ood_score, accepted = await batcher.score(square)
+        heatmap = (await batcher.explain(square))[1] if cam else None
+        if monitor:
+            monitor.add(probability)
+        label = None if reject_ood and accepted is False else predictor.spec.label_for(probability)
+        out = Prediction(probability=probability, label=label, in_distribution=accepted, ood_score=ood_score,
                          threshold=predictor.threshold, model_id=predictor.model_id, heatmap=_data_url(heatmap),
                          sha256=digest)
-        record = LogRecord(utc_now(), digest, filename, out.probability, out.label, out.threshold, out.model_id)
+        record = LogRecord(utc_now(), digest, filename, out.probability, out.label or WITHHELD, out.threshold,
+                           out.model_id)
         await anyio.to_thread.run_sync(log.add, record, limiter=threads)
         return out
 

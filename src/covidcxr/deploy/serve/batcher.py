@@ -49,8 +49,9 @@ class Batcher:
         await asyncio.gather(self._worker, return_exceptions=True)
         self._model_thread.shutdown(wait=True)
 
-    async def score(self, square: np.ndarray) -> float:
-        """Probability of the positive class for one cache square, scored in a batch with whatever else is waiting."""
+    async def score(self, square: np.ndarray) -> tuple[float, float | None, bool | None]:
+        """(probability of the positive class, ood_score, in_distribution) for one cache square, scored in a batch
+        with whatever else is waiting; the last two are None when the run has no guard."""
         future = asyncio.get_running_loop().create_future()
         await self._queue.put((square, future))
         return await future
@@ -75,11 +76,13 @@ class Batcher:
             batch = await self._next_batch()
             squares = np.stack([square for square, _ in batch])
             try:
-                scores = await loop.run_in_executor(self._model_thread, self.predictor.scorer.scores, squares)
+                scores, ood, accepted = await loop.run_in_executor(self._model_thread, self.predictor.scorer.assess,
+                                                                   squares)
             except Exception as exc:  # noqa: BLE001 - a failed pass is every waiting request's error, not the worker's
                 outcomes = [exc] * len(batch)
             else:
-                outcomes = [float(p) for p in scores]
+                outcomes = [(float(p), None if ood is None else float(ood[i]),
+                             None if accepted is None else bool(accepted[i])) for i, p in enumerate(scores)]
                 self.stats.images += len(batch)
                 self.stats.passes += 1
             for (_, future), outcome in zip(batch, outcomes):

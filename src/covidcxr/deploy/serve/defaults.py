@@ -11,3 +11,4 @@ SERVE_THREADS = max(1, (os.cpu_count() or 1) - 1)  # torch intra-op threads: all
 REQUEST_THREADS = 4  # threads reading and decoding uploads: enough to keep the model fed, few enough not to thrash
 MAX_BATCH = 16  # images per forward pass
 MAX_WAIT_MS = 2.0  # how long the first image of a batch waits for company
+SHIFT_WINDOW = 200  # latest predictions the service compares with the validation scores (the shift alarm)

@@ -38,6 +38,7 @@ def serve(
     no_auth: bool = False,
     threads: int = SERVE_THREADS,
     request_threads: int = REQUEST_THREADS,
+    reject_ood: bool = False,
 ) -> None:
     """Serve the run until interrupted; the log defaults to RUN/predictions.sqlite."""
     import uvicorn
@@ -47,7 +48,8 @@ def serve(
     sock = bind(host, port)
     predictor = Predictor.from_run(run_dir, device="cpu")
     db = Path(db_path) if db_path is not None else Path(run_dir) / "predictions.sqlite"
-    app = create_app(predictor, db, max_upload_bytes, token=token, request_threads=request_threads)
+    app = create_app(predictor, db, max_upload_bytes, token=token, request_threads=request_threads,
+                     reject_ood=reject_ood)
     print(f"serving {predictor.model_id} on http://{host}:{sock.getsockname()[1]} "
           f"({'token required' if token else 'no access token'}); Ctrl-C stops", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
