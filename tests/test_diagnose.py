@@ -65,8 +65,9 @@ def shortcut_run(tmp_path_factory) -> tuple[Path, Path]:
     data = tmp_path_factory.mktemp("data")
     source = _write_source(tmp_path_factory.mktemp("src"), 200, 0)
     assert ingest([source], data, IngestConfig(size=SIZE, workers=1)).kept == 200
-    run = train(TrainConfig(data=str(data), out=str(tmp_path_factory.mktemp("run")), weights="none", image_size=SIZE,
-                            epochs=5, batch_size=16, lr=0.05, device="cpu", seed=0, deterministic=True, amp=False,
+    # a ResNet-18 learns the marker in a few small batches; a tiny AlexNet from scratch barely moves in 5 epochs
+    run = train(TrainConfig(data=str(data), out=str(tmp_path_factory.mktemp("run")), arch="resnet18", weights="none",
+                            image_size=SIZE, epochs=6, batch_size=16, lr=0.01, device="cpu", seed=0, deterministic=True, amp=False,
                             patience=10, split_fractions=(0.5, 0.2, 0.3)))
     return data, run
 
@@ -92,10 +93,11 @@ def test_shortcut_is_flagged(diagnosed):
     flags = result["flags"]
     assert flags["occlusion"] is True and flags["image_stats"] is True
     # The sources here are random, nothing in the image tells them apart: chance lies inside every probe's interval.
-    # At about 30 images per label that interval cannot rule out a strongly encoded source either: inconclusive.
+    # At about 30 images per label that interval may or may not rule out an encoded source: ok or inconclusive,
+    # never flagged.
     for p in result["source_probe"]["within_label"].values():
         assert p["balanced_accuracy_ci95"][0] <= p["chance"] <= p["balanced_accuracy_ci95"][1]
-    assert flags["source_probe"] is None
+    assert flags["source_probe"] is not True
     assert "Shortcut learning is likely" in dg.verdict(result)
 
 
