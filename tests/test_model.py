@@ -254,3 +254,21 @@ def test_parameter_groups_split_backbone_and_heads() -> None:
     ids = [id(p) for g in groups.values() for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
     assert {id(p) for p in model.head.parameters()} <= {id(p) for p in groups["heads"]["params"]}
+
+
+@pytest.mark.parametrize("size", [64, 112, 224])
+def test_folding_the_pool_into_the_first_linear_layer_keeps_the_outputs(size: int) -> None:
+    """At 112 px AlexNet's last map is 2 x 2 (64 px: 1 x 1); the folded model gives the same logits and features
+    with a first linear layer 9 (36) times smaller; at 224 px (6 x 6) there is nothing to fold."""
+    from covidcxr.model.network import fold_pooling
+    torch.manual_seed(0)
+    model = build_model("alexnet", 2, "none").eval()
+    folded = fold_pooling(model, size)
+    x = torch.rand(3, 1, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(folded.features(x), model.features(x), atol=1e-5, rtol=1e-5)
+    n_fc1 = folded.backbone.classifier[1].weight.numel()
+    assert n_fc1 == {64: 256 * 4096, 112: 1024 * 4096, 224: 9216 * 4096}[size]
+    assert model.backbone.classifier[1].weight.numel() == 9216 * 4096  # the original is untouched
+    assert folded.head is model.head  # shared, so a change to the head (e.g. a temperature) reaches both

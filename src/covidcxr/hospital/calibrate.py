@@ -106,6 +106,7 @@ def finetune(scorer: Scorer, x: torch.Tensor, y: torch.Tensor, settings: Calibra
             loss.backward()
             optimizer.step()
     net.eval()
+    scorer.refresh()
 
 
 def fit_temperature(log_probs: np.ndarray, y: np.ndarray) -> float:

@@ -7,6 +7,7 @@ first convolution (see `_fold_normalisation`), so no normalisation step exists a
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import re
@@ -134,6 +135,36 @@ def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
 def source_logits(model: nn.Module, features: torch.Tensor, lambd: float) -> torch.Tensor:
     """Source-head logits on gradient-reversed features: minimising their loss makes the backbone hide the source."""
     return unwrap(model).source_logits(features, lambd)
+
+
+@torch.no_grad()
+def fold_pooling(model: GrayClassifier, image_size: int) -> GrayClassifier:
+    """For scoring at one input side: AlexNet with its adaptive average pool folded into the first linear layer.
+
+    At 112 px the last feature map is 2 x 2, which the pool only replicates to 6 x 6 before a 9216 x 4096 layer; the
+    pool is linear, so the layer's weight can be pooled instead (its adjoint applied), giving a 1024 x 4096 layer with
+    the same outputs up to float rounding. A one-image prediction reads every weight once, so this cuts the bytes read
+    per image from ~228 MB to ~94 MB. Other architectures, and sizes whose map is 6 x 6 or larger, are returned as is.
+    The folded model shares every other module (and so its memory) with `model`."""
+    net = model.backbone
+    if model.arch != "alexnet":
+        return model
+    channels, h, w = net.features(torch.zeros(1, 1, image_size, image_size)).shape[1:]
+    if h * w >= 36:
+        return model
+    fc = net.classifier[1]
+    with torch.enable_grad():  # the adjoint of the pool, by autograd: weight' = pool^T(weight)
+        grid = torch.zeros(fc.out_features, channels, h, w, requires_grad=True)
+        pooled = nn.functional.adaptive_avg_pool2d(grid, net.avgpool.output_size)
+        (weight,) = torch.autograd.grad(pooled, grid, grad_outputs=fc.weight.view(pooled.shape))
+    folded = nn.Linear(channels * h * w, fc.out_features)
+    folded.weight.copy_(weight.reshape(fc.out_features, -1))
+    folded.bias.copy_(fc.bias)
+    backbone = copy.copy(net)
+    backbone._modules = dict(net._modules)  # a shallow copy shares the module dict; give it its own
+    backbone.avgpool = nn.Identity()
+    backbone.classifier = nn.Sequential(*(folded if i == 1 else m for i, m in enumerate(net.classifier)))
+    return GrayClassifier(model.arch, backbone, model.head).eval()
 
 
 def parameter_groups(model: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict[str, Any]]:
