@@ -26,7 +26,7 @@ from covidcxr.data.cache import ImageCache
 from covidcxr.data.splits import patient_uniform
 from covidcxr.errors import InputError
 from covidcxr.evaluation.evaluate import evaluate
-from covidcxr.evaluation.metrics import choose_threshold
+from covidcxr.model.threshold import choose_threshold
 from covidcxr.model.network import save_checkpoint, unwrap
 from covidcxr.preprocess.augment import augment_batch
 from covidcxr.scoring import Scorer
