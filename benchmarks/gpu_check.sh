@@ -40,12 +40,7 @@ run gpu_train_224 "$STEP_SECONDS" "${TRAIN[@]}"
 run gpu_train_224_compile "$STEP_SECONDS" "${TRAIN[@]}" --compile
 run gpu_infer_224 "$STEP_SECONDS" python3 benchmarks/bench_infer.py --device cuda --image-size 224 --images 32768
 
-REPRO=(python3 -m covidcxr.cli reproduce --data "$DATA" --out "$OUT/reproduce" --device cuda)
-if python3 -m covidcxr.cli reproduce --help | grep -q -- "--image-size"; then
-  REPRO+=(--image-size 224)
-else
-  echo "note: this covidcxr has no reproduce --image-size; it ran at its default input side" > "$RESULTS/gpu_reproduce.note"
-fi
+REPRO=(python3 -m covidcxr.cli reproduce --data "$DATA" --out "$OUT/reproduce" --device cuda --image-size 224)
 start=$(date +%s)
 run gpu_reproduce "$REPRO_SECONDS" "${REPRO[@]}"
 echo "wall: $(( $(date +%s) - start )) s" | tee -a "$RESULTS/gpu_reproduce.txt"

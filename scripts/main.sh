@@ -1,6 +1,23 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the main job: the paper's experiment end to end on ../shared/cxr (or $DATA).
+# Then the job's text results (no images, no per-image rows) are copied into docs/results/reproduce/, where the
+# README's tables come from, with the wall-clock time of the job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-COVIDCXR_NO_BROWSER=1 bash scripts/setup.sh
-exec .venv/bin/covidcxr reproduce --data "${DATA:-../shared/cxr}" --out "${OUT:-reproduce}" "$@"
+COVIDCXR_NO_BROWSER=1 COVIDCXR_NO_PACS=1 bash scripts/setup.sh
+out=${OUT:-reproduce}
+start=$(date +%s)
+.venv/bin/covidcxr reproduce --data "${DATA:-../shared/cxr}" --out "$out" "$@"
+seconds=$(( $(date +%s) - start ))
+results=docs/results/reproduce
+mkdir -p "$results"
+cp "$out/summary.md" "$out/trust.md" "$out/trust.csv" "$results/"
+cp "$out/main/report/metrics.json" "$results/main_metrics.json"
+cp "$out/main/report/diagnose/verdict.md" "$results/main_diagnose_verdict.md"
+for report in "$out"/external/*/report; do
+  fold=$(basename "$(dirname "$report")")
+  cp "$report/metrics.json" "$results/external_${fold}_metrics.json"
+done
+printf 'covidcxr reproduce on %s: %d s wall clock (%s, %s cores)\n' "${DATA:-../shared/cxr}" "$seconds" \
+  "$(uname -m)" "$(nproc)" > "$results/runtime.txt"
+echo "results copied to $results ($seconds s)"

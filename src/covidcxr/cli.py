@@ -113,7 +113,7 @@ def _export(a: argparse.Namespace) -> int:
 
 def _reproduce(a: argparse.Namespace) -> int:
     from covidcxr.reproduce import reproduce
-    summary = reproduce(a.data, a.out, weights=a.weights, quick=a.quick, device=a.device)
+    summary = reproduce(a.data, a.out, weights=a.weights, quick=a.quick, device=a.device, image_size=a.image_size)
     print(f"summary: {summary}")
     return 0
 
@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for everything it writes (required)")
     p.add_argument("--weights", default="auto", help="auto | imagenet | none | PATH, as for train (default auto)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--image-size", dest="image_size", type=IMAGE_SIZE_ARG, default="auto",
+                   help="model input side for every run: auto = 224 on a GPU, 112 on a CPU (default auto)")
     p.add_argument("--quick", action="store_true", help="smaller, faster settings: a smoke test (default off)")
     p.set_defaults(func=_reproduce)
 

@@ -48,9 +48,9 @@ def prepare_data(data: str | Path, out: Path) -> Path:
 EXTERNAL_EPOCHS = 8  # external-validation runs are shorter so that the whole job fits 30 minutes on 2 CPU cores
 
 
-def recipe(data: Path, out: Path, weights: str, device: str, quick: bool) -> TrainConfig:
+def recipe(data: Path, out: Path, weights: str, device: str, quick: bool, image_size: int | str = "auto") -> TrainConfig:
     """The default training recipe (see README), made smaller with --quick (a smoke test, not a result)."""
-    cfg = TrainConfig(data=str(data), out=str(out), weights=weights, device=device)
+    cfg = TrainConfig(data=str(data), out=str(out), weights=weights, device=device, image_size=image_size)
     if quick:
         cfg = replace(cfg, epochs=1, image_size=64, max_train_images=200, patience=1)
     return cfg
@@ -119,14 +119,14 @@ def _external_words(main: dict, external: dict[str, dict]) -> str:
 
 
 def reproduce(data: str | Path, out: str | Path, weights: str = "auto", quick: bool = False, device: str = "auto",
-              n_boot: int = 1000) -> Path:
+              n_boot: int = 1000, image_size: int | str = "auto") -> Path:
     """Run everything; returns the path of summary.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_data(data, out)
     weights, note = resolve_weights(weights, TrainConfig().arch)
     extra = [("Warning", f"<p>{html.escape(note)}</p>")] if note else []
-    cfg = recipe(data_dir, out / "main" / "run", weights, device, quick)
+    cfg = recipe(data_dir, out / "main" / "run", weights, device, quick, image_size)
     save_json(cfg, out / "config.json")
     run = train(cfg, resume=(out / "main" / "run" / "last.pt").exists())
     folds = external_folds(ImageCache(data_dir).manifest(), cfg.task)
