@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,6 +69,44 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     assert pd.read_csv(resumed / "history.csv")["epoch"].tolist() == [0, 1, 2]
 
 
+def _train_cli(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "covidcxr.cli", "train", str(data), "--out", str(out), "--weights", "none",
+            "--image-size", "64", "--epochs", "4", "--batch-size", "4", "--lr", "0.01", "--device", "cpu",
+            "--seed", "3", "--deterministic", "--keep-last", *extra]
+
+
+def _weights(path: Path) -> dict:
+    return load_checkpoint(path)["model"]
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_data, tmp_path):
+    """SIGKILL a training process during its third epoch, resume it: model.pt, last.pt, the threshold and
+    history.csv (but its timings) equal those of a run never interrupted."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    subprocess.run(_train_cli(tiny_data, full), check=True, capture_output=True, env=env, timeout=600)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cli(tiny_data, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    deadline = time.monotonic() + 300
+    while not ((killed / "last.pt").exists() and load_checkpoint(killed / "last.pt")["epoch"] >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 3, which takes about a second
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL
+    assert load_checkpoint(killed / "last.pt")["epoch"] in (1, 2)
+    subprocess.run(_train_cli(tiny_data, killed, "--resume"), check=True, capture_output=True, env=env, timeout=600)
+    for name in ("model.pt", "last.pt"):
+        a, b = _weights(full / name), _weights(killed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    meta_a, meta_b = load_checkpoint(full / "model.pt")["meta"], load_checkpoint(killed / "model.pt")["meta"]
+    assert meta_a["threshold"] == meta_b["threshold"] and meta_a["epoch"] == meta_b["epoch"]
+    timing = ["images_per_s", "seconds"]
+    pd.testing.assert_frame_equal(pd.read_csv(full / "history.csv").drop(columns=timing),
+                                  pd.read_csv(killed / "history.csv").drop(columns=timing))
+
+
 def test_resume_refuses_changed_settings(tiny_data, tmp_path):
     train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1))
     with pytest.raises(ValueError, match="settings differ"):
@@ -100,11 +140,17 @@ def test_ddp_two_processes_gloo(tiny_data, tmp_path):
            "-m", "covidcxr.cli", "train", str(tiny_data), "--out", str(out), "--weights", "none",
            "--image-size", "64", "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--seed", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run([*cmd, "--keep-last"], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     hist = pd.read_csv(out / "history.csv")
     assert hist["epoch"].tolist() == [0, 1]  # one writer: no duplicated rows from rank 1
-    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    last = load_checkpoint(out / "last.pt")
+    assert last["epoch"] == 1
+    ranks = json.loads((out / "ddp.json").read_text())
+    assert ranks["world"] == 2 and ranks["ranks_agree"] is True  # both ranks ended with identical weights...
+    model = train_mod.build_model("alexnet", 2, "none")
+    model.load_state_dict(last["model"])
+    assert ranks["weights_sha256"] == [train_mod.weights_digest(model)] * 2  # ...which are the saved ones
 
 
 def test_source_class_balance_draws_every_group_equally(tiny_data):

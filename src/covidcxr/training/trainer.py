@@ -8,6 +8,7 @@ so an interrupted run resumed from its last checkpoint ends with the same weight
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from covidcxr.config import AUTO, TrainConfig, config_hash, save_json, to_dict
 from covidcxr.data.manifest import manifest_hash
 from covidcxr.model.threshold import choose_threshold
 from covidcxr.model.network import (LUNG_MODEL, build_model, forward_with_features, load_checkpoint, parameter_groups,
-                                    resolve_weights, save_checkpoint, source_logits)
+                                    resolve_weights, save_checkpoint, source_logits, unwrap)
 from covidcxr.device import autocast, resolve_device
 from covidcxr.scoring import predict_probs
 from covidcxr.data.splits import leave_sources_out, patient_split
@@ -155,6 +156,14 @@ def _tensorboard(log_dir: Path):
     except ImportError:
         return None
     return SummaryWriter(str(log_dir))
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's parameters and buffers, in state-dict order: equal weights, equal digest."""
+    digest = hashlib.sha256()
+    for value in unwrap(model).state_dict().values():
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Trainer:
@@ -324,8 +333,19 @@ class Trainer:
             if stop.item():
                 break
         if self.d.world > 1:
-            dist.barrier()
+            self._check_ranks_agree()
         return self.out
+
+    def _check_ranks_agree(self) -> None:
+        """DDP keeps every rank's weights identical; a rank that drifted (a desync bug) would make the saved model one
+        rank's view only. Every rank's weight digest goes into RUN/ddp.json, and a mismatch stops the run."""
+        digests: list[str | None] = [None] * self.d.world
+        dist.all_gather_object(digests, weights_digest(self.model))
+        if self.d.main:
+            save_json({"world": self.d.world, "ranks_agree": len(set(digests)) == 1, "weights_sha256": digests},
+                      self.out / "ddp.json")
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
 
     def _end_epoch(self, epoch: int, train_loss: float, speed: float, seconds: float) -> bool:
         """Validate, log, keep the best weights (by validation AUC), checkpoint; True when early stopping says stop."""
