@@ -32,8 +32,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 TARGET_RPS, TARGET_P99_MS, TARGET_RSS_MB = 150.0, 100.0, 700.0
-SHARED_NOTE = ("Measured while other engineers' jobs shared the CPU (load average above): figures are pessimistic; "
-               "rerun on an idle machine for the real ones.")
+SHARED_NOTE = ("The load average in the first line was read before the run: above about 1, other jobs shared the CPU "
+               "and the figures are pessimistic.")
 
 
 def write_random_run(run_dir: Path, image_size: int | None = None, cache_size: int | None = None, seed: int = 0) -> Path:
