@@ -153,7 +153,7 @@ def test_predict_refuses_a_ct_with_exit_1(tmp_path, images, tiny_run):
 
 def test_service_answers_422_for_a_ct(tmp_path, images, tiny_run):
     from covidcxr.deploy.predict import Predictor
-    from covidcxr.deploy.serve import create_app
+    from covidcxr.deploy.serve.app import create_app
 
     ct = images.dicom(None, make.film(), Modality="CT")
     chest = images.dicom(None, make.film())

@@ -377,18 +377,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_reproduce)
 
     p = sub.add_parser("calibrate", help="adapt a run to a new site with some of its labelled images")
-    p.add_argument("run")
-    p.add_argument("--data", required=True, help="ingested data folder of the site's labelled images")
-    p.add_argument("--out", required=True, help="folder for run/, before/, after/ and calibration.json")
-    p.add_argument("--fraction", type=float, default=0.3, help="share of the site's patients used to adapt; the "
-                   "rest is held back to measure (default 0.3)")
-    p.add_argument("--finetune-epochs", dest="finetune_epochs", type=int, default=10,
+    p.add_argument("run", help="run folder to adapt (covidcxr train --out)")
+    p.add_argument("--data", required=True, help="ingested data folder of the site's labelled images (required)")
+    p.add_argument("--out", required=True, help="folder for run/, before/, after/ and calibration.json (required)")
+    p.add_argument("--fraction", type=FRACTION_ARG, default=0.3, help="share of the site's patients used to adapt; "
+                   "the rest is held back to measure (default 0.3)")
+    p.add_argument("--finetune-epochs", dest="finetune_epochs", type=COUNT_ARG, default=10,
                    help="fine-tuning passes over the site's images (default 10; 0: threshold and temperature only)")
     p.add_argument("--finetune-layers", dest="finetune_layers", default="head", choices=["head", "all"],
                    help="layers fine-tuning changes (default head)")
-    p.add_argument("--target-sensitivity", dest="target_sensitivity", type=float,
+    p.add_argument("--target-sensitivity", dest="target_sensitivity", type=FRACTION_ARG,
                    help="choose the site's threshold for this sensitivity (default: Youden's J)")
-    p.add_argument("--n-boot", dest="n_boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
+    p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=1000,
+                   help="bootstrap resamples for the CIs (default 1000)")
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("compare", help="several reports side by side")

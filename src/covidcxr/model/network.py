@@ -146,9 +146,9 @@ def fold_pooling(model: GrayClassifier, image_size: int) -> GrayClassifier:
     the same outputs up to float rounding. A one-image prediction reads every weight once, so this cuts the bytes read
     per image from ~228 MB to ~94 MB. Other architectures, and sizes whose map is 6 x 6 or larger, are returned as is.
     The folded model shares every other module (and so its memory) with `model`."""
-    net = model.backbone
-    if model.arch != "alexnet":
+    if not isinstance(model, GrayClassifier) or model.arch != "alexnet":
         return model
+    net = model.backbone
     channels, h, w = net.features(torch.zeros(1, 1, image_size, image_size)).shape[1:]
     if h * w >= 36:
         return model
