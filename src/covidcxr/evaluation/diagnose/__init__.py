@@ -9,7 +9,7 @@ Four checks, on the run's test images (or on all unseen images of another ingest
    (regularised logistic regression below 200 images, gradient boosting from there). High means the data itself carries a shortcut, whatever the model does;
 4. Grad-CAM lung share: the share of the COVID-19 attribution that falls inside the lung fields, beside the
    share of the image the lungs cover (what an attribution spread evenly would give).
-Lung fields come from a learned lung model (lungseg.py) when one is given or the run has one, else from `lungs.py`
+Lung fields come from a learned lung model (lungs/unet.py) when one is given or the run has one, else from `lungs/heuristic.py`
 (a documented heuristic); diagnose.json names which. Each check has its module in this package (probe.py holds the
 source probe); everything is written to one folder: diagnose.json, figures, diagnose.html and verdict.md.
 """
@@ -55,7 +55,7 @@ def diagnose(run: str | Path, data: str | Path, out: str | Path, split: str | No
     `split`: "test" (the run's own test images in DATA) or "all" (every image of DATA the run did not train or
     validate on); by default "test" when DATA holds the run's test images, else "all".
     `lung_model`: a lung segmentation checkpoint (covidcxr lungs train) for the lung fields; by default the run's own
-    copy when it was trained with crop="lungs", else the heuristic of lungs.py.
+    copy when it was trained with crop="lungs", else the heuristic of lungs/heuristic.py.
     """
     run, out = Path(run), Path(out)
     scorer = Scorer.from_run(run, device)
@@ -100,7 +100,7 @@ def lung_fields(images: np.ndarray, lung_model: str | Path | None, device: torch
     """(N, S, S) bool lung masks and how they were made: the learned model when given, else the heuristic."""
     if lung_model is None:
         masks, refined = lungs.lung_masks(images)
-        return masks, {"method": "heuristic (lungs.py: anatomical template united with the dark lung regions)",
+        return masks, {"method": "heuristic (lungs/heuristic.py: anatomical template united with the dark lung regions)",
                        "sides_refined": float(refined.mean() / 2)}
     model = load_lung_model(lung_model).to(device)
     def masks_of(batch: np.ndarray) -> np.ndarray:
@@ -108,7 +108,7 @@ def lung_fields(images: np.ndarray, lung_model: str | Path | None, device: torch
     masks = np.concatenate([masks_of(images[i:i + chunk]) for i in range(0, len(images), chunk)]) if len(images) \
         else np.zeros(images.shape, bool)
     found = masks.reshape(len(masks), -1).mean(1) >= MIN_LUNG_AREA
-    return masks, {"method": f"learned (lungseg.py U-Net trained on hand-drawn masks): {lung_model}",
+    return masks, {"method": f"learned (lungs/unet.py U-Net trained on hand-drawn masks): {lung_model}",
                    "images_without_lungs": int((~found).sum())}
 
 

@@ -20,7 +20,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from covidcxr.evaluation.diagnose.crossval import MIN_PER_CLASS, SMALL_SAMPLE, oof_proba, small_sample_classifier
 from covidcxr.evaluation.metrics import bootstrap_aucs, percentile_interval
-from covidcxr.lungs import heuristic as lungs
+from covidcxr.lungs.boxes import content_box
 
 HIST_BINS = 16
 FEATURE_GROUPS = {
@@ -40,7 +40,7 @@ def image_features(images: np.ndarray, rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _pixel_features(image: np.ndarray) -> dict[str, float]:
-    top, bottom, left, right = lungs.content_box(image)
+    top, bottom, left, right = content_box(image)
     content = image[top:bottom, left:right].astype(np.float32)
     ring = max(1, round(0.05 * min(content.shape)))
     border = np.concatenate([content[:ring].ravel(), content[-ring:].ravel(), content[:, :ring].ravel(),

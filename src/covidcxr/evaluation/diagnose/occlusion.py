@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidcxr.lungs import heuristic as lungs
+from covidcxr.lungs.boxes import content_box
 from covidcxr.evaluation.metrics import binary_metrics, bootstrap_aucs, patient_codes, percentile_interval
 from covidcxr.scoring import Scorer
 
@@ -42,7 +42,7 @@ def fill_level(images: np.ndarray) -> int:
     """
     total, count = 0.0, 0
     for img in images:
-        top, bottom, left, right = lungs.content_box(img)
+        top, bottom, left, right = content_box(img)
         total += float(img[top:bottom, left:right].sum(dtype=np.float64))
         count += (bottom - top) * (right - left)
     return int(round(total / max(count, 1)))
