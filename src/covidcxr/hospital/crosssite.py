@@ -25,7 +25,7 @@ from covidcxr.training.trainer import train
 
 SITE_IMAGES = (20, 50, 100)
 NESTED_EPOCHS, NESTED_IMAGES, NESTED_MEMBERS = 1, 400, 2  # members: short runs, so that the whole adds ~3 min
-MAX_HELD_BACK = 300  # calibrate's before/after on at most this many held-back site images (time)
+MAX_HELD_BACK = 200  # calibrate's before/after on at most this many held-back site images (time)
 
 
 def nested_members(cfg: TrainConfig, held: list[str], folds: list[list[str]], out: Path) -> list[Path]:
