@@ -14,6 +14,7 @@ mkdir -p "$results"
 cp "$out/summary.md" "$out/trust.md" "$out/trust.csv" "$results/"
 cp "$out/main/report/metrics.json" "$results/main_metrics.json"
 cp "$out/main/run/history.csv" "$results/main_history.csv"
+cp "$out/main/run/guard.json" "$results/main_guard.json"
 cp "$out/main/report/diagnose/verdict.md" "$results/main_diagnose_verdict.md"
 for report in "$out"/external/*/report; do
   fold=$(basename "$(dirname "$report")")
