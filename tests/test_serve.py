@@ -207,6 +207,7 @@ def test_health_page_and_docs(client: TestClient, predictor: Predictor) -> None:
     assert shift["alarm"] is False and shift["message"].startswith("no verdict")
     assert health == {
         "status": "ok",
+        "engine": "torch",
         "model_id": predictor.model_id,
         "positive_label": "covid",
         "threshold": predictor.threshold,

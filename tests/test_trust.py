@@ -153,17 +153,22 @@ def test_predict_without_guard_gives_none(tiny_run, xray_source, tmp_path):
     assert [r["in_distribution"] for r in json.loads(out.stdout)] == [None, None]
 
 
-def test_the_service_flags_each_image_and_raises_the_shift_alarm(guarded_run, xray_source, tmp_path):
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_the_service_flags_each_image_and_raises_the_shift_alarm(guarded_run, xray_source, tmp_path, engine):
     """The JSON carries in_distribution and ood_score; --reject-ood withholds the label of flagged images; after a
-    shifted batch /api/health carries the alarm that the page shows."""
+    shifted batch /api/health carries the alarm that the page shows. On either engine: the onnxruntime one scores the
+    guard's members in its graph and gives covidcxr's answers."""
     from fastapi.testclient import TestClient
 
     from covidcxr.deploy.predict import Predictor
     from covidcxr.deploy.serve.app import create_app
+    from covidcxr.deploy.serve.server import load_predictor
 
     planted = sorted(planted_shift(tmp_path, xray_source, n=40).glob("*.png"))
-    predictor = Predictor.from_run(guarded_run)
-    with TestClient(create_app(predictor, tmp_path / "log.sqlite", reject_ood=True, shift_window=40)) as client:
+    predictor = Predictor.from_run(guarded_run)  # the torch engine itself; load_predictor would set torch's threads
+    served = predictor if engine == "torch" else load_predictor(guarded_run, engine, threads=1)
+    tolerance = 1e-6 if engine == "torch" else 1e-4
+    with TestClient(create_app(served, tmp_path / "log.sqlite", reject_ood=True, shift_window=40)) as client:
         assert client.get("/api/health").json()["shift"]["alarm"] is False  # nothing scored yet: no verdict
         answers = [client.post("/api/predict", files={"file": (p.name, p.read_bytes(), "image/png")}).json()
                    for p in planted]
@@ -171,8 +176,9 @@ def test_the_service_flags_each_image_and_raises_the_shift_alarm(guarded_run, xr
     expected = {Path(r.path).name: r for r in predictor.predict_paths(planted)}
     for path, got in zip(planted, answers):
         want = expected[path.name]
-        assert got["probability"] == pytest.approx(want.probability, abs=1e-6)
-        assert got["in_distribution"] is want.in_distribution and got["ood_score"] == pytest.approx(want.ood_score, rel=1e-4)
+        assert got["probability"] == pytest.approx(want.probability, abs=tolerance)
+        assert got["in_distribution"] is want.in_distribution
+        assert got["ood_score"] == pytest.approx(want.ood_score, rel=1e-4, abs=tolerance)
         assert got["label"] == (want.label if want.in_distribution else None)
     assert any(a["in_distribution"] is False for a in answers)
     assert health["shift"]["alarm"] is True and "probably not valid" in health["shift"]["message"]

@@ -98,7 +98,7 @@ def _predict(a: argparse.Namespace) -> int:
 def _serve(a: argparse.Namespace) -> int:
     from covidcxr.deploy.serve.server import serve
     serve(a.run, a.host, a.port, a.db, token_file=a.token_file, no_auth=a.no_auth, threads=a.threads,
-          request_threads=a.request_threads, reject_ood=a.reject_ood)
+          request_threads=a.request_threads, reject_ood=a.reject_ood, engine=a.engine)
     return 0
 
 
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every image, flag them)")
     p.set_defaults(func=_predict)
 
-    from covidcxr.deploy.serve.defaults import REQUEST_THREADS, SERVE_THREADS
+    from covidcxr.deploy.serve.defaults import ENGINES, REQUEST_THREADS, SERVE_THREADS
     p = sub.add_parser("serve", help="HTTP API and web page")
     p.add_argument("run", help="run folder (covidcxr train --out)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
@@ -357,12 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reject-ood", dest="reject_ood", action="store_true",
                    help="withhold the label of images the run's guard calls out of distribution (default: label "
                         "every image, flag them)")
+    p.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
+                   help="onnx: score with the run's exported graphs on onnxruntime (RUN/serving, exported on first "
+                        "use), no torch in the server until a Grad-CAM is asked for; torch: score with torch "
+                        f"(default {ENGINES[0]})")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("export", help="deployable model (ONNX or TorchScript), parity-checked")
     p.add_argument("run", help="run folder (covidcxr train --out)")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="file format (required)")
-    p.add_argument("--out", required=True, help="file to write (required)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "serving"],
+                   help="onnx or torchscript: one file with the whole path; serving: the folder covidcxr serve scores "
+                        "with on onnxruntime (RUN/serving, made by serve itself when missing) (required)")
+    p.add_argument("--out", required=True, help="file (a folder for serving) to write (required)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("reproduce", help="the paper's experiment end to end, plus the checks it lacked")

@@ -8,9 +8,7 @@ its cache copy, exactly as `ingest` would) or rows of an ingested data folder's 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,48 +17,11 @@ import torch
 from covidcxr.data.cache import to_square
 from covidcxr.device import resolve_device
 from covidcxr.model.network import fold_pooling, load_run, unwrap
-from covidcxr.preprocess.transform import Preprocess, PreprocessSpec
+from covidcxr.model.spec import RunSpec, model_id
+from covidcxr.preprocess.transform import Preprocess
 from covidcxr.trust.guard import GUARD_DIR, Guard
 
 BATCH_SIZE = 256
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What a run's checkpoint says about turning an image into a decision."""
-
-    run_dir: Path
-    arch: str
-    task: str
-    classes: tuple[str, ...]
-    positive_index: int
-    threshold: float
-    threshold_method: str
-    preprocess: PreprocessSpec
-    model_id: str
-
-    @classmethod
-    def from_meta(cls, meta: dict, run_dir: str | Path = "", model_id: str = "") -> "RunSpec":
-        return cls(Path(run_dir), meta["arch"], meta["task"], tuple(meta["classes"]), int(meta["positive_index"]),
-                   float(meta["threshold"]) if meta.get("threshold") is not None else float("nan"),
-                   str(meta.get("threshold_method", "")), PreprocessSpec.from_meta(meta), model_id)
-
-    @property
-    def positive_label(self) -> str:
-        return self.classes[self.positive_index]
-
-    @property
-    def negative_label(self) -> str:
-        return self.classes[0] if len(self.classes) == 2 else "non-" + self.positive_label
-
-    def label_for(self, probability: float) -> str:
-        return self.positive_label if probability >= self.threshold else self.negative_label
-
-
-def model_id(run_dir: Path, which: str = "model.pt") -> str:
-    """`<run folder name>-<first 8 hex of the checkpoint's SHA-256>`: names the exact weights in logs and reports."""
-    digest = hashlib.sha256((run_dir / which).read_bytes()).hexdigest()[:8]
-    return f"{run_dir.resolve().name}-{digest}"
 
 
 @torch.no_grad()

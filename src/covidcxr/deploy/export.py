@@ -7,6 +7,9 @@ the model, so onnxruntime and Pillow alone give `covidcxr predict`'s probability
 threshold, settings, the input contract) travel inside the file: ONNX metadata_props (each value JSON-encoded), or
 TorchScript's extra file `meta.json`.
 
+`serving` writes the service's engine folder instead (`covidcxr.deploy.engine`): the same steps split at the cache
+square into two ONNX graphs, the second scoring a batch and the guard's members with the run.
+
 ONNX uses torch's default (torch.export-based) exporter, which needs `onnxscript`. TorchScript scripts the
 preprocessing (its shapes are data) around the traced model. CLAHE (kornia) and the lung crop (a U-Net with
 connected-component clean-up) have no graph form here, so runs that use them are refused with one line.
@@ -15,6 +18,8 @@ connected-component clean-up) have no graph form here, so runs that use them are
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,11 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from covidcxr.deploy.engine import ENGINE_FILE, SCORE_GRAPH, OnnxScorer, fingerprint
 from covidcxr.errors import ExportParityError, InputError
 from covidcxr.preprocess.transform import Preprocess
 from covidcxr.scoring import Scorer
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "serving")
 TOLERANCE = 1e-4  # on probabilities
 PARITY_SHAPES = ((300, 200), (200, 333), (256, 256), (97, 131))  # portrait, landscape, square, odd sides
 MAX_SIDE = 16384
@@ -48,6 +54,28 @@ class ExportGraph(nn.Module):
         return torch.softmax(self.model(self.preprocess(image)), dim=1)
 
 
+class ScoreGraph(nn.Module):
+    """Cache squares (N, S, S) uint8 -> (N, 1 + members) positive-class probabilities of the run and of each guard
+    member (each with its own preprocessing and folded network), plus the run's features when `features`."""
+
+    def __init__(self, scorers: list[Scorer], features: bool):
+        super().__init__()
+        self.preprocesses = nn.ModuleList(s.preprocess for s in scorers)
+        self.nets = nn.ModuleList(s.net for s in scorers)
+        self.positive = [s.spec.positive_index for s in scorers]
+        self.features = features
+
+    def forward(self, squares: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        levels = squares.unsqueeze(1).float()
+        columns, run_features = [], None
+        for preprocess, net, positive in zip(self.preprocesses, self.nets, self.positive):
+            feats = net.features(preprocess.to_model(preprocess.normalise(levels)))
+            run_features = feats if run_features is None else run_features
+            columns.append(torch.softmax(net.head(feats), dim=1)[:, positive])
+        probabilities = torch.stack(columns, dim=1)
+        return (probabilities, run_features) if self.features else probabilities
+
+
 def export_run(run_dir: str | Path, fmt: str, out: str | Path, check_images: list[np.ndarray] = ()) -> dict[str, Any]:
     """Export a run's best model with its whole preprocessing to `out`, then check it against the run's `Scorer` on
     images of several sizes and aspect ratios (`check_images`, decoded, plus synthetic ones).
@@ -57,6 +85,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, check_images: lis
         raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     scorer = Scorer.from_run(run_dir, "cpu")
     _refuse_unexportable(scorer, run_dir)
+    if fmt == "serving":
+        return export_serving(scorer, Path(out), check_images)
     graph = ExportGraph(scorer.preprocess, scorer.model).eval()
     spec = scorer.spec
     contract = CONTRACT.format(n=len(spec.classes), classes=", ".join(spec.classes))
@@ -73,6 +103,71 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, check_images: lis
     diff = check_parity(scorer, fmt, out, images)
     return {"format": fmt, "path": str(out), "size_bytes": out.stat().st_size, "max_abs_diff": diff,
             "contract": contract}
+
+
+def export_serving(scorer: Scorer, out: Path, check_images: list[np.ndarray] = ()) -> dict[str, Any]:
+    """The service's engine folder (`covidcxr.deploy.engine`): score.onnx and engine.json, written to a temporary
+    folder that replaces `out` only once the engine (its numpy cache square included) matches the run's `Scorer`."""
+    run_dir = scorer.spec.run_dir
+    features = scorer.guard is not None and scorer.guard.density is not None
+    size = scorer.spec.preprocess.cache_size
+    contract = (f"score.onnx: `squares` uint8 (N, {size}, {size}), cache squares -> `probabilities` "
+                f"(N, {1 + len(scorer.members)}): the {scorer.spec.positive_label} probability of the run, then of "
+                f"each guard member" + ("; `features`: the run's penultimate features" if features else ""))
+    meta = {"square": scorer.meta.get("square", "pad"), **{k: scorer.meta[k] for k in (
+        "arch", "task", "classes", "positive_index", "threshold", "threshold_method", "cache_size", "image_size",
+        "augment")}}
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # two servers may start at once
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    example = torch.randint(0, 256, (2, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        _onnx_program(ScoreGraph([scorer, *scorer.members], features).eval(), example, "squares",
+                      ["probabilities", "features"] if features else ["probabilities"],
+                      {0: batch}).save(tmp / SCORE_GRAPH, external_data=False)
+    info = {"model_id": scorer.spec.model_id, "meta": meta, "features": features, "members": len(scorer.members),
+            "fingerprint": fingerprint(run_dir), "contract": contract}
+    (tmp / ENGINE_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    diff = check_engine_parity(scorer, OnnxScorer(tmp, run_dir), [*check_images, *synthetic_images()])
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return {"format": "serving", "path": str(out), "size_bytes": sum(f.stat().st_size for f in out.iterdir()),
+            "max_abs_diff": diff, "contract": contract}
+
+
+def _onnx_program(graph: nn.Module, example: torch.Tensor, input_name: str, output_names: list[str],
+                  dims: dict[int, Any]) -> Any:
+    """torch.export-based ONNX program of `graph`, with the given dimensions of its one input dynamic."""
+    with _quiet():
+        return torch.onnx.export(graph, (example,), input_names=[input_name], output_names=output_names,
+                                 dynamic_shapes={input_name: dims}, verbose=False)
+
+
+def _side_dims() -> dict[int, Any]:
+    """Height and width of a decoded image (1, 1, H, W): any size up to MAX_SIDE."""
+    return {2: torch.export.Dim("height", min=8, max=MAX_SIDE), 3: torch.export.Dim("width", min=8, max=MAX_SIDE)}
+
+
+def check_engine_parity(scorer: Scorer, engine: OnnxScorer, images: list[np.ndarray]) -> float:
+    """Largest |engine - covidcxr| over the run's and the members' probabilities and the guard's ood scores (relative
+    to 1 + |ood|), on decoded images scored one at a time and as one batch, each through its own cache square (numpy
+    in the engine, torch in covidcxr); raises ExportParityError above TOLERANCE."""
+    ours = np.stack([engine.cache_square(image) for image in images])
+    theirs = np.stack([scorer.cache_square(image) for image in images])
+    expected = np.column_stack([scorer.scores(theirs), scorer.member_scores(theirs).T])
+    got, _ = engine.outputs(ours)
+    worst = float(np.abs(got - expected).max())
+    one_by_one = np.concatenate([engine.outputs(square[None])[0] for square in ours])
+    worst = max(worst, float(np.abs(one_by_one - expected).max()))
+    _, ood, _ = scorer.assess(theirs)
+    if ood is not None:
+        _, engine_ood, _ = engine.assess(ours)
+        worst = max(worst, float((np.abs(engine_ood - ood) / (1 + np.abs(ood))).max()))
+    if worst > TOLERANCE:
+        raise ExportParityError(f"{engine.spec.run_dir}: the serving engine differs from covidcxr by {worst:.3g} "
+                                f"(max {TOLERANCE}); please report this as a bug")
+    return worst
 
 
 def _refuse_unexportable(scorer: Scorer, run_dir: str | Path) -> None:
@@ -101,11 +196,7 @@ def _example(image_size: int) -> torch.Tensor:
 
 
 def _export_onnx(graph: ExportGraph, out: Path, meta: dict[str, Any]) -> None:
-    height, width = torch.export.Dim("height", min=8, max=MAX_SIDE), torch.export.Dim("width", min=8, max=MAX_SIDE)
-    with _quiet():
-        program = torch.onnx.export(graph, (_example(graph.preprocess.image_size),), input_names=["image"],
-                                    output_names=["probabilities"], dynamic_shapes={"image": {2: height, 3: width}},
-                                    verbose=False)
+    program = _onnx_program(graph, _example(graph.preprocess.image_size), "image", ["probabilities"], _side_dims())
     program.model.metadata_props.update({key: json.dumps(value) for key, value in meta.items()})
     program.save(out, external_data=False)
 

@@ -35,6 +35,8 @@ class Prediction:
 class Predictor:
     """Scores files with a run (through its `Scorer`), one way for the CLI, the service and the PACS."""
 
+    engine = "torch"
+
     def __init__(self, scorer: Scorer):
         self.scorer = scorer
         self.spec = scorer.spec

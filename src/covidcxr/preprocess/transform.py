@@ -16,39 +16,17 @@ copy scored through `normalise_u8` + `to_model` give the model bit-identical inp
 
 import functools
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covidcxr.config import SQUARE_CHOICES, AugmentConfig
 from covidcxr.data.cache import to_cache_levels, to_levels, resize
-from covidcxr.errors import InputError
 from covidcxr.lungs.boxes import content_boxes
+from covidcxr.preprocess.spec import PreprocessSpec
 
 LUNG_MARGIN = 0.1  # crop="lungs": the lung box grown by this fraction of its size on each side (costophrenic angles)
 NORMALISE_CHUNK = 256  # images normalised at once: bounds the memory of CLAHE and the lung model
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """The settings that fix preprocessing; a run stores them in its checkpoint's meta."""
-
-    square: str = "pad"
-    cache_size: int = 256
-    image_size: int = 112
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-    def __post_init__(self) -> None:
-        if self.square not in SQUARE_CHOICES:
-            raise InputError(f"unknown square mode {self.square!r}; choose one of {', '.join(SQUARE_CHOICES)}")
-
-    @classmethod
-    def from_meta(cls, meta: dict) -> "PreprocessSpec":
-        from covidcxr.config import from_dict
-        return cls(meta.get("square", "pad"), int(meta["cache_size"]), int(meta["image_size"]),
-                   from_dict(AugmentConfig, dict(meta["augment"])))
 
 
 def equalize(levels: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from covidcxr.data.cache import ImageCache
 from covidcxr.errors import InputError
+from covidcxr.model.network import load_checkpoint
 from covidcxr.scoring import Scorer
-from covidcxr.trust.guard import COVERAGE, GUARD_DIR, fit_guard, store_member
+from covidcxr.trust.guard import COVERAGE, GUARD_DIR, fit_guard
 
 
 def run_data(run: Path) -> Path:
@@ -60,3 +62,16 @@ def attach_guard(run: str | Path, members: list[str | Path], data: str | Path | 
             "fitted_on_images": int(len(squares))}
     guard = fit_guard(scores, member_scores, names, features, coverage, info)
     return json.loads(guard.save(run).read_text())
+
+
+def store_member(checkpoint: str | Path, run_dir: str | Path, name: str) -> int:
+    """Copy a member run's model.pt into RUN/guard/NAME with its weights in bf16 (half the size); returns bytes.
+
+    Scoring loads them back into float32 (the model's own dtype), so members score in float32 like the run."""
+    ckpt = load_checkpoint(checkpoint)
+    ckpt = {"model": {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in ckpt["model"].items()},
+            "meta": ckpt["meta"]}
+    path = Path(run_dir) / GUARD_DIR / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path.stat().st_size

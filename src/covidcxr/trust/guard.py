@@ -19,10 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from covidcxr.errors import InputError
-from covidcxr.model.network import load_checkpoint
 
 GUARD_FILE = "guard.json"
 GUARD_DIR = "guard"  # member checkpoints, loadable with `load_run(RUN/guard, member)`
@@ -106,16 +104,3 @@ def fit_guard(scores: np.ndarray, member_scores: np.ndarray | None, members: lis
     guard.scales = {k: max(float(np.quantile(v, coverage)), 1e-6) for k, v in terms.items()}
     guard.threshold = float(np.quantile(guard.ood_scores(scores, member_scores, features), coverage))
     return guard
-
-
-def store_member(checkpoint: str | Path, run_dir: str | Path, name: str) -> int:
-    """Copy a member run's model.pt into RUN/guard/NAME with its weights in bf16 (half the size); returns bytes.
-
-    Scoring loads them back into float32 (the model's own dtype), so members score in float32 like the run."""
-    ckpt = load_checkpoint(checkpoint)
-    ckpt = {"model": {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in ckpt["model"].items()},
-            "meta": ckpt["meta"]}
-    path = Path(run_dir) / GUARD_DIR / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-    return path.stat().st_size

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import numpy as np
@@ -28,13 +29,15 @@ from pydantic import BaseModel, Field
 
 from covidcxr import __version__
 from covidcxr.data.reader import ImageReadError
-from covidcxr.deploy.predict import Predictor
 from covidcxr.deploy.serve.access import bearer_guard
 from covidcxr.deploy.serve.batcher import Batcher
 from covidcxr.deploy.serve.defaults import MAX_BATCH, MAX_WAIT_MS, REQUEST_THREADS, SHIFT_WINDOW
 from covidcxr.deploy.serve.log import LogRecord, PredictionLog, utc_now
 from covidcxr.errors import InputError
 from covidcxr.trust.shift import ShiftMonitor, reference_scores
+
+if TYPE_CHECKING:  # torch's Predictor or the engine's EnginePredictor: the same interface
+    from covidcxr.deploy.predict import Predictor
 
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # a large uncompressed DICOM radiograph is ~20-30 MB
 MULTIPART_SLACK_BYTES = 64 * 1024  # form framing around the file; the file itself is checked exactly
@@ -59,6 +62,7 @@ class Prediction(BaseModel):
 
 class Health(BaseModel):
     status: str
+    engine: str = Field(description="what scores: onnxruntime (the run's exported graphs) or torch")
     model_id: str
     positive_label: str
     threshold: float
@@ -152,6 +156,7 @@ def create_app(
             yield
         finally:
             await batcher.stop()
+            log.close()
 
     app = FastAPIOffline(
         title="covidcxr",
@@ -169,7 +174,7 @@ def create_app(
 
     @api.get("/health")
     async def health() -> Health:
-        return Health(status="ok", model_id=predictor.model_id, positive_label=predictor.positive_label,
+        return Health(status="ok", engine=predictor.engine, model_id=predictor.model_id, positive_label=predictor.positive_label,
                       threshold=predictor.threshold, max_upload_bytes=max_upload_bytes,
                       shift=monitor.status() if monitor else None)
 
@@ -193,7 +198,7 @@ def create_app(
                          sha256=digest)
         record = LogRecord(utc_now(), digest, filename, out.probability, out.label or WITHHELD, out.threshold,
                            out.model_id)
-        await anyio.to_thread.run_sync(log.add, record, limiter=threads)
+        log.add(record)  # on the loop: one short insert (WAL, no fsync) costs less than a thread hop
         return out
 
     app.include_router(api)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 import numpy as np
 
-from covidcxr.deploy.predict import Predictor
 from covidcxr.deploy.serve.defaults import MAX_BATCH, MAX_WAIT_MS
+
+if TYPE_CHECKING:  # torch's Predictor or the engine's EnginePredictor: the same interface
+    from covidcxr.deploy.predict import Predictor
 
 
 @dataclass

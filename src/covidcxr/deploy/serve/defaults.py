@@ -12,3 +12,4 @@ REQUEST_THREADS = 4  # threads reading and decoding uploads: enough to keep the 
 MAX_BATCH = 16  # images per forward pass
 MAX_WAIT_MS = 2.0  # how long the first image of a batch waits for company
 SHIFT_WINDOW = 200  # latest predictions the service compares with the validation scores (the shift alarm)
+ENGINES = ("onnx", "torch")  # the first is the default: onnxruntime keeps torch (~530 MB resident) out of the server

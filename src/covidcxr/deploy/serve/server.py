@@ -1,4 +1,4 @@
-"""`covidcxr serve`: load the run once, choose the threads, check who may connect, bind the port, serve."""
+"""`covidcxr serve`: check who may connect, bind the port, load the run once on its engine, serve."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import errno
 import socket
 from pathlib import Path
 
-from covidcxr.deploy.predict import Predictor, use_threads
 from covidcxr.deploy.serve.access import access_token
 from covidcxr.deploy.serve.app import DEFAULT_MAX_UPLOAD_BYTES, create_app
-from covidcxr.deploy.serve.defaults import REQUEST_THREADS, SERVE_THREADS
+from covidcxr.deploy.serve.defaults import ENGINES, REQUEST_THREADS, SERVE_THREADS
 from covidcxr.errors import InputError, PortInUseError
 
 
@@ -28,6 +27,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def load_predictor(run_dir: str | Path, engine: str, threads: int):
+    """The run's predictor on onnxruntime (`deploy/engine.py`: torch stays out of the process) or on torch."""
+    if engine == "onnx":
+        from covidcxr.deploy.engine import EnginePredictor
+        return EnginePredictor.from_run(run_dir, threads)
+    if engine != "torch":
+        raise InputError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    from covidcxr.deploy.predict import Predictor, use_threads
+    use_threads(threads)
+    return Predictor.from_run(run_dir, device="cpu")
+
+
 def serve(
     run_dir: str | Path,
     host: str = "127.0.0.1",
@@ -39,14 +50,14 @@ def serve(
     threads: int = SERVE_THREADS,
     request_threads: int = REQUEST_THREADS,
     reject_ood: bool = False,
+    engine: str = ENGINES[0],
 ) -> None:
     """Serve the run until interrupted; the log defaults to RUN/predictions.sqlite."""
     import uvicorn
 
     token = access_token(host, token_file, no_auth)
-    use_threads(threads)
     sock = bind(host, port)
-    predictor = Predictor.from_run(run_dir, device="cpu")
+    predictor = load_predictor(run_dir, engine, threads)
     db = Path(db_path) if db_path is not None else Path(run_dir) / "predictions.sqlite"
     app = create_app(predictor, db, max_upload_bytes, token=token, request_threads=request_threads,
                      reject_ood=reject_ood)

@@ -1,0 +1,147 @@
+"""The service's lean scoring engine: a run's exported graphs on onnxruntime, with no torch in the process.
+
+torch alone makes a process ~530 MB resident (its CUDA build), more than a small server can spare beside the model,
+so `covidcxr serve` makes each upload's cache square in numpy (`covidcxr.data.square`, torch's arithmetic) and scores
+squares with an ONNX graph exported from the run's own torch code (`export --format serving`, parity-checked there
+against the run's `Scorer`): `score.onnx` takes cache squares (N, S, S) uint8 and gives (N, 1 + members)
+positive-class probabilities of the run and of its guard's members (plus the run's penultimate features when the
+guard has a density term).
+
+It lives in RUN/serving/ beside engine.json, which records the SHA-256 of model.pt and guard.json it was made
+from: a run whose model or guard changed is exported again (in a subprocess, so torch never loads here). The guard
+and the shift alarm are numpy code and run on the engine's outputs. Grad-CAM needs gradients, so the first request
+for a heatmap loads the torch model beside the engine (and the process grows by torch's size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from covidcxr.data.reader import read_image
+from covidcxr.data.square import to_square_np
+from covidcxr.errors import InputError
+from covidcxr.model.spec import RunSpec
+from covidcxr.trust.guard import GUARD_FILE, Guard
+
+ENGINE_DIR = "serving"
+ENGINE_FILE = "engine.json"
+SCORE_GRAPH = "score.onnx"
+
+
+def sha256(path: Path) -> str | None:
+    """Hex SHA-256 of a file, None when it does not exist (a run without a guard)."""
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(run_dir: Path) -> dict[str, str | None]:
+    """What an engine was exported from: the run's model and its guard."""
+    return {"model_sha256": sha256(run_dir / "model.pt"), "guard_sha256": sha256(run_dir / GUARD_FILE)}
+
+
+def is_current(engine_dir: Path, run_dir: Path) -> bool:
+    """True when engine_dir holds graphs exported from the run's present model.pt and guard.json."""
+    path = engine_dir / ENGINE_FILE
+    if not (path.is_file() and (engine_dir / SCORE_GRAPH).is_file()):
+        return False
+    return json.loads(path.read_text()).get("fingerprint") == fingerprint(run_dir)
+
+
+def ensure_engine(run_dir: str | Path) -> Path:
+    """RUN/serving, exported first (in a subprocess: this process stays without torch) when missing or stale."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "model.pt").is_file():
+        raise InputError(f"{run_dir}: no model.pt here; pass a run folder (covidcxr train --out)")
+    engine_dir = run_dir / ENGINE_DIR
+    if is_current(engine_dir, run_dir):
+        return engine_dir
+    print(f"exporting {run_dir} to {engine_dir} for onnxruntime (once per model) ...", flush=True)
+    cmd = [sys.executable, "-m", "covidcxr.cli", "export", str(run_dir), "--format", "serving", "--out", str(engine_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        raise InputError(f"{run_dir}: the serving engine could not be exported ({why}); "
+                         "serve it with --engine torch instead")
+    return engine_dir
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxScorer:
+    """The part of `covidcxr.scoring.Scorer` the service uses, on onnxruntime: cache squares, scores, the guard."""
+
+    def __init__(self, engine_dir: str | Path, run_dir: str | Path, threads: int = 1):
+        engine_dir, run_dir = Path(engine_dir), Path(run_dir)
+        info = json.loads((engine_dir / ENGINE_FILE).read_text())
+        self.spec = RunSpec.from_meta(info["meta"], run_dir, info["model_id"])
+        self.guard = Guard.load(run_dir)
+        self.with_features = bool(info["features"])
+        self._score = _session(engine_dir / SCORE_GRAPH, threads)
+
+    def cache_square(self, image: np.ndarray) -> np.ndarray:
+        """A decoded image (H, W) in [0, 1] -> the (S, S) uint8 square the cache would hold for it."""
+        return to_square_np(image, self.spec.preprocess.cache_size, self.spec.preprocess.square)
+
+    def outputs(self, squares: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """((N, 1 + members) positive-class probabilities, (N, D) features or None) for cache squares."""
+        out = self._score.run(None, {"squares": np.ascontiguousarray(squares, dtype=np.uint8)})
+        return out[0], (out[1] if self.with_features else None)
+
+    def scores(self, squares: np.ndarray) -> np.ndarray:
+        """(N,) probability of the positive class."""
+        return self.outputs(squares)[0][:, 0]
+
+    def assess(self, squares: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(scores, ood_scores, in_distribution), as `Scorer.assess`."""
+        probabilities, features = self.outputs(squares)
+        scores = probabilities[:, 0]
+        if self.guard is None:
+            return scores, None, None
+        ood = self.guard.ood_scores(scores, probabilities[:, 1:].T, features)
+        return scores, ood, self.guard.in_distribution(ood)
+
+
+class EnginePredictor:
+    """What the service needs of a `covidcxr.deploy.predict.Predictor`, on the engine."""
+
+    engine = "onnxruntime"
+
+    def __init__(self, scorer: OnnxScorer, threads: int = 1):
+        self.scorer, self.spec, self.threads = scorer, scorer.spec, threads
+        self.model_id, self.threshold = scorer.spec.model_id, scorer.spec.threshold
+        self.positive_label = scorer.spec.positive_label
+        self._explainer = None  # the torch Predictor, loaded by the first Grad-CAM request
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, threads: int = 1) -> "EnginePredictor":
+        return cls(OnnxScorer(ensure_engine(run_dir), run_dir, threads), threads)
+
+    def read_bytes(self, data: bytes, filename: str) -> np.ndarray:
+        """An uploaded file's bytes -> its cache square (raises ImageReadError for bad content)."""
+        return self.scorer.cache_square(read_image(data, name=filename))
+
+    def explain(self, square: np.ndarray) -> tuple[float, bytes]:
+        """(probability, Grad-CAM overlay PNG): the engine's probability, the torch model's gradients."""
+        if self._explainer is None:
+            from covidcxr.deploy.predict import Predictor, use_threads  # torch: only once a heatmap is asked for
+
+            use_threads(self.threads)
+            self._explainer = Predictor.from_run(self.spec.run_dir, "cpu")
+        return float(self.scorer.scores(square[None])[0]), self._explainer.explain(square)[1]
