@@ -15,7 +15,6 @@ for a heatmap loads the torch model beside the engine (and the process grows by 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 from covidcxr.data.reader import read_image
 from covidcxr.data.square import to_square_np
 from covidcxr.errors import InputError
-from covidcxr.model.spec import RunSpec
+from covidcxr.model.spec import RunSpec, file_sha256
 from covidcxr.trust.guard import GUARD_FILE, Guard
 
 ENGINE_DIR = "serving"
@@ -34,20 +33,11 @@ ENGINE_FILE = "engine.json"
 SCORE_GRAPH = "score.onnx"
 
 
-def sha256(path: Path) -> str | None:
-    """Hex SHA-256 of a file, None when it does not exist (a run without a guard)."""
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(run_dir: Path) -> dict[str, str | None]:
     """What an engine was exported from: the run's model and its guard."""
-    return {"model_sha256": sha256(run_dir / "model.pt"), "guard_sha256": sha256(run_dir / GUARD_FILE)}
+    guard = run_dir / GUARD_FILE
+    return {"model_sha256": file_sha256(run_dir / "model.pt"),
+            "guard_sha256": file_sha256(guard) if guard.is_file() else None}
 
 
 def is_current(engine_dir: Path, run_dir: Path) -> bool:

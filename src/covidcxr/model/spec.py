@@ -42,7 +42,15 @@ class RunSpec:
         return self.positive_label if probability >= self.threshold else self.negative_label
 
 
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in blocks (a checkpoint is hundreds of MB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def model_id(run_dir: Path, which: str = "model.pt") -> str:
     """`<run folder name>-<first 8 hex of the checkpoint's SHA-256>`: names the exact weights in logs and reports."""
-    digest = hashlib.sha256((run_dir / which).read_bytes()).hexdigest()[:8]
-    return f"{run_dir.resolve().name}-{digest}"
+    return f"{run_dir.resolve().name}-{file_sha256(run_dir / which)[:8]}"
