@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +18,6 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage, Verification
 
 from covidcxr.deploy.predict import Predictor
@@ -130,21 +128,11 @@ def run_listen(run: str, port: int, ae_title: str, host: str = "127.0.0.1", stor
         while True:
             delay = SPOOL_POLL_S if listener.drain() else min(max(delay * 2, backoff_s), 60.0)
             time.sleep(delay)
-    finally:
-        stop_network(server.ae, *([sender.ae] if isinstance(sender, CStoreSender) else []))
+    finally:  # stop the server and abort any association still open on either side: pynetdicom's network
+        server.ae.shutdown()  # threads are not daemons, so one left waiting on a timer would hold Ctrl-C up to a minute
+        if isinstance(sender, CStoreSender):
+            sender.ae.shutdown()
         state.close()
-
-
-def stop_network(*aes: AE) -> None:
-    """Stop the servers, abort open associations, and end every DICOM network thread still waiting.
-
-    pynetdicom's DUL threads are not daemons, and one whose association has ended may still wait for the peer to
-    close the socket, up to the ARTIM timeout (30 s): without this, Ctrl-C would take that long to exit."""
-    for ae in aes:
-        ae.shutdown()
-    for thread in threading.enumerate():
-        if isinstance(thread, DULServiceProvider):
-            thread.kill_dul()
 
 
 def start_server(ae_title: str, host: str, port: int, spool: Path):
