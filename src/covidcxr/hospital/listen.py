@@ -128,10 +128,8 @@ def run_listen(run: str, port: int, ae_title: str, host: str = "127.0.0.1", stor
         while True:
             delay = SPOOL_POLL_S if listener.drain() else min(max(delay * 2, backoff_s), 60.0)
             time.sleep(delay)
-    finally:  # stop the server and abort any association still open on either side: pynetdicom's network
-        server.ae.shutdown()  # threads are not daemons, so one left waiting on a timer would hold Ctrl-C up to a minute
-        if isinstance(sender, CStoreSender):
-            sender.ae.shutdown()
+    finally:
+        server.shutdown()
         state.close()
 
 
