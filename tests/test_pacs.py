@@ -74,8 +74,11 @@ class Background:
 
     def __init__(self, *args: str):
         self.lines: list[str] = []
+        # Ctrl-C's signal as a terminal delivers it: a shell's background job (e.g. a suite run with `&`) starts its
+        # children with SIGINT ignored, and Python keeps an ignored SIGINT ignored
         self.process = subprocess.Popen([sys.executable, "-m", "covidcxr.cli", *args], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+                                        stderr=subprocess.STDOUT, text=True,
+                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         threading.Thread(target=self._collect, daemon=True).start()
 
     def _collect(self) -> None:
