@@ -1,4 +1,4 @@
-"""The service's lean scoring engine: a run's exported graphs on onnxruntime, with no torch in the process.
+"""The service's lean scoring engine: a run's exported graph on onnxruntime, with no torch in the process.
 
 torch alone makes a process ~530 MB resident (its CUDA build), more than a small server can spare beside the model,
 so `covidcxr serve` makes each upload's cache square in numpy (`covidcxr.data.square`, torch's arithmetic) and scores
@@ -41,7 +41,7 @@ def fingerprint(run_dir: Path) -> dict[str, str | None]:
 
 
 def is_current(engine_dir: Path, run_dir: Path) -> bool:
-    """True when engine_dir holds graphs exported from the run's present model.pt and guard.json."""
+    """True when engine_dir holds a graph exported from the run's present model.pt and guard.json."""
     path = engine_dir / ENGINE_FILE
     if not (path.is_file() and (engine_dir / SCORE_GRAPH).is_file()):
         return False
