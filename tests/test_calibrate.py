@@ -51,6 +51,11 @@ def test_calibration_record_and_adapted_run(calibrated, base_run):
     assert parts["finetune"] and parts["tune"] and parts["held-back"]
     assert not set(parts["held-back"]) & (set(parts["finetune"]) | set(parts["tune"]))
     assert record["temperature"] > 0 and 0 < record["threshold"] < 1
+    after = json.loads((calibrated / "after" / "metrics.json").read_text())
+    for m in ("sensitivity", "specificity", "auc"):  # each before/after figure comes with its report's bootstrap CI
+        assert record[f"after_{m}"] == after[m]["value"] and record[f"after_{m}_ci95"] == after[m]["ci95"]
+        lo, hi = record[f"before_{m}_ci95"]
+        assert lo <= record[f"before_{m}"] <= hi
     held = set(pd.read_csv(calibrated / "after" / "predictions.csv")["path"])
     assert held == set(parts["held-back"])
     split = pd.read_csv(calibrated / "run" / "split.csv")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
+
 from covidcxr.reproduce import reproduce
 
 
@@ -24,5 +26,8 @@ def test_reproduce_writes_every_report_and_the_summary(tiny_data, tmp_path):
     assert "Can a prediction be trusted?" in text and (tmp_path / "trust.csv").is_file()
     trust = (tmp_path / "trust.md").read_text()
     assert trust in text and "| a |" in trust and "| b |" in trust
+    rows = pd.read_csv(tmp_path / "trust.csv")
+    calibrated = [c for c in rows.columns if c.endswith("_after_auc")]
+    assert calibrated and all(f"{c}_ci95_low" in rows and f"{c}_ci95_high" in rows for c in calibrated)
     assert (tmp_path / "main" / "run" / "guard.json").is_file()  # the deployed guard: the fold runs as members
     assert json.loads((tmp_path / "main" / "report" / "metrics.json").read_text())["ood"]["guard"] is True

@@ -44,8 +44,8 @@ def trust_html(ood: dict) -> str:
     alarm = (f'<p class="note"><b>Shift alarm:</b> {html.escape(shift["message"])}</p>' if shift["alarm"]
              else f"<p>{html.escape(shift['message'])}.</p>")
     tests = (f"<p>Tests: {html.escape(shift['test'])}; alpha {shift['alpha']}, "
-             f"{html.escape(shift['multiple_testing'])}; an alarm also needs a rate gap of at least "
-             f"{shift['min_rate_gap']:.0%} or a KS distance of at least {shift['min_ks']}. "
+             f"{html.escape(shift['multiple_testing'])}; an alarm also needs a rate gap or a KS distance "
+             f"of at least {shift['min_shift']:.2f} (share of images). "
              + (f"p(rate) = {shift['p_rate']:.2g}, p(KS) = {shift['p_ks']:.2g}.</p>" if "p_rate" in shift else "</p>"))
     if not ood["guard"]:
         return alarm + tests + f"<p>{html.escape(ood['note'])}.</p>"

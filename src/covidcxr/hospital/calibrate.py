@@ -37,6 +37,7 @@ from covidcxr.trust.guard import GUARD_DIR, Guard
 MIN_PER_CLASS = 3  # calibration images of each class, at least
 MIN_HELD_BACK = 10  # held-back images, at least: fewer measure nothing
 SPLIT_COLUMNS = ["path", "source", "patient_id", "label", "split"]
+METRICS = ("sensitivity", "specificity", "auc")  # reported before and after, each with its bootstrap 95 % CI
 
 
 @dataclass
@@ -156,9 +157,10 @@ def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings:
               "settings": settings.__dict__, "temperature": temperature, "threshold": threshold,
               "threshold_method": method, "counts": parts.value_counts().to_dict(),
               "images": {part: site.loc[parts == part, "path"].tolist() for part in ("finetune", "tune", "held-back")},
-              **{f"{k}_{m}": reports[k][m]["value"] for k in reports for m in ("sensitivity", "specificity", "auc")}}
+              **{f"{k}_{m}": reports[k][m]["value"] for k in reports for m in METRICS},
+              **{f"{k}_{m}_ci95": reports[k][m]["ci95"] for k in reports for m in METRICS}}
     record["summary"] = "held-back part: " + ", ".join(
-        f"{m} {_num(record['before_' + m])} -> {_num(record['after_' + m])}" for m in ("sensitivity", "specificity", "auc"))
+        f"{m} {_num(record['before_' + m])} -> {_num(record['after_' + m])}" for m in METRICS)
     save_json(record, out / "calibration.json")
     return record
 

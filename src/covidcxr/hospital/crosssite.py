@@ -18,7 +18,7 @@ import pandas as pd
 from covidcxr.config import TrainConfig
 from covidcxr.data.splits import patient_uniform
 from covidcxr.errors import InputError
-from covidcxr.hospital.calibrate import CalibrateSettings, calibrate
+from covidcxr.hospital.calibrate import METRICS, CalibrateSettings, calibrate
 from covidcxr.scoring import Scorer
 from covidcxr.training.guarding import attach_guard, squares_for
 from covidcxr.training.trainer import train
@@ -82,6 +82,12 @@ def _num(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.2f}"
 
 
+def _ci(row: dict, key: str) -> str:
+    """A value with its bootstrap 95 % CI, e.g. 0.52 [0.40, 0.65]."""
+    lo, hi = row.get(key + "_ci95") or (None, None)
+    return _num(row[key]) + ("" if lo is None else f" [{_num(lo)}, {_num(hi)}]")
+
+
 def trust_markdown(rows: list[dict], calibration: dict[str, list[dict]], main_ood: dict) -> str:
     """The trust tables in words and numbers."""
     lines = ["## Can a prediction be trusted? (issue 14, cross-source protocol)", "",
@@ -94,7 +100,7 @@ def trust_markdown(rows: list[dict], calibration: dict[str, list[dict]], main_oo
     lines += [f"| {r['held_out']} | {r['guard_members']} | {_pct(r['in_distribution_coverage'])} | "
               f"{_pct(r['held_out_coverage'])} | {_pct(r['wrong_flagged'])} of {r['n_wrong']} | "
               f"{'fires' if r['alarm'] else 'silent'}: {r['shift']} |" for r in rows]
-    lines += ["", "calibrate with N labelled site images (before -> after, on held-back site images):", "",
+    lines += ["", "calibrate with N labelled site images (before -> after, on held-back site images; bootstrap 95 % CIs):", "",
               "| held out | N | sensitivity | specificity | AUC |", "|---|---|---|---|---|"]
     for name, cal in calibration.items():
         for c in cal:
@@ -102,15 +108,22 @@ def trust_markdown(rows: list[dict], calibration: dict[str, list[dict]], main_oo
                 lines.append(f"| {name} | {c['site_images']} | not possible: {c['note']} | | |")
             else:
                 lines.append(f"| {name} | {c['site_images']} | " + " | ".join(
-                    f"{_num(c['before_' + m])} -> {_num(c['after_' + m])}" for m in ("sensitivity", "specificity", "auc"))
-                    + " |")
+                    f"{_ci(c, 'before_' + m)} -> {_ci(c, 'after_' + m)}" for m in METRICS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _split_cis(row: dict) -> dict:
+    """A CSV cell holds one number: each `*_ci95` pair becomes `*_ci95_low` and `*_ci95_high`."""
+    out = {}
+    for k, v in row.items():
+        out.update({f"{k}_low": v[0], f"{k}_high": v[1]} if k.endswith("_ci95") and v is not None else {k: v})
+    return out
 
 
 def write_trust(out: Path, rows: list[dict], calibration: dict[str, list[dict]], main_ood: dict) -> str:
     """DIR/trust.csv (one row per fold and site size) and DIR/trust.md; returns the markdown."""
     flat = [{**r, **{f"n{c['site_images']}_{k}": v for c in calibration.get(r["held_out"], [])
-                     for k, v in c.items() if k != "site_images"}} for r in rows]
+                     for k, v in _split_cis(c).items() if k != "site_images"}} for r in rows]
     pd.DataFrame(flat).to_csv(out / "trust.csv", index=False)
     text = trust_markdown(rows, calibration, main_ood)
     (out / "trust.md").write_text(text)

@@ -3,9 +3,12 @@
 Two stated tests against the validation scores (RUN/val_predictions.csv): a two-sample Kolmogorov-Smirnov test on
 the score distributions, and Fisher's exact test on the predicted-positive rate (2x2: called positive or not, batch
 or validation). Two tests are run, so each p-value is compared with alpha / 2 (Bonferroni). A tiny p-value alone
-is not enough on large batches, so an alarm also needs an effect at least as large as the floors below; they are
-chosen so that the run's own test split (same distribution, a few hundred images) stays silent. A different
-prevalence of disease at a site also moves the rate: the alarm says "look", not "wrong".
+is not enough on large batches, so an alarm also needs an effect of at least MIN_SHIFT, one floor in one unit for
+both tests: the rate gap is the gap between the two score distributions (as shares of images called positive) at
+the run's threshold, and the KS distance is the largest such gap at any threshold. Measured under the cross-source
+protocol (docs/results/reproduce/trust.md), the run's own test split stays below it (KS 0.11) and every held-out
+collection reaches it (KS 0.15-0.50). A different prevalence of disease at a site also moves the rate: the alarm
+says "look", not "wrong".
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ from scipy.stats import fisher_exact, ks_2samp
 from covidcxr.errors import InputError
 
 ALPHA = 0.01  # family-wise, over the two tests
-MIN_RATE_GAP = 0.15  # predicted-positive rate must differ by at least 15 points ...
-MIN_KS = 0.25  # ... or the score distributions by a KS distance of at least 0.25
+MIN_SHIFT = 0.15  # the rate gap, or the KS distance, must be at least 15 points of share of images
 MIN_IMAGES = 15  # fewer images than this (here or on validation): no verdict; Fisher's test is exact at any n
 TESTS = "two-sample Kolmogorov-Smirnov on scores; Fisher's exact test on the predicted-positive rate"
 
@@ -40,15 +42,15 @@ def shift_test(reference: np.ndarray, scores: np.ndarray, threshold: float, posi
     reference, scores = np.asarray(reference, float), np.asarray(scores, float)
     n, n_ref = len(scores), len(reference)
     out = {"test": TESTS, "alpha": alpha, "multiple_testing": "Bonferroni over 2 tests (each p compared with alpha/2)",
-           "min_rate_gap": MIN_RATE_GAP, "min_ks": MIN_KS, "n": n, "n_reference": n_ref, "alarm": False}
+           "min_shift": MIN_SHIFT, "n": n, "n_reference": n_ref, "alarm": False}
     if n < MIN_IMAGES or n_ref < MIN_IMAGES:
         return {**out, "message": f"no verdict: {n} image(s) here, {n_ref} on validation (need {MIN_IMAGES} each)"}
     pos, ref_pos = int((scores >= threshold).sum()), int((reference >= threshold).sum())
     rate, ref_rate = pos / n, ref_pos / n_ref
     p_rate = float(fisher_exact([[pos, n - pos], [ref_pos, n_ref - ref_pos]]).pvalue)
     ks = ks_2samp(scores, reference)
-    rate_alarm = p_rate < alpha / 2 and abs(rate - ref_rate) >= MIN_RATE_GAP
-    ks_alarm = float(ks.pvalue) < alpha / 2 and float(ks.statistic) >= MIN_KS
+    rate_alarm = p_rate < alpha / 2 and abs(rate - ref_rate) >= MIN_SHIFT
+    ks_alarm = float(ks.pvalue) < alpha / 2 and float(ks.statistic) >= MIN_SHIFT
     here = f"{rate:.0%} called {positive_label} here vs {ref_rate:.0%} on validation"
     if rate_alarm or ks_alarm:
         why = here if rate_alarm else f"the scores are distributed unlike validation's (KS distance {ks.statistic:.2f})"
