@@ -335,7 +335,7 @@ def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: P
     (tmp_path / "token").write_text(TOKEN + "\n")
     port, db = _free_port(), tmp_path / "log.sqlite"
     proc = _serve_cli(str(tiny_run), "--port", str(port), "--db", str(db), "--token-file", str(tmp_path / "token"),
-                      "--threads", "1")
+                      "--threads", "1", "--access-log")
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(url, proc)
@@ -347,7 +347,23 @@ def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: P
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=60)
-    assert "token required" in out and "POST /api/predict" in out + err  # uvicorn's access log is on
+    assert "token required" in out and "POST /api/predict" in out + err  # --access-log: uvicorn's lines
     assert TOKEN not in out + err
     assert [r.filename for r in PredictionLog(db).records()] == ["a.png"]
     assert TOKEN.encode() not in b"".join(f.read_bytes() for f in tmp_path.glob("log.sqlite*"))
+
+
+def test_cli_server_prints_no_line_per_request_by_default(tiny_run, tmp_path: Path) -> None:
+    """Without --access-log the service prints its start-up lines but none per request; the prediction is logged."""
+    port, db = _free_port(), tmp_path / "log.sqlite"
+    proc = _serve_cli(str(tiny_run), "--port", str(port), "--db", str(db), "--threads", "1")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url, proc)
+        res = httpx.post(f"{url}/api/predict", files={"file": ("b.png", _image_bytes(60))}, timeout=60)
+        assert res.status_code == 200, res.text
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    assert "serving" in out and "/api/" not in out + err
+    assert [r.filename for r in PredictionLog(db).records()] == ["b.png"]

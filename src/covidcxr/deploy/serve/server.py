@@ -51,8 +51,10 @@ def serve(
     request_threads: int = REQUEST_THREADS,
     reject_ood: bool = False,
     engine: str = ENGINES[0],
+    access_log: bool = False,
 ) -> None:
-    """Serve the run until interrupted; the log defaults to RUN/predictions.sqlite."""
+    """Serve the run until interrupted; the log defaults to RUN/predictions.sqlite. uvicorn's per-request access
+    log is off unless `access_log` (errors and start-up lines are always printed)."""
     import uvicorn
 
     token = access_token(host, token_file, no_auth)
@@ -63,4 +65,4 @@ def serve(
                      reject_ood=reject_ood)
     print(f"serving {predictor.model_id} on http://{host}:{sock.getsockname()[1]} "
           f"({'token required' if token else 'no access token'}); Ctrl-C stops", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=access_log)).run(sockets=[sock])
