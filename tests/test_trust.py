@@ -123,6 +123,20 @@ def test_shift_test_fires_on_a_rate_gap_and_not_on_the_same_distribution():
     assert not shift_test(reference, rng.beta(8, 1, 5), 0.5)["alarm"]  # too few images: no verdict
 
 
+def test_shift_floor_holds_for_both_tests():
+    """The KS test alone fires on a shift that leaves the rate at the threshold alone; a significant but small shift
+    of a large batch stays below the floor."""
+    rng = np.random.default_rng(2)
+    reference = rng.beta(2, 2, 400)
+    squeezed = 0.5 + (rng.beta(2, 2, 400) - 0.5) * 0.6  # same share above 0.5, scores nearer the threshold
+    ks_only = shift_test(reference, squeezed, 0.5)
+    assert ks_only["alarm"] and 0.15 <= ks_only["ks_statistic"] < 0.25 and ks_only["p_rate"] > 0.01  # like 2 folds
+    assert "distributed unlike validation's" in ks_only["message"]
+    large, nudged = rng.beta(2, 2, 20000), rng.beta(2.3, 2, 20000)
+    small = shift_test(large, nudged, 0.5)
+    assert small["p_ks"] < 1e-6 and small["ks_statistic"] < small["min_shift"] and not small["alarm"]
+
+
 def test_shift_monitor_over_a_rolling_window(guarded_run):
     reference = reference_scores(guarded_run)
     monitor = ShiftMonitor(np.tile(reference, 10), threshold=0.5, window=50)
