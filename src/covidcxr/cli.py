@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every image, flag them)")
     p.add_argument("--access-log", dest="access_log", action="store_true",
                    help="print one line per HTTP request (default off: every prediction is in the SQLite log "
-                        "already, and the line costs about a tenth of the throughput)")
+                        "already, and a line per request slows the service)")
     p.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
                    help="onnx: score with the run's exported graphs on onnxruntime (RUN/serving, exported on first "
                         "use), no torch in the server until a Grad-CAM is asked for; torch: score with torch "
