@@ -80,3 +80,28 @@ def test_no_import_cycles(graph: nx.DiGraph) -> None:
 def test_no_import_runs_back_up_the_pipeline(graph: nx.DiGraph) -> None:
     backwards = [f"{a} -> {b}" for a, b in graph.edges if stage(b) > stage(a)]
     assert backwards == []
+
+
+def _writes_to_the_terminal(node: ast.AST) -> bool:
+    """A print() call, or a write to sys.stdout / sys.stderr: what only the CLI may do."""
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    if isinstance(func, ast.Name):
+        return func.id == "print"
+    return (isinstance(func, ast.Attribute) and func.attr == "write" and isinstance(func.value, ast.Attribute)
+            and func.value.attr in ("stdout", "stderr") and isinstance(func.value.value, ast.Name)
+            and func.value.value.id == "sys")
+
+
+def test_only_the_cli_prints() -> None:
+    """Library modules log (logging.getLogger(__name__)); the CLI configures the handlers and prints results."""
+    found = [f"{module}:{node.lineno}" for module, path in modules().items()
+             if not (module == "covidcxr.cli" or module.startswith("covidcxr.cli."))
+             for node in ast.walk(ast.parse(path.read_text())) if _writes_to_the_terminal(node)]
+    assert found == []
+
+
+def test_the_print_rule_sees_prints_and_writes() -> None:
+    tree = ast.parse("print('x')\nsys.stderr.write('y')\nlog.info('z')\nfh.write('w')\n")
+    assert [node.lineno for node in ast.walk(tree) if _writes_to_the_terminal(node)] == [1, 2]

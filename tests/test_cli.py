@@ -163,7 +163,7 @@ def test_train_defaults_work_offline_and_the_report_says_so(tiny_data, tmp_path,
     assert "Traceback" not in result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("covidcxr: warning:")]
     assert len(warnings) == 1 and "NOT transfer learning" in warnings[0] and "--weights imagenet" in warnings[0]
-    assert "image size 112 px (auto on cpu" in result.stdout
+    assert "image size 112 px (auto on cpu" in result.stderr
     config = json.loads((run / "config.json").read_text())
     assert (config["weights"], config["weights_used"]) == ("auto", "none")
     assert (config["image_size"], config["image_size_used"]) == ("auto", 112)
@@ -192,7 +192,7 @@ def test_weights_path_to_a_torchvision_state_dict(tiny_data, tmp_path):
     result = _covidcxr("train", str(tiny_data), "--out", str(run), "--weights", str(weights), "--epochs", "1",
                        "--image-size", "64", "--device", "cpu", env=_offline(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "warning" not in result.stderr and "image size" not in result.stdout  # nothing was chosen for the user
+    assert "warning" not in result.stderr and "image size" not in result.stderr  # nothing was chosen for the user
     assert json.loads((run / "config.json").read_text())["weights_used"] == str(weights)
 
 
@@ -292,3 +292,15 @@ def test_layout_names_are_listed_in_ingest_help_and_readme(capsys):
     readme = README.read_text()
     for name in LAYOUTS:
         assert name in help_text and f"`{name}`" in readme, name
+
+
+def test_quiet_hides_progress_notes_and_verbose_cannot_go_with_it(tiny_run, tiny_data, tmp_path, capsys):
+    """Library notes are log records: shown by default as plain lines on stderr, hidden by --quiet."""
+    argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--split", "all", "--n-boot", "20", "--no-diagnose"]
+    assert cli.main([*argv, "--out", str(tmp_path / "loud")]) == 0
+    assert re.search(r"^note: \d+ image\(s\) of .* are left out$", capsys.readouterr().err, re.M)
+    assert cli.main(["--quiet", *argv, "--out", str(tmp_path / "quiet")]) == 0
+    assert "note:" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--quiet", "--verbose", *argv, "--out", str(tmp_path / "both")])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

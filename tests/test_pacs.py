@@ -161,7 +161,8 @@ def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, pr
     assert first.returncode == 1, first.stderr  # the image without pixels could not be scored
     assert "Traceback" not in first.stderr
     assert f"cannot score {blank.SOPInstanceUID}: DICOM file has no pixel data" in first.stderr
-    assert f"scored {chest.SOPInstanceUID}" in first.stdout and f"skipped {ct.SOPInstanceUID}" in first.stdout
+    assert f"scored {chest.SOPInstanceUID}" in first.stderr and f"skipped {ct.SOPInstanceUID}" in first.stderr
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO scored ", first.stderr, re.M)  # a daemon's timestamped log
 
     found = reports(orthanc, chest.StudyInstanceUID)
     assert len(found) == 1
@@ -185,7 +186,7 @@ def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, pr
     count = requests.get(f"{orthanc.url}/statistics", timeout=10).json()["CountInstances"]
     second = covidcxr(*watch)
     assert second.returncode == 0, second.stderr
-    assert "scored" not in second.stdout and "skipped" not in second.stdout and "cannot score" not in second.stderr
+    assert "scored" not in second.stderr and "skipped" not in second.stderr and "cannot score" not in second.stderr
     assert requests.get(f"{orthanc.url}/statistics", timeout=10).json()["CountInstances"] == count
 
 
@@ -227,7 +228,7 @@ def test_listen_takes_a_c_store_and_sends_the_report_back_by_c_store(tiny_run, p
                         "--state", str(tmp_path / "s.sqlite"), "--retries", "1", "--backoff", "0.2")
     chest = dicom_image("CR", ComputedRadiographyImageStorage, seed=5)
     try:
-        listen.wait_for(r"^listening on ")
+        listen.wait_for(r" INFO listening on ")
         orthanc.stop()
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)

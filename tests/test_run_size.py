@@ -31,7 +31,7 @@ def test_finished_run_holds_no_optimizer_state_and_resume_has_nothing_to_do(tiny
 
     resumed = _train(tiny_data, run, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    [line] = [ln for ln in resumed.stdout.splitlines() if "nothing to resume" in ln]
+    [line] = [ln for ln in resumed.stderr.splitlines() if "nothing to resume" in ln]
     assert line == f"{run}: finished after epoch 1; nothing to resume"
     assert (run / "model.pt").read_bytes() == before
 

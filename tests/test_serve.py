@@ -365,5 +365,5 @@ def test_cli_server_prints_no_line_per_request_by_default(tiny_run, tmp_path: Pa
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=60)
-    assert "serving" in out and "/api/" not in out + err
+    assert "INFO serving" in err and "/api/" not in out + err
     assert [r.filename for r in PredictionLog(db).records()] == ["b.png"]

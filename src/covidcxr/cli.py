@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from covidcxr import __version__
 from covidcxr.config import (ARCH_CHOICES, AUTO, BALANCE_CHOICES, COUNT, CROP_CHOICES, EQUALIZE_CHOICES, FRACTION,
@@ -280,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"covidcxr {__version__}",
                         help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show the traceback of every error (default off)")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", action="store_true", help="log warnings and errors only (default: also progress "
+                          "notes)")
+    loudness.add_argument("--verbose", action="store_true", help="log debugging detail too (default off)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("ingest", help="build or add to the manifest and image cache from database folders")
@@ -471,9 +478,34 @@ def _one_line_warnings(default: Callable[..., None]) -> Callable[..., None]:
     return show
 
 
+DAEMONS = {"serve", "pacs"}  # long-running commands: their log lines carry a timestamp
+
+
+class _PlainFormatter(logging.Formatter):
+    """A command's log line as the CLI's own lines look: info as it is, warnings and errors after `covidcxr: `."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"covidcxr: {record.levelname.lower()}: {message}"
+
+
+def configure_logging(command: str, quiet: bool, verbose: bool) -> None:
+    """One stderr handler on the package's logger: plain lines for commands, timestamped ones for the daemons."""
+    logger = logging.getLogger("covidcxr")
+    for handler in [h for h in logger.handlers if getattr(h, "covidcxr_cli", False)]:
+        logger.removeHandler(handler)  # main() called again in one process (tests): one handler, today's stderr
+    handler = logging.StreamHandler(sys.stderr)
+    handler.covidcxr_cli = True  # type: ignore[attr-defined]  # marks the handler this function owns
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s") if command in DAEMONS
+                         else _PlainFormatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
+    configure_logging(args.command, args.quiet, args.verbose)
+    with warnings.catch_warnings(), logging_redirect_tqdm([logging.getLogger("covidcxr")]):  # lines above bars
         warnings.showwarning = _one_line_warnings(warnings.showwarning)
         try:
             return args.func(args)

@@ -6,9 +6,9 @@ out of training) -> shortcut probe -> summary.md with the paper's table beside o
 
 from __future__ import annotations
 
+import logging
 import html
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +26,8 @@ from covidcxr.model.network import resolve_weights
 from covidcxr.training.guarding import attach_guard
 from covidcxr.training.trainer import train
 
+log = logging.getLogger(__name__)
+
 PAPER = {"accuracy": 0.965, "sensitivity": 0.980, "specificity": 0.917}
 METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc")
 
@@ -40,8 +42,7 @@ def prepare_data(data: str | Path, out: Path) -> Path:
                                 f"(covidcxr data download --to {data} fetches the public ones)")
     report = ingest([data], out / "data", IngestConfig())
     if report.unreadable:
-        print(f"note: {len(report.unreadable)} unreadable file(s) skipped; see {out / 'data' / 'ingest_report.json'}",
-              file=sys.stderr)
+        log.warning("%d unreadable file(s) skipped; see %s", len(report.unreadable), out / "data" / "ingest_report.json")
     return out / "data"
 
 

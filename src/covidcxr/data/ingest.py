@@ -8,6 +8,7 @@ keep evaluating. `replace` rebuilds from the given folders alone (still reusing 
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import time
@@ -26,6 +27,8 @@ from covidcxr.data.cache import MANIFEST_FILE, ImageCache, to_square
 from covidcxr.config import IngestConfig, save_json, to_dict
 from covidcxr.data.manifest import MANIFEST_COLUMNS, content_hash, find_duplicates, manifest_hash, perceptual_hash, thumbnail
 from covidcxr.data.reader import ImageReadError, read_image
+
+log = logging.getLogger(__name__)
 
 REPORT_FILE = "ingest_report.json"
 DUPLICATES_FILE = "duplicates.csv"
@@ -203,7 +206,7 @@ def _decode_all(plan: _Plan, cache: ImageCache, cfg: IngestConfig, report: Inges
             bar.update()
             if "error" in result:
                 report.unreadable.append(_entry(listed[result["path"]], result["error"]))
-                tqdm.write(f"unreadable: {describe(report.unreadable[-1])}")
+                log.warning("unreadable: %s", describe(report.unreadable[-1]))
                 continue
             cache.write(slots[result["path"]], result.pop("image"))
             plan.finished.append(result)

@@ -15,6 +15,7 @@ for a heatmap loads the torch model beside the engine (and the process grows by 
 
 from __future__ import annotations
 
+import logging
 import json
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from covidcxr.data.square import to_square_np
 from covidcxr.errors import InputError
 from covidcxr.model.spec import RunSpec, file_sha256
 from covidcxr.trust.guard import GUARD_FILE, Guard
+
+log = logging.getLogger(__name__)
 
 ENGINE_DIR = "serving"
 ENGINE_FILE = "engine.json"
@@ -56,7 +59,7 @@ def ensure_engine(run_dir: str | Path) -> Path:
     engine_dir = run_dir / ENGINE_DIR
     if is_current(engine_dir, run_dir):
         return engine_dir
-    print(f"exporting {run_dir} to {engine_dir} for onnxruntime (once per model) ...", flush=True)
+    log.info("exporting %s to %s for onnxruntime (once per model) ...", run_dir, engine_dir)
     cmd = [sys.executable, "-m", "covidcxr.cli", "export", str(run_dir), "--format", "serving", "--out", str(engine_dir)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import html
 import json
-import sys
 from collections.abc import Collection
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +22,8 @@ from covidcxr.scoring import Scorer
 from covidcxr.evaluation.report import write_report
 from covidcxr.evaluation.selection import select_images
 from covidcxr.evaluation.trust import ood_summary, trust_html
+
+log = logging.getLogger(__name__)
 
 
 def weights_shown(config: dict) -> str:
@@ -49,7 +51,7 @@ def predictions(run: str | Path, data: str | Path, split: str = "test", device: 
     if rows.empty:
         raise InputError(f"{data}: no images with labels that task {task} uses")
     if excluded:
-        print(f"note: {excluded} image(s) of {data} were used to train or validate this run and are left out", file=sys.stderr)
+        log.info("note: %d image(s) of %s were used to train or validate this run and are left out", excluded, data)
     pred = rows[["path", "source", "patient_id", "label"]].copy()
     pred["y"] = (tasks.encode(rows["label"], task) == tasks.POSITIVE_INDEX).astype(int)
     score, ood, accepted = scorer.assess(cache.load(rows["cache_index"]))  # float32, as the threshold was chosen
@@ -102,5 +104,5 @@ def _diagnostics_section(run: str | Path, data: str | Path, split: str, out: Pat
     try:
         return diagnostics_html(diagnose(run, data, out, split=split, device=device, lung_model=lung_model), out)
     except ValueError as e:
-        print(f"diagnostics skipped: {e}", file=sys.stderr)
+        log.warning("diagnostics skipped: %s", e)
         return f"<p>The shortcut diagnostics could not run on these images: {html.escape(str(e))}</p>"

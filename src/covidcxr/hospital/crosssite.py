@@ -9,6 +9,7 @@ share of wrong held-out predictions it flags; whether the shift alarm fires; and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from covidcxr.hospital.calibrate import METRICS, CalibrateSettings, calibrate
 from covidcxr.scoring import Scorer
 from covidcxr.training.guarding import attach_guard, squares_for
 from covidcxr.training.trainer import train
+
+log = logging.getLogger(__name__)
 
 SITE_IMAGES = (20, 50, 100)
 NESTED_EPOCHS, NESTED_IMAGES, NESTED_MEMBERS = 1, 400, 2  # members: short runs, so that the whole adds ~3 min
@@ -38,7 +41,7 @@ def nested_members(cfg: TrainConfig, held: list[str], folds: list[list[str]], ou
         try:
             members.append(train(member_cfg, resume=(out / "+".join(other) / "last.pt").exists()) / "model.pt")
         except ValueError as e:  # e.g. the remaining sources' validation part lacks a class
-            print(f"note: no guard member without {'+'.join(held + other)}: {e}")
+            log.warning("no guard member without %s: %s", "+".join(held + other), e)
     return members
 
 

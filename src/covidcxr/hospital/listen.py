@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,10 +20,12 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage, Verification
 
 from covidcxr.deploy.predict import Predictor
-from covidcxr.errors import InputError
+from covidcxr.errors import InputError, one_line
 from covidcxr.hospital.pacs import Dicomweb, PacsUnavailable, StoreRefused, check_retries, with_retries
 from covidcxr.hospital.score import Screener
 from covidcxr.hospital.state import State
+
+log = logging.getLogger(__name__)
 
 C_STORE_OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and the warnings that still stored the object
 SPOOL_POLL_S = 0.2
@@ -91,14 +92,14 @@ class Listener:
                 ds = pydicom.dcmread(path)
                 uid = str(ds.SOPInstanceUID)
             except (InvalidDicomError, OSError, ValueError, AttributeError) as exc:
-                print(f"covidcxr: cannot read received file {path.name}: {exc}".splitlines()[0], file=sys.stderr)
+                log.warning("cannot read received file %s: %s", path.name, one_line(exc))
                 path.unlink()
                 continue
             if not self.state.is_final(uid):
                 try:
                     result = self.screener.handle(ds)
                 except PacsUnavailable as exc:
-                    print(f"covidcxr: {exc}; keeping {uid} to try again", file=sys.stderr, flush=True)
+                    log.warning("%s; keeping %s to try again", exc, uid)
                     return False
                 if result.status == "pending":
                     return False
@@ -122,7 +123,7 @@ def run_listen(run: str, port: int, ae_title: str, host: str = "127.0.0.1", stor
     spool.mkdir(parents=True, exist_ok=True)
     listener = Listener(Screener(predictor, state, sender.store, cam), state, spool)
     server = start_server(ae_title, host, port, spool)
-    print(f"listening on {host}:{port} as {ae_title} with {predictor.model_id}; reports to {sender.where}", flush=True)
+    log.info("listening on %s:%d as %s with %s; reports to %s", host, port, ae_title, predictor.model_id, sender.where)
     try:
         delay = SPOOL_POLL_S
         while True:

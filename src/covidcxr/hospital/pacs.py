@@ -9,9 +9,9 @@ user information.
 
 from __future__ import annotations
 
+import logging
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +23,8 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from covidcxr.errors import CovidcxrError, InputError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 OUTAGE_STATUS = {408, 429, 502, 503, 504}
@@ -110,8 +112,8 @@ def with_retries(call: Callable[[], T], what: str, where: str, retries: int, bac
                 raise PacsUnavailable(f"PACS at {where} unreachable ({why}) for {what} after {retries + 1} attempts: "
                                       f"check that it runs and {fix}") from None
             delay = min(backoff_s * 2 ** attempt, MAX_DELAY_S)
-            print(f"covidcxr: PACS at {where} unreachable ({why}) for {what}; retry {attempt + 1}/{retries} "
-                  f"in {delay:g} s", file=sys.stderr, flush=True)
+            log.warning("PACS at %s unreachable (%s) for %s; retry %d/%d in %g s", where, why, what, attempt + 1,
+                        retries, delay)
             time.sleep(delay)
             attempt += 1
 

@@ -6,7 +6,7 @@ exactly this: the chest check, `covidcxr predict`'s scoring of the file, the SR 
 
 from __future__ import annotations
 
-import sys
+import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +20,8 @@ from covidcxr.deploy.predict import Prediction, Predictor
 from covidcxr.hospital.pacs import StoreRefused
 from covidcxr.hospital.sr import cam_capture, finding, structured_report
 from covidcxr.hospital.state import MAX_ATTEMPTS, State
+
+log = logging.getLogger(__name__)
 
 CHEST_MODALITIES = ("CR", "DX", "DR")
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG")
@@ -104,18 +106,17 @@ class Screener:
         return np.asarray(cam_overlay(self.predictor.scorer, self.predictor.square(read_image(path))).convert("RGB"))
 
     def report(self, uid: str, result: Result) -> Result:
-        """One line per instance: scored and skipped on stdout, failures and postponements on stderr."""
+        """One log line per instance: scored and skipped as info, postponements as warnings, failures as errors."""
         if result.status == "scored":
             p = result.prediction
-            print(f"scored {uid}: P(covid) {p.probability:.3f}, {finding(p).meaning} (threshold {p.threshold:.3f}); "
-                  f"report {result.outputs[0].SOPInstanceUID}", flush=True)
+            log.info("scored %s: P(covid) %.3f, %s (threshold %.3f); report %s", uid, p.probability,
+                     finding(p).meaning, p.threshold, result.outputs[0].SOPInstanceUID)
         elif result.status == "skipped":
-            print(f"skipped {uid}: {result.reason}", flush=True)
+            log.info("skipped %s: %s", uid, result.reason)
         elif result.status == "pending":
-            print(f"covidcxr: {uid}: {result.reason}; will try again (at most {MAX_ATTEMPTS} attempts)",
-                  file=sys.stderr, flush=True)
+            log.warning("%s: %s; will try again (at most %d attempts)", uid, result.reason, MAX_ATTEMPTS)
         else:
-            print(f"covidcxr: cannot score {uid}: {result.reason}", file=sys.stderr, flush=True)
+            log.error("cannot score %s: %s", uid, result.reason)
         return result
 
 

@@ -8,8 +8,8 @@ their own study (STOW-RS).
 
 from __future__ import annotations
 
+import logging
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +20,8 @@ from covidcxr.errors import InputError
 from covidcxr.hospital.pacs import Dicomweb, PacsUnavailable, http_status
 from covidcxr.hospital.score import Result, Screener, not_chest
 from covidcxr.hospital.state import State
+
+log = logging.getLogger(__name__)
 
 PAGE = 1000  # instances per QIDO-RS answer
 SOP_UID, STUDY_UID, SERIES_UID, MODALITY = "00080018", "0020000D", "0020000E", "00080060"
@@ -92,7 +94,7 @@ def run_watch(run: str, url: str, once: bool = False, interval_s: float = 60, st
     predictor = Predictor.from_run(run)
     state = State(state_path)
     watcher = Watcher(pacs, predictor, state, since, cam)
-    print(f"watching {pacs.where} with {predictor.model_id} (state {state_path})", flush=True)
+    log.info("watching %s with %s (state %s)", pacs.where, predictor.model_id, state_path)
     try:
         while True:
             try:
@@ -100,7 +102,7 @@ def run_watch(run: str, url: str, once: bool = False, interval_s: float = 60, st
             except PacsUnavailable as exc:
                 if once:
                     raise
-                print(f"covidcxr: {exc}; polling again in {interval_s:g} s", file=sys.stderr, flush=True)
+                log.warning("%s; polling again in %g s", exc, interval_s)
                 results = []
             if once:
                 return 1 if any(r.status in ("failed", "pending") for r in results) else 0

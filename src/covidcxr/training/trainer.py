@@ -7,6 +7,7 @@ so an interrupted run resumed from its last checkpoint ends with the same weight
 
 from __future__ import annotations
 
+import logging
 import csv
 import hashlib
 import json
@@ -39,6 +40,8 @@ from covidcxr.model.network import (LUNG_MODEL, build_model, forward_with_featur
 from covidcxr.device import autocast, resolve_device
 from covidcxr.scoring import predict_probs
 from covidcxr.data.splits import leave_sources_out, patient_split
+
+log = logging.getLogger(__name__)
 
 AUTO_IMAGE_SIZE = {"cuda": 224, "cpu": 112}  # the paper's resolution where a GPU makes it affordable
 HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds"]
@@ -226,7 +229,7 @@ class Trainer:
         weights, _ = resolve_weights(self.cfg.weights, self.cfg.arch)
         size = resolve_image_size(self.cfg.image_size, self.device)
         if self.cfg.image_size == AUTO and self.d.main:
-            print(f"image size {size} px (auto on {self.device.type}; --image-size to choose)")
+            log.info("image size %d px (auto on %s; --image-size to choose)", size, self.device.type)
         return weights, size
 
     def _build_model(self) -> torch.nn.Module:
@@ -266,7 +269,7 @@ class Trainer:
         if ckpt.get("finished"):  # early-stopped or complete: nothing left to do
             self.start_epoch = self.cfg.epochs
             if self.d.main:
-                print(f"{self.out}: finished after epoch {ckpt['epoch'] + 1}; nothing to resume")
+                log.info("%s: finished after epoch %d; nothing to resume", self.out, ckpt["epoch"] + 1)
             return
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -275,7 +278,7 @@ class Trainer:
         if self.d.main:
             hist = pd.read_csv(self.out / "history.csv")
             hist[hist["epoch"] <= ckpt["epoch"]].to_csv(self.out / "history.csv", index=False)
-            print(f"resuming {self.out} after epoch {ckpt['epoch']} (best val AUC {self.best_auc:.4f})")
+            log.info("resuming %s after epoch %d (best val AUC %.4f)", self.out, ckpt["epoch"], self.best_auc)
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """One pass over this rank's shard; returns (mean loss, images/s)."""
@@ -369,8 +372,8 @@ class Trainer:
         finished = stop or epoch + 1 == self.cfg.epochs
         if finished or (epoch + 1) % self.cfg.checkpoint_every == 0:
             self._checkpoint(epoch, val_auc, finished)
-        tqdm.write(f"epoch {epoch + 1}/{self.cfg.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
-                   f"val_auc {val_auc:.4f}{'  *best*' if improved else ''}  {speed:.0f} img/s  {seconds:.0f}s")
+        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f%s  %.0f img/s  %.0fs", epoch + 1,
+                 self.cfg.epochs, train_loss, val_loss, val_auc, "  *best*" if improved else "", speed, seconds)
         return stop
 
     def _keep_best(self, epoch: int, val_auc: float, probs: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import errno
 import socket
 from pathlib import Path
@@ -10,6 +11,8 @@ from covidcxr.deploy.serve.access import access_token
 from covidcxr.deploy.serve.app import DEFAULT_MAX_UPLOAD_BYTES, create_app
 from covidcxr.deploy.serve.defaults import ENGINES, REQUEST_THREADS, SERVE_THREADS
 from covidcxr.errors import InputError, PortInUseError
+
+log = logging.getLogger(__name__)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -63,6 +66,6 @@ def serve(
     db = Path(db_path) if db_path is not None else Path(run_dir) / "predictions.sqlite"
     app = create_app(predictor, db, max_upload_bytes, token=token, request_threads=request_threads,
                      reject_ood=reject_ood)
-    print(f"serving {predictor.model_id} on http://{host}:{sock.getsockname()[1]} "
-          f"({'token required' if token else 'no access token'}); Ctrl-C stops", flush=True)
+    log.info("serving %s on http://%s:%d (%s); Ctrl-C stops", predictor.model_id, host, sock.getsockname()[1],
+             "token required" if token else "no access token")
     uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=access_log)).run(sockets=[sock])

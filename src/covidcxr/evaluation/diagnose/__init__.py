@@ -16,8 +16,8 @@ source probe); everything is written to one folder: diagnose.json, figures, diag
 
 from __future__ import annotations
 
+import logging
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ from covidcxr.evaluation.diagnose.imagestats import FEATURE_GROUPS, image_featur
 from covidcxr.evaluation.diagnose.occlusion import CONDITIONS, fill_level, occlude, occlusion_test
 from covidcxr.evaluation.diagnose.page import diagnostics_html, page
 from covidcxr.evaluation.diagnose.verdict import flags, verdict
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CONDITIONS", "FEATURE_GROUPS", "FIGURES", "cam_lung_share", "diagnose", "diagnostics_html", "fill_level",
            "flags", "image_features", "image_stats_check", "lung_fields", "lung_share", "occlude", "occlusion_test",
@@ -113,7 +115,7 @@ def lung_fields(images: np.ndarray, lung_model: str | Path | None, device: torch
 
 
 def _log(message: str) -> None:
-    print(f"diagnose: {message}", file=sys.stderr, flush=True)
+    log.info("diagnose: %s", message)
 
 
 def _holds_test_images(run: Path, cache: ImageCache) -> bool:
