@@ -1,9 +1,10 @@
 """The per-image guard: is this image like those the run was validated on, so that its score means something?
 
-Measured (issue 14): image statistics, thumbnail PCA and feature-density terms each flag only 1-13 % of the wrong
-predictions on unseen collections, while disagreement among models trained with different sources held out flags
-about a third. So the guard's main term is `disagreement`: the mean |member - run| of the positive-class
-probability over member models stored with the run (RUN/guard/, bf16); an optional `density` term is the
+Measured under the cross-source protocol (each held-out collection playing a new site): image statistics, thumbnail
+PCA and feature-density terms each flag only 1-13 % of the wrong predictions on unseen collections, while
+disagreement among models trained with different sources held out flags about a third. So the guard's main term is
+`disagreement`: the mean |member - run| of the positive-class probability over member models stored with the run
+(RUN/guard/, bf16); an optional `density` term is the
 whitened distance of the run's penultimate features from the validation images' (top principal components).
 
 Each term is divided by its own validation quantile and the image's `ood_score` is the largest: 1.0 means "as
