@@ -4,8 +4,8 @@ Measured under the cross-source protocol (each held-out collection playing a new
 PCA and feature-density terms each flag only 1-13 % of the wrong predictions on unseen collections, while
 disagreement among models trained with different sources held out flags about a third. So the guard's main term is
 `disagreement`: the mean |member - run| of the positive-class probability over member models stored with the run
-(RUN/guard/, bf16); an optional `density` term is the
-whitened distance of the run's penultimate features from the validation images' (top principal components).
+(RUN/guard/, bf16); an optional `density` term is the whitened distance of the run's penultimate features from the
+validation images' (top principal components).
 
 Each term is divided by its own validation quantile and the image's `ood_score` is the largest: 1.0 means "as
 unusual as the least typical 5 % of validation images". The threshold on it is set on validation images so that
