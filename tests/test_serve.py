@@ -347,7 +347,7 @@ def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: P
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=60)
-    assert "token required" in out and "POST /api/predict" in out + err  # --access-log: uvicorn's lines
+    assert "token required" in err and "POST /api/predict" in out + err  # --access-log: uvicorn's lines
     assert TOKEN not in out + err
     assert [r.filename for r in PredictionLog(db).records()] == ["a.png"]
     assert TOKEN.encode() not in b"".join(f.read_bytes() for f in tmp_path.glob("log.sqlite*"))
