@@ -233,7 +233,7 @@ def test_lung_crop_boxes_follow_the_lungs_and_report_films_without_them(trained)
 def test_a_lung_cropped_run_keeps_its_lung_model_and_is_scored_and_diagnosed_with_it(trained, tiny_data, tmp_path):
     from covidcxr.evaluation.diagnose import diagnose
     from covidcxr.evaluation.evaluate import evaluate
-    from covidcxr.model.network import LUNG_MODEL, load_run
+    from covidcxr.model.checkpoint import LUNG_MODEL, load_run
     from covidcxr.deploy.predict import Predictor
     from covidcxr.training.trainer import TrainConfig, train
     lung_copy = tmp_path / "my-lungs.pt"
