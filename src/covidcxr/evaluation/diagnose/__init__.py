@@ -32,7 +32,7 @@ from covidcxr.evaluation.diagnose import probe
 from covidcxr.data import tasks
 from covidcxr.data.cache import ImageCache
 from covidcxr.evaluation.selection import select_images
-from covidcxr.lungs.unet import MIN_LUNG_AREA, load_lung_model, segment
+from covidcxr.lungs.segment import MIN_LUNG_AREA, load_lung_model, segment
 from covidcxr.evaluation.metrics import patient_codes, write_metrics
 from covidcxr.model.checkpoint import LUNG_MODEL
 from covidcxr.scoring import Scorer
