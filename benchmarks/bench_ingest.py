@@ -3,8 +3,8 @@
     python benchmarks/bench_ingest.py [--data ../shared/cxr] [--workers 0] [--size 256] [--batches 300] [--keep DIR]
 
 Ingests the whole folder into a temporary data folder on all cores (decode, hash, square, resize: each file once) and
-prints images/s; then reads the cache: the whole kept set into memory as a CachedDataset, and random batches of 64
-straight from the memory map. Exits 0 with a message when the data folder is absent.
+prints images/s; then reads the cache: the whole kept set into memory (as training loads it), and random batches of
+64 straight from the memory map and from memory. Exits 0 with a message when the data folder is absent.
 """
 
 from __future__ import annotations
@@ -14,26 +14,29 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from covidcxr.data.cache import CachedDataset, ImageCache
+from covidcxr.data.cache import ImageCache
 from covidcxr.config import IngestConfig
 from covidcxr.data.ingest import ingest
 from covidcxr.data.manifest import find_duplicates
-from covidcxr.data.tasks import encode
 
 BATCH = 64
 
 
 def default_data() -> Path:
+    """../shared/cxr beside the repository, or $COVIDCXR_SHARED: where the real X-rays are kept."""
     repo = Path(__file__).resolve().parents[1]
     return Path(os.environ.get("COVIDCXR_SHARED", repo.parent / "shared" / "cxr"))
 
 
 def bench_ingest(data: Path, out: Path, cfg: IngestConfig) -> None:
+    """Time a first ingest, the duplicate search alone, and a re-ingest that must decode nothing."""
     start = time.perf_counter()
     report = ingest([data], out, cfg)
     seconds = time.perf_counter() - start
@@ -50,7 +53,8 @@ def bench_ingest(data: Path, out: Path, cfg: IngestConfig) -> None:
           f"{time.perf_counter() - start:.1f} s")
 
 
-def _batches_per_s(what: str, take, picks: list[np.ndarray]) -> None:
+def _batches_per_s(what: str, take: Callable[[Any], Any], picks: list[Any]) -> None:
+    """Time `take` over the given random picks and print batches of BATCH images per second."""
     start = time.perf_counter()
     for pick in picks:
         batch = take(pick)
@@ -61,24 +65,26 @@ def _batches_per_s(what: str, take, picks: list[np.ndarray]) -> None:
 
 
 def bench_read(out: Path, batches: int, seed: int = 0) -> None:
+    """How fast the cache feeds training: the kept set into memory once, then random batches by each route."""
     cache = ImageCache(out)
     df = cache.manifest()
     start = time.perf_counter()
-    dataset = CachedDataset(cache, df["cache_index"], np.maximum(encode(df["label"], "covid-vs-rest"), 0))
+    images = cache.load(df["cache_index"])
     seconds = time.perf_counter() - start
-    print(f"CachedDataset: {len(dataset)} images of {cache.size}x{cache.size} into memory in {seconds:.3f} s: "
-          f"{len(dataset) / seconds:,.0f} images/s")
+    print(f"into memory (ImageCache.load): {len(images)} images of {cache.size}x{cache.size} in {seconds:.3f} s: "
+          f"{len(images) / seconds:,.0f} images/s")
     rng = np.random.default_rng(seed)
     slots = df["cache_index"].to_numpy()
     _batches_per_s("memory map (ImageCache.load)", cache.load,
                    [rng.choice(slots, BATCH, replace=False) for _ in range(batches)])
-    rows = [torch.from_numpy(rng.choice(len(dataset), BATCH, replace=False)) for _ in range(batches)]
-    _batches_per_s("in memory, torch indexing (as train.py does)", lambda r: dataset.images[r], rows)
-    in_memory = dataset.images.numpy()
+    rows = [torch.from_numpy(rng.choice(len(images), BATCH, replace=False)) for _ in range(batches)]
+    _batches_per_s("in memory, torch indexing (as train.py does)", lambda r: images[r], rows)
+    in_memory = images.numpy()
     _batches_per_s("in memory, numpy indexing", lambda r: in_memory[r.numpy()], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Ingest the real X-rays into a temporary (or --keep) folder and time reading them back."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=default_data(), help="database folder (generic CSV layout)")
     parser.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")

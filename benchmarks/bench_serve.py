@@ -47,7 +47,8 @@ def write_random_run(run_dir: Path, image_size: int | None = None, cache_size: i
     from covidcxr.config import AugmentConfig, IngestConfig, to_dict
     from covidcxr.training.trainer import AUTO_IMAGE_SIZE
     from covidcxr.data.tasks import POSITIVE_INDEX, class_names
-    from covidcxr.model.network import build_model, save_checkpoint
+    from covidcxr.model.checkpoint import save_checkpoint
+    from covidcxr.model.network import build_model
 
     torch.manual_seed(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [machine()]
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else write_random_run(Path(tmp) / "random-run")
-        from covidcxr.model.network import load_checkpoint
+        from covidcxr.model.checkpoint import load_checkpoint
         meta = load_checkpoint(run / "model.pt")["meta"]
         lines.append(f"run: {'random-weights ' if not args.run else ''}{meta['arch']}, input {meta['image_size']} px, "
                      f"cache {meta['cache_size']} px; upload: one 512 px PNG; {args.concurrency} concurrent clients, "

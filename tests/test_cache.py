@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from covidcxr.data.cache import CACHE_FILE, CACHE_META, MANIFEST_FILE, CachedDataset, ImageCache, to_square
+from covidcxr.data.cache import CACHE_FILE, CACHE_META, MANIFEST_FILE, ImageCache, to_square
 from covidcxr.data.square import to_square_np
 from covidcxr.errors import InputError
 
@@ -105,15 +105,11 @@ def test_not_an_ingested_folder(tmp_path):
         ImageCache(tmp_path)
 
 
-def test_load_and_dataset_return_the_written_rows(tmp_path):
+def test_load_returns_the_written_rows(tmp_path):
     cache, rows = _cache_with(tmp_path, 6)
     batch = ImageCache(tmp_path).load([4, 1, 4])
     assert batch.dtype == torch.uint8 and batch.shape == (3, 8, 8)
     np.testing.assert_array_equal(batch.numpy(), rows[[4, 1, 4]])
-    ds = CachedDataset(ImageCache(tmp_path), [5, 0], [1, 0])
-    image, target = ds[0]
-    assert len(ds) == 2 and int(target) == 1
-    np.testing.assert_array_equal(image.numpy(), rows[5])
 
 
 def test_manifest_leaves_out_duplicates_unless_asked(tmp_path):

@@ -94,7 +94,7 @@ def test_serve_scores_without_torch_until_a_heatmap_is_asked_for(tiny_run, xrays
         data = xrays[0].read_bytes()
         res = httpx.post(f"{url}/api/predict", files={"file": ("a.png", data)}, timeout=60)
         assert res.status_code == 200, res.text
-        want = Predictor.from_run(run).predict_bytes(data, "a.png")["probability"]
+        want = Predictor.from_run(run).predict_paths([xrays[0]])[0].probability
         assert res.json()["probability"] == pytest.approx(want, abs=1e-4)
         assert not _maps_torch(proc.pid)  # the whole answer came from onnxruntime
         res = httpx.post(f"{url}/api/predict", params={"cam": True}, files={"file": ("a.png", data)}, timeout=120)

@@ -23,7 +23,7 @@ from covidcxr.data.ingest import ingest
 from covidcxr.evaluation.metrics import METRIC_NAMES
 from covidcxr.model import threshold as threshold_mod
 from covidcxr.model.threshold import choose_threshold
-from covidcxr.model.network import load_checkpoint
+from covidcxr.model.checkpoint import load_checkpoint
 
 N_BOOT = 50  # enough to exercise the bootstrap; the intervals' accuracy is test_metrics' business
 

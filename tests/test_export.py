@@ -18,7 +18,8 @@ from PIL import Image
 
 from covidcxr.data.reader import read_image
 from covidcxr.deploy.export import TOLERANCE, ExportParityError, check_parity, runner, synthetic_images
-from covidcxr.model.network import load_checkpoint, save_checkpoint, build_model
+from covidcxr.model.checkpoint import load_checkpoint, save_checkpoint
+from covidcxr.model.network import build_model
 from covidcxr.scoring import Scorer
 
 ROOT = Path(__file__).resolve().parents[1]

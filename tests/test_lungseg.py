@@ -12,7 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from covidcxr.lungs import unet as lungseg
+from covidcxr.lungs.fetch import MASK_FOLDER, MASKS_ZIP, fetch_masks, paired_images
+from covidcxr.lungs.segment import load_lung_model, lung_boxes, segment, two_largest_parts
+from covidcxr.lungs.train import _dice, _load_pairs, train_lung_model
+from covidcxr.lungs.unet import LungUNet
 from covidcxr.cli import main
 from covidcxr.data.download import DownloadError
 
@@ -36,8 +39,8 @@ def build_wheel(folder: Path, masks: dict[str, np.ndarray] | None) -> Path:
                 for name, mask in masks.items():
                     png = folder / name
                     Image.fromarray(mask.astype(np.uint8) * 255).save(png)
-                    mz.write(png, f"{lungseg.MASK_FOLDER}/{name}")
-            zf.write(inner, lungseg.MASKS_ZIP)
+                    mz.write(png, f"{MASK_FOLDER}/{name}")
+            zf.write(inner, MASKS_ZIP)
         zf.writestr(f"{info}/RECORD", "".join(f"{n},,\n" for n in zf.namelist()) + f"{info}/RECORD,,\n")
     return wheel
 
@@ -77,9 +80,9 @@ def write_toy_data(root: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
 def trained(tmp_path_factory) -> tuple[Path, pd.DataFrame, dict]:
     """One small model trained on 40 toy films, shared by the tests that use a trained model."""
     root = tmp_path_factory.mktemp("lungseg")
-    pairs = lungseg.paired_images(*write_toy_data(root, 40))
+    pairs = paired_images(*write_toy_data(root, 40))
     out = root / "model" / "lungs.pt"
-    result = lungseg.train_lung_model(pairs, out, size=48, epochs=12, batch_size=8, seed=0, val_fraction=0.2)
+    result = train_lung_model(pairs, out, size=48, epochs=12, batch_size=8, seed=0, val_fraction=0.2)
     return out, pairs, result
 
 
@@ -87,25 +90,25 @@ def test_fetch_masks_from_a_wheel(tmp_path):
     mask = np.zeros((30, 40), bool)
     mask[5:20, 8:30] = True
     wheel_dir = build_wheel(tmp_path / "wheels", {"a.jpeg": mask, "b.png": ~mask}).parent
-    folder = lungseg.fetch_masks(tmp_path / "out", find_links=str(wheel_dir))
-    assert folder == tmp_path / "out" / lungseg.MASK_FOLDER
+    folder = fetch_masks(tmp_path / "out", find_links=str(wheel_dir))
+    assert folder == tmp_path / "out" / MASK_FOLDER
     assert sorted(p.name for p in folder.iterdir()) == ["a.jpeg", "b.png"]
     assert np.array_equal(np.asarray(Image.open(folder / "a.jpeg")) > 127, mask)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == [lungseg.MASK_FOLDER]  # no temporary folder left
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [MASK_FOLDER]  # no temporary folder left
     # masks present: pip is not run again (this folder has no wheel, so pip would fail)
-    assert lungseg.fetch_masks(tmp_path / "out", find_links=str(tmp_path / "out")) == folder
+    assert fetch_masks(tmp_path / "out", find_links=str(tmp_path / "out")) == folder
 
 
 def test_fetch_masks_errors_are_one_line(tmp_path):
     no_masks = build_wheel(tmp_path / "wheels", None).parent
-    with pytest.raises(DownloadError, match=f"has no member {lungseg.MASKS_ZIP}") as err:
-        lungseg.fetch_masks(tmp_path / "out", find_links=str(no_masks))
+    with pytest.raises(DownloadError, match=f"has no member {MASKS_ZIP}") as err:
+        fetch_masks(tmp_path / "out", find_links=str(no_masks))
     assert "\n" not in str(err.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DownloadError, match=r"pip download torchxrayvision==1\.5\.7 failed: .+") as err:
-        lungseg.fetch_masks(tmp_path / "out", find_links=str(tmp_path / "empty"))
+        fetch_masks(tmp_path / "out", find_links=str(tmp_path / "empty"))
     assert "\n" not in str(err.value)
-    assert not (tmp_path / "out" / lungseg.MASK_FOLDER).exists()
+    assert not (tmp_path / "out" / MASK_FOLDER).exists()
 
 
 def test_paired_images_by_origin_path_or_path(tmp_path):
@@ -116,17 +119,17 @@ def test_paired_images_by_origin_path_or_path(tmp_path):
         (masks / name).write_bytes(b"")
     pd.DataFrame({"path": ["images/1.png", "images/2.png", "images/3.png"],
                   "origin_path": ["repo/images/x1.jpg", None, "x3.jpeg"]}).to_csv(data / "metadata.csv", index=False)
-    pairs = lungseg.paired_images(data, masks)
+    pairs = paired_images(data, masks)
     assert list(pairs.columns) == ["image", "mask"]
     assert pairs.values.tolist() == [[str(data / "images/1.png"), str(masks / "x1.jpg")],
                                      [str(data / "images/3.png"), str(masks / "x3.jpeg")]]
     pd.DataFrame({"path": ["images/1.png", "images/2.png"]}).to_csv(data / "metadata.csv", index=False)
-    assert lungseg.paired_images(data, masks).values.tolist() == [[str(data / "images/2.png"), str(masks / "2.png")]]
+    assert paired_images(data, masks).values.tolist() == [[str(data / "images/2.png"), str(masks / "2.png")]]
     pd.DataFrame({"path": ["images/9.png"]}).to_csv(data / "metadata.csv", index=False)
     with pytest.raises(ValueError, match="no image of .* has a mask"):
-        lungseg.paired_images(data, masks)
+        paired_images(data, masks)
     with pytest.raises(FileNotFoundError, match="mask folder"):
-        lungseg.paired_images(data, tmp_path / "nowhere")
+        paired_images(data, tmp_path / "nowhere")
 
 
 def test_a_mask_of_another_shape_is_refused(tmp_path):
@@ -136,10 +139,10 @@ def test_a_mask_of_another_shape_is_refused(tmp_path):
         Image.fromarray(np.full(img_shape, 100, np.uint8)).save(tmp_path / f"{i}.png")
         Image.fromarray(np.full(mask_shape, 255, np.uint8)).save(tmp_path / f"{i}_mask.png")
         pairs.append({"image": str(tmp_path / f"{i}.png"), "mask": str(tmp_path / f"{i}_mask.png")})
-    images, masks = lungseg._load_pairs(pd.DataFrame(pairs[:1]), 16)
+    images, masks = _load_pairs(pd.DataFrame(pairs[:1]), 16)
     assert images.shape == masks.shape == (1, 1, 16, 16) and bool(masks.all())
     with pytest.raises(ValueError, match="differ in aspect ratio"):
-        lungseg.train_lung_model(pd.DataFrame(pairs), tmp_path / "m.pt", size=16, epochs=1)
+        train_lung_model(pd.DataFrame(pairs), tmp_path / "m.pt", size=16, epochs=1)
 
 
 def test_unet_learns_toy_lungs(trained):
@@ -154,25 +157,25 @@ def test_checkpoint_round_trip_reproduces_the_val_dice(trained):
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["metrics"] == result["metrics"]
     assert json.loads(out.with_suffix(".json").read_text()) == result
-    model = lungseg.load_lung_model(out)
+    model = load_lung_model(out)
     assert not model.training and model.size == 48
     val = pairs[pairs["image"].isin(ckpt["val_set"])]
     assert len(val) == result["metrics"]["val_images"]
-    images, masks = lungseg._load_pairs(val, 48)
-    dice = lungseg._dice(lungseg.segment(model, images), masks.bool()).mean()
+    images, masks = _load_pairs(val, 48)
+    dice = _dice(segment(model, images), masks.bool()).mean()
     assert dice == pytest.approx(result["metrics"]["val_dice"], abs=1e-4)
-    untrained = lungseg.LungUNet(size=48).eval()
-    assert lungseg._dice(lungseg.segment(untrained, images), masks.bool()).mean() < 0.6
+    untrained = LungUNet(size=48).eval()
+    assert _dice(segment(untrained, images), masks.bool()).mean() < 0.6
 
 
 def test_segment_returns_masks_at_the_input_size(trained):
-    model = lungseg.load_lung_model(trained[0])
+    model = load_lung_model(trained[0])
     films = [toy_film(np.random.default_rng(100 + i), 96, 72) for i in range(3)]
     images = torch.from_numpy(np.stack([f for f, _ in films])[:, None]).float()
-    masks = lungseg.segment(model, images)
+    masks = segment(model, images)
     assert masks.shape == (3, 1, 96, 72) and masks.dtype == torch.bool
     truth = torch.from_numpy(np.stack([m for _, m in films])[:, None])
-    assert lungseg._dice(masks, truth).min() > 0.75
+    assert _dice(masks, truth).min() > 0.75
 
 
 def test_two_largest_parts_drops_stray_blobs():
@@ -181,11 +184,11 @@ def test_two_largest_parts_drops_stray_blobs():
     masks[0, 0, 55:58, 0:4] = True  # a blob at the film's edge
     masks[1, 0, 10:50, 5:25] = True  # one part only
     masks[1, 0, 10:20, 35:40] = True  # second part, small: kept
-    kept = lungseg.two_largest_parts(masks)
+    kept = two_largest_parts(masks)
     expected = masks.clone()
     expected[0, 0, 55:58, 0:4] = False
     assert torch.equal(kept, expected)  # and the empty third mask stays empty
-    boxes, _ = lungseg.lung_boxes(kept, margin=0.0)
+    boxes, _ = lung_boxes(kept, margin=0.0)
     assert torch.allclose(boxes[0], torch.tensor([10 / 60, 5 / 60, 50 / 60, 55 / 60]))
 
 
@@ -195,11 +198,11 @@ def test_lung_boxes_on_drawn_masks():
     masks[1, 0, 0:50, 5:20] = True
     masks[1, 0, 10:60, 30:48] = True  # two lungs: one box around both
     masks[3, 0, 10:20, 10:19] = True  # 1.8 % of the image: too small to be lungs
-    boxes, fallback = lungseg.lung_boxes(masks, margin=0.0)
+    boxes, fallback = lung_boxes(masks, margin=0.0)
     assert fallback.tolist() == [False, False, True, True]
     assert torch.allclose(boxes, torch.tensor([[0.2, 0.2, 0.6, 0.8], [0.0, 0.1, 0.6, 0.96],
                                                [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]))
-    boxes, _ = lungseg.lung_boxes(masks[:2, 0], margin=0.1)  # (B, H, W) works too
+    boxes, _ = lung_boxes(masks[:2, 0], margin=0.1)  # (B, H, W) works too
     assert torch.allclose(boxes, torch.tensor([[0.16, 0.14, 0.64, 0.86], [0.0, 0.014, 0.66, 1.0]]))
 
 
@@ -223,7 +226,7 @@ def test_lung_crop_boxes_follow_the_lungs_and_report_films_without_them(trained)
     pre = Preprocess(PreprocessSpec("pad", 64, 64, AugmentConfig(crop="lungs", lung_model=str(trained[0]))))
     films = [toy_film(np.random.default_rng(200 + i), 64, 64) for i in range(3)]
     images = torch.from_numpy((np.stack([f for f, _ in films]) * 255).astype(np.uint8))
-    truth, _ = lungseg.lung_boxes(torch.from_numpy(np.stack([m for _, m in films])), margin=0.1)
+    truth, _ = lung_boxes(torch.from_numpy(np.stack([m for _, m in films])), margin=0.1)
     torch.testing.assert_close(pre.lung_boxes(images.unsqueeze(1).float()), truth, atol=0.08, rtol=0)
     with pytest.warns(UserWarning, match="1 of 1 images have no lung mask"):
         box = pre.lung_boxes(torch.zeros(1, 1, 64, 64))
@@ -233,7 +236,7 @@ def test_lung_crop_boxes_follow_the_lungs_and_report_films_without_them(trained)
 def test_a_lung_cropped_run_keeps_its_lung_model_and_is_scored_and_diagnosed_with_it(trained, tiny_data, tmp_path):
     from covidcxr.evaluation.diagnose import diagnose
     from covidcxr.evaluation.evaluate import evaluate
-    from covidcxr.model.network import LUNG_MODEL, load_run
+    from covidcxr.model.checkpoint import LUNG_MODEL, load_run
     from covidcxr.deploy.predict import Predictor
     from covidcxr.training.trainer import TrainConfig, train
     lung_copy = tmp_path / "my-lungs.pt"

@@ -12,23 +12,17 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from covidcxr.errors import WeightsUnavailableError
+from covidcxr.model.checkpoint import load_checkpoint, load_run, save_checkpoint
 from covidcxr.model.network import (
     ARCHS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    LUMA_MEAN,
-    LUMA_STD,
     GrayClassifier,
-    WeightsUnavailableError,
-    _fold_normalisation,
     build_model,
     forward_with_features,
-    load_checkpoint,
-    load_run,
     parameter_groups,
-    save_checkpoint,
     source_logits,
 )
+from covidcxr.model.weights import IMAGENET_MEAN, IMAGENET_STD, LUMA_MEAN, LUMA_STD, fold_normalisation
 
 # first conv and the layers that form the "first layer" output compared below (conv, or conv + BatchNorm)
 FIRST_LAYER = {"alexnet": ("features.0", None), "resnet18": ("conv1", "bn1")}
@@ -109,7 +103,7 @@ def test_logits_match_rgb_model(arch: str, tmp_path: Path) -> None:
 
 def test_random_first_conv_gets_luminance_normalisation() -> None:
     conv = nn.Conv2d(1, 8, 5, stride=2, padding=2)
-    gray = _fold_normalisation(conv, LUMA_MEAN, LUMA_STD, norm=None)
+    gray = fold_normalisation(conv, LUMA_MEAN, LUMA_STD, norm=None)
     x = torch.rand(1, 1, 32, 32)
     interior = _padding_free(conv, 32)
     with torch.no_grad():

@@ -111,9 +111,10 @@ def test_all_good_inputs_exit_0_and_an_empty_folder_is_reported(tiny_run, mixed,
 def test_paths_and_bytes_score_identically(predictor, mixed):
     for name in GOOD:
         by_path = predictor.predict_paths([mixed / name])[0]
-        by_bytes = predictor.predict_bytes((mixed / name).read_bytes(), name)
-        assert by_bytes["probability"] == by_path.probability, name
-        assert by_bytes["label"] == by_path.label and by_bytes["threshold"] == predictor.threshold
+        square = predictor.read_bytes((mixed / name).read_bytes(), name)  # what the service does with an upload
+        by_bytes = predictor.predict_squares({name: square})[0]
+        assert by_bytes.probability == by_path.probability, name
+        assert by_bytes.label == by_path.label and by_bytes.threshold == predictor.threshold
 
 
 def test_a_file_scores_as_its_cached_copy_does_in_evaluation(tiny_run, tiny_data, predictor):

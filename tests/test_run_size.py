@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from covidcxr.model.network import load_checkpoint
+from covidcxr.model.checkpoint import load_checkpoint
 
 
 def _train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

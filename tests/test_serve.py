@@ -69,7 +69,7 @@ def predictor(tiny_run) -> Predictor:
 
 def _direct(predictor: Predictor, data: bytes, name: str = "x.png") -> float:
     """The probability the predictor gives the file outside the service."""
-    return predictor.predict_bytes(data, name)["probability"]
+    return predictor.predict_squares({name: predictor.read_bytes(data, name)})[0].probability
 
 
 def _heatmap_side(data_url: str) -> tuple[int, int]:

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidcxr.data.splits import LeakageError, assert_patient_disjoint, kfold_split, leave_sources_out, patient_split
+from covidcxr.data.splits import LeakageError, assert_patient_disjoint, leave_sources_out, patient_split
 
 
 def _frame(n_patients: int = 3000, seed: int = 0, prefix: str = "p") -> pd.DataFrame:
@@ -67,15 +67,6 @@ def test_bad_fractions_are_rejected():
         patient_split(_frame(10), (0.7, 0.2, 0.2))
     with pytest.raises(ValueError, match=">= 0"):
         patient_split(_frame(10), (1.2, -0.1, -0.1))
-
-
-def test_kfold_assigns_each_patient_one_fold_of_similar_size():
-    df = _frame(3000)
-    folds = kfold_split(df, k=5, seed=2)
-    assert set(folds) == set(range(5))
-    assert _parts_per_patient(df, folds).max() == 1
-    per_fold = pd.DataFrame({"p": df["patient_id"], "f": folds}).drop_duplicates("p")["f"].value_counts(normalize=True)
-    np.testing.assert_allclose(per_fold.sort_index().to_numpy(), 0.2, atol=0.03)
 
 
 def test_leave_sources_out_tests_on_the_held_out_sources_only():

@@ -18,7 +18,7 @@ import torch
 
 from covidcxr.training import trainer as train_mod
 from covidcxr.config import TrainConfig
-from covidcxr.model.network import load_checkpoint
+from covidcxr.model.checkpoint import load_checkpoint
 from covidcxr.data.splits import assert_patient_disjoint
 
 

@@ -151,13 +151,14 @@ def _experiment(a: argparse.Namespace) -> int:
 
 
 def _lungs_fetch(a: argparse.Namespace) -> int:
-    from covidcxr.lungs.unet import fetch_masks
+    from covidcxr.lungs.fetch import fetch_masks
     print(fetch_masks(Path(a.out), a.find_links))
     return 0
 
 
 def _lungs_train(a: argparse.Namespace) -> int:
-    from covidcxr.lungs.unet import paired_images, train_lung_model
+    from covidcxr.lungs.fetch import paired_images
+    from covidcxr.lungs.train import train_lung_model
     m = train_lung_model(paired_images(Path(a.data), Path(a.masks)), Path(a.out), size=a.size, epochs=a.epochs,
                          seed=a.seed)["metrics"]
     print(f"val Dice {m['val_dice']:.3f} on {m['val_images']} held-out films ({m['train_images']} trained on); "

@@ -22,7 +22,7 @@ from covidcxr.errors import MissingInputError
 from covidcxr.evaluation.evaluate import evaluate
 from covidcxr.data.ingest import ingest
 from covidcxr.hospital.crosssite import calibrate_rows, guard_fold, measure_fold, nested_members, write_trust
-from covidcxr.model.network import resolve_weights
+from covidcxr.model.weights import resolve_weights
 from covidcxr.training.guarding import attach_guard
 from covidcxr.training.trainer import train
 

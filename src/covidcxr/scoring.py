@@ -16,7 +16,8 @@ import torch
 
 from covidcxr.data.cache import to_square
 from covidcxr.device import resolve_device
-from covidcxr.model.network import fold_pooling, load_run, unwrap
+from covidcxr.model.checkpoint import load_run
+from covidcxr.model.network import fold_pooling, unwrap
 from covidcxr.model.spec import RunSpec, model_id
 from covidcxr.preprocess.transform import Preprocess
 from covidcxr.trust.guard import GUARD_DIR, Guard

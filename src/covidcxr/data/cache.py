@@ -7,6 +7,7 @@ GPU and keeps data feeding cheap on a CPU.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,9 @@ def to_square(img: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
 class ImageCache:
     """The uint8 image array of a data folder plus its manifest; grows in place when ingest adds images."""
 
-    def __init__(self, data_dir: str | Path, size: int | None = None, mode: str = "r", square: str | None = None):
+    def __init__(self, data_dir: str | Path, size: int | None = None, mode: str = "r",
+                 square: str | None = None) -> None:
+        """Open an ingested folder (`size`/`square` must then match it), or start a new cache when `size` is given."""
         self.dir = Path(data_dir)
         meta_path = self.dir / CACHE_META
         if meta_path.exists():
@@ -79,10 +82,12 @@ class ImageCache:
             asked = {"size": size, "square": square}
             for key, value in asked.items():
                 if value is not None and value != meta[key]:
-                    raise InputError(f"{self.dir}: cache was built with {key}={meta[key]}, asked for {value}; use a new --out")
+                    raise InputError(f"{self.dir}: cache was built with {key}={meta[key]}, asked for {value}; "
+                                     "use a new --out")
             self.size, self.capacity, self.square = int(meta["size"]), int(meta["capacity"]), meta["square"]
         elif size is None:
-            raise MissingInputError(f"{self.dir}: not an ingested data folder (no {CACHE_META}); run covidcxr ingest first")
+            raise MissingInputError(f"{self.dir}: not an ingested data folder (no {CACHE_META}); "
+                                    "run covidcxr ingest first")
         else:
             self.size, self.capacity, self.square = size, 0, square or "pad"
         self.mode = mode
@@ -90,6 +95,7 @@ class ImageCache:
 
     @property
     def array(self) -> np.ndarray:
+        """The images, memory-mapped on first use, so opening a folder reads nothing until images are needed."""
         if self._array is None:
             if self.capacity == 0:
                 return np.zeros((0, self.size, self.size), np.uint8)
@@ -109,36 +115,27 @@ class ImageCache:
         self.write_meta()
 
     def write(self, index: int, image: np.ndarray) -> None:
+        """Store one uint8 square at its cache row (ingest's workers decode; the parent writes)."""
         self.array[index] = image
 
     def flush(self) -> None:
+        """Push written rows to disk, so a folder is consistent before its manifest names them."""
         if isinstance(self._array, np.memmap):
             self._array.flush()
 
     def write_meta(self) -> None:
+        """Write cache.json atomically (temp file + rename): a crash never leaves a half-written description."""
         meta = {"size": self.size, "capacity": self.capacity, "square": self.square, "file": CACHE_FILE}
         tmp = self.dir / (CACHE_META + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
         tmp.replace(self.dir / CACHE_META)
 
     def manifest(self, include_duplicates: bool = False) -> pd.DataFrame:
+        """The manifest's kept images; copies stay listed (so re-ingest skips them) but are left out unless asked."""
         df = pd.read_parquet(self.dir / MANIFEST_FILE)
         return df if include_duplicates else df[df["duplicate_of"] == ""].reset_index(drop=True)
 
-    def load(self, indices) -> torch.Tensor:
+    def load(self, indices: Sequence[int] | np.ndarray | pd.Series) -> torch.Tensor:
         """uint8 tensor (N, S, S) of the given cache rows, read into memory once (a training set fits in RAM)."""
         return torch.from_numpy(np.ascontiguousarray(self.array[np.asarray(indices, dtype=np.int64)]))
 
-
-class CachedDataset(torch.utils.data.Dataset):
-    """Map-style dataset over cached uint8 images: (uint8 tensor (S, S), class index); decodes nothing."""
-
-    def __init__(self, cache: ImageCache, indices, targets):
-        self.images = cache.load(indices)
-        self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i], self.targets[i]

@@ -8,6 +8,7 @@ therefore never changes when the manifest grows, and every label gets the reques
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,14 +21,14 @@ PARTS = ("train", "val", "test")
 
 def patient_uniform(patient_ids: pd.Series, seed: int) -> np.ndarray:
     """Stable uniform [0, 1) draw per patient id."""
-    def draw(pid: str) -> float:
+    def draw(pid: str) -> float:  # a hash, not an RNG: a patient's draw never depends on who else is in the data
         digest = hashlib.blake2b(f"{seed}:{pid}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") / 2**64
     cache = {pid: draw(pid) for pid in pd.unique(patient_ids)}
     return patient_ids.map(cache).to_numpy(dtype=np.float64)
 
 
-def patient_split(df: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> pd.Series:
+def patient_split(df: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> pd.Series:
     """'train' / 'val' / 'test' per row, by patient."""
     if not np.isclose(sum(fractions), 1.0) or min(fractions) < 0:
         raise InputError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
@@ -39,15 +40,8 @@ def patient_split(df: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 0) 
     return split
 
 
-def kfold_split(df: pd.DataFrame, k: int = 5, seed: int = 0) -> pd.Series:
-    """Fold number 0..k-1 per row, by patient."""
-    u = patient_uniform(df["patient_id"].astype(str), seed)
-    folds = pd.Series(np.minimum((u * k).astype(int), k - 1), index=df.index, name="fold")
-    assert_patient_disjoint(df["patient_id"], folds)
-    return folds
-
-
-def leave_sources_out(df: pd.DataFrame, held_out: list[str], fractions=(0.85, 0.15), seed: int = 0) -> pd.Series:
+def leave_sources_out(df: pd.DataFrame, held_out: list[str], fractions: Sequence[float] = (0.85, 0.15),
+                      seed: int = 0) -> pd.Series:
     """Held-out sources are the test part; the rest is split train/val by patient (external validation)."""
     unknown = set(held_out) - set(df["source"])
     if unknown:

@@ -37,7 +37,8 @@ class Predictor:
 
     engine = "torch"
 
-    def __init__(self, scorer: Scorer):
+    def __init__(self, scorer: Scorer) -> None:
+        """Wrap a run's scorer; the threshold and labels come from its spec, so every caller labels alike."""
         self.scorer = scorer
         self.spec = scorer.spec
         self.model_id, self.threshold = scorer.spec.model_id, scorer.spec.threshold
@@ -45,6 +46,7 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> "Predictor":
+        """The predictor of a run folder (model, threshold, guard), the way every entry point loads one."""
         return cls(Scorer.from_run(run_dir, device))
 
     def square(self, image: np.ndarray) -> np.ndarray:
@@ -90,13 +92,6 @@ class Predictor:
         from covidcxr.model.cam import cam_overlay_png
         return float(self.scorer.scores(square[None])[0]), cam_overlay_png(self.scorer, square)
 
-    def predict_bytes(self, data: bytes, filename: str, cam: bool = False) -> dict:
-        """One uploaded file -> result dict (raises ImageReadError for bad content)."""
-        square = self.read_bytes(data, filename)
-        probability, heatmap = self.explain(square) if cam else (float(self.scorer.scores(square[None])[0]), None)
-        return {"probability": probability, "label": self.spec.label_for(probability), "threshold": self.threshold,
-                "heatmap_png": heatmap}
-
 
 def use_threads(threads: int) -> None:
     """Torch's intra-op threads for this process (one forward pass spread over them); at least one."""
@@ -125,6 +120,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[Prediction]]:
 
 
 def format_predictions(results: list[Prediction], fmt: str) -> str:
+    """`covidcxr predict`'s output as json, csv or an aligned table; error rows keep their place in each."""
     rows = [r.__dict__ for r in results]
     if fmt == "json":
         return json.dumps(rows, indent=2)

@@ -77,7 +77,7 @@ def crop_to_boxes(levels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=4)
 def _lung_model(path: str) -> nn.Module:
     """The lung model, loaded once per process (prediction calls this for every image)."""
-    from covidcxr.lungs.unet import load_lung_model
+    from covidcxr.lungs.segment import load_lung_model
     return load_lung_model(path)
 
 
@@ -118,7 +118,7 @@ class Preprocess(nn.Module):
     @torch.jit.unused
     def lung_boxes(self, levels: torch.Tensor) -> torch.Tensor:
         """(B, 4) lung boxes from the run's lung model; an image without lungs found is kept whole, with a warning."""
-        from covidcxr.lungs.unet import lung_boxes, segment
+        from covidcxr.lungs.segment import lung_boxes, segment
         boxes, fell_back = lung_boxes(segment(self.lungs.to(levels.device), levels / 255), margin=LUNG_MARGIN)
         if fell_back.any():
             warnings.warn(f"lung crop: {int(fell_back.sum())} of {len(levels)} images have no lung mask from "

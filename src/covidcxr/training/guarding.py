@@ -13,7 +13,7 @@ import torch
 
 from covidcxr.data.cache import ImageCache
 from covidcxr.errors import InputError
-from covidcxr.model.network import load_checkpoint
+from covidcxr.model.checkpoint import load_checkpoint
 from covidcxr.scoring import Scorer
 from covidcxr.trust.guard import COVERAGE, GUARD_DIR, fit_guard
 

@@ -35,8 +35,9 @@ from covidcxr.data.cache import ImageCache
 from covidcxr.config import AUTO, TrainConfig, config_hash, save_json, to_dict
 from covidcxr.data.manifest import manifest_hash
 from covidcxr.model.threshold import choose_threshold
-from covidcxr.model.network import (LUNG_MODEL, build_model, forward_with_features, load_checkpoint, parameter_groups,
-                                    resolve_weights, save_checkpoint, source_logits, unwrap)
+from covidcxr.model.checkpoint import LUNG_MODEL, load_checkpoint, save_checkpoint
+from covidcxr.model.network import build_model, forward_with_features, parameter_groups, source_logits, unwrap
+from covidcxr.model.weights import resolve_weights
 from covidcxr.device import autocast, resolve_device
 from covidcxr.scoring import predict_probs
 from covidcxr.data.splits import leave_sources_out, patient_split
