@@ -1,0 +1,16 @@
+"""Typed settings for every step, validated when made and saved as JSON next to every result, so each number can be
+traced back to the settings that made it. One module per command's settings; the rules and the I/O are shared."""
+
+from covidcxr.config._io import config_hash, from_dict, read_yaml, save_json, to_dict
+from covidcxr.config._rules import (AUTO, COUNT, FRACTION, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, POSITIVE_INT,
+                                    SENSITIVITY, Rule)
+from covidcxr.config.ingest import SQUARE_CHOICES, IngestConfig
+from covidcxr.config.train import (ARCH_CHOICES, BALANCE_CHOICES, CROP_CHOICES, DEVICE_PATTERN, EQUALIZE_CHOICES,
+                                   THRESHOLD_CHOICES, AugmentConfig, TrainConfig)
+
+__all__ = [
+    "ARCH_CHOICES", "AUTO", "BALANCE_CHOICES", "COUNT", "CROP_CHOICES", "DEVICE_PATTERN", "EQUALIZE_CHOICES",
+    "FRACTION", "IMAGE_SIZE", "NON_NEGATIVE", "POSITIVE", "POSITIVE_INT", "SENSITIVITY", "SQUARE_CHOICES",
+    "THRESHOLD_CHOICES", "AugmentConfig", "IngestConfig", "Rule", "TrainConfig", "config_hash", "from_dict",
+    "read_yaml", "save_json", "to_dict",
+]
