@@ -120,10 +120,11 @@ def _reproduce(a: argparse.Namespace) -> int:
 
 
 def _calibrate(a: argparse.Namespace) -> int:
-    from covidcxr.hospital.calibrate import CalibrateSettings, calibrate
+    from covidcxr.config import CalibrateSettings
+    from covidcxr.hospital.calibrate import calibrate
     settings = CalibrateSettings(fraction=a.fraction, finetune_epochs=a.finetune_epochs, layers=a.finetune_layers,
-                                 target_sensitivity=a.target_sensitivity)
-    r = calibrate(a.run, a.data, a.out, settings, n_boot=a.n_boot)
+                                 target_sensitivity=a.target_sensitivity, n_boot=a.n_boot)
+    r = calibrate(a.run, a.data, a.out, settings)
     print(f"{r['summary']}; adapted run: {Path(a.out) / 'run'}")
     return 0
 

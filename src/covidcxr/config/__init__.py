@@ -2,15 +2,22 @@
 traced back to the settings that made it. One module per command's settings; the rules and the I/O are shared."""
 
 from covidcxr.config._io import config_hash, from_dict, read_yaml, save_json, to_dict
-from covidcxr.config._rules import (AUTO, COUNT, FRACTION, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, POSITIVE_INT,
-                                    SENSITIVITY, Rule)
+from covidcxr.config._rules import (AUTO, COUNT, FRACTION, IMAGE_SIZE, NON_NEGATIVE, OPEN_FRACTION, POSITIVE,
+                                    POSITIVE_INT, SENSITIVITY, Rule)
+from covidcxr.config.calibrate import LAYER_CHOICES, CalibrateSettings
 from covidcxr.config.ingest import SQUARE_CHOICES, IngestConfig
 from covidcxr.config.train import (ARCH_CHOICES, BALANCE_CHOICES, CROP_CHOICES, DEVICE_PATTERN, EQUALIZE_CHOICES,
                                    THRESHOLD_CHOICES, AugmentConfig, TrainConfig)
 
 __all__ = [
-    "ARCH_CHOICES", "AUTO", "BALANCE_CHOICES", "COUNT", "CROP_CHOICES", "DEVICE_PATTERN", "EQUALIZE_CHOICES",
-    "FRACTION", "IMAGE_SIZE", "NON_NEGATIVE", "POSITIVE", "POSITIVE_INT", "SENSITIVITY", "SQUARE_CHOICES",
-    "THRESHOLD_CHOICES", "AugmentConfig", "IngestConfig", "Rule", "TrainConfig", "config_hash", "from_dict",
-    "read_yaml", "save_json", "to_dict",
+    # settings
+    "AugmentConfig", "CalibrateSettings", "IngestConfig", "TrainConfig",
+    # in and out
+    "config_hash", "from_dict", "read_yaml", "save_json", "to_dict",
+    # rules, shared with the CLI's argument types
+    "AUTO", "COUNT", "FRACTION", "IMAGE_SIZE", "NON_NEGATIVE", "OPEN_FRACTION", "POSITIVE", "POSITIVE_INT",
+    "SENSITIVITY", "Rule",
+    # choices
+    "ARCH_CHOICES", "BALANCE_CHOICES", "CROP_CHOICES", "DEVICE_PATTERN", "EQUALIZE_CHOICES", "LAYER_CHOICES",
+    "SQUARE_CHOICES", "THRESHOLD_CHOICES",
 ]

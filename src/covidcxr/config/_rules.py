@@ -29,8 +29,15 @@ COUNT: Rule = (lambda v: is_int(v) and v >= 0, "an integer >= 0")
 POSITIVE: Rule = (lambda v: is_number(v) and v > 0, "a number > 0")
 NON_NEGATIVE: Rule = (lambda v: is_number(v) and v >= 0, "a number >= 0")
 FRACTION: Rule = (lambda v: is_number(v) and 0 <= v <= 1, "a fraction in [0, 1]")
+OPEN_FRACTION: Rule = (lambda v: is_number(v) and 0 < v < 1, "a fraction in (0, 1)")
 SENSITIVITY: Rule = (lambda v: is_number(v) and 0 < v <= 1, "a fraction in (0, 1]")
 IMAGE_SIZE: Rule = (lambda v: v == AUTO or (is_int(v) and v >= 32), "auto or an integer >= 32")
+
+
+def optional(rule: Rule) -> Rule:
+    """The rule, or None: for settings whose absence means "not used" (no target sensitivity: Youden's J)."""
+    accepts, what = rule
+    return (lambda v: v is None or accepts(v), f"{what}, or unset")
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

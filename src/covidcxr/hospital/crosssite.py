@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidcxr.config import TrainConfig
+from covidcxr.config import CalibrateSettings, TrainConfig
 from covidcxr.data.splits import patient_uniform
 from covidcxr.errors import InputError
-from covidcxr.hospital.calibrate import METRICS, CalibrateSettings, calibrate
+from covidcxr.hospital.calibrate import METRICS, calibrate
 from covidcxr.scoring import Scorer
 from covidcxr.training.guarding import attach_guard, squares_for
 from covidcxr.training.trainer import train
@@ -56,8 +56,8 @@ def calibrate_rows(fold_run: Path, data: Path, held: list[str], out: Path, n_boo
     rows = []
     for n in SITE_IMAGES:
         try:
-            r = calibrate(fold_run, data, out / f"n{n}", CalibrateSettings(n_images=n, max_held_back=MAX_HELD_BACK),
-                          sources=held, n_boot=n_boot)
+            settings = CalibrateSettings(n_images=n, max_held_back=MAX_HELD_BACK, n_boot=n_boot)
+            r = calibrate(fold_run, data, out / f"n{n}", settings, sources=held)
             rows.append({"site_images": n, **{k: r[k] for k in r if k.startswith(("before_", "after_"))}})
         except InputError as e:
             rows.append({"site_images": n, "note": str(e)})
