@@ -5,13 +5,14 @@ from covidcxr.config._io import config_hash, from_dict, read_yaml, save_json, to
 from covidcxr.config._rules import (AUTO, COUNT, FRACTION, IMAGE_SIZE, NON_NEGATIVE, OPEN_FRACTION, POSITIVE,
                                     POSITIVE_INT, SENSITIVITY, Rule)
 from covidcxr.config.calibrate import LAYER_CHOICES, CalibrateSettings
+from covidcxr.config.experiment import ExperimentConfig
 from covidcxr.config.ingest import SQUARE_CHOICES, IngestConfig
 from covidcxr.config.train import (ARCH_CHOICES, BALANCE_CHOICES, CROP_CHOICES, DEVICE_PATTERN, EQUALIZE_CHOICES,
                                    THRESHOLD_CHOICES, AugmentConfig, TrainConfig)
 
 __all__ = [
     # settings
-    "AugmentConfig", "CalibrateSettings", "IngestConfig", "TrainConfig",
+    "AugmentConfig", "CalibrateSettings", "ExperimentConfig", "IngestConfig", "TrainConfig",
     # in and out
     "config_hash", "from_dict", "read_yaml", "save_json", "to_dict",
     # rules, shared with the CLI's argument types
