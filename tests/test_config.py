@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from covidcxr.config import ExperimentConfig, TrainConfig, save_json, to_dict
+from covidcxr.config import ENGINES, ExperimentConfig, ServeConfig, TrainConfig, save_json, to_dict
 from covidcxr.errors import InputError
 
 GRID = {"data": "DATA", "settings": {"baseline": {}, "rest": {"task": "covid-vs-rest", "augment": {"blur": 0.2}}},
@@ -46,3 +46,23 @@ def test_a_bad_grid_names_what_is_wrong(change, message):
     with pytest.raises(InputError) as err:
         ExperimentConfig.from_mapping(spec)
     assert message in str(err.value)
+
+
+def test_the_service_log_is_in_the_run_unless_db_says_otherwise():
+    assert ServeConfig().log_path("RUN") == Path("RUN") / "predictions.sqlite"
+    assert ServeConfig(db="/var/log/x.sqlite").log_path("RUN") == Path("/var/log/x.sqlite")
+    assert ServeConfig().engine == ENGINES[0] and "token" not in to_dict(ServeConfig())  # a secret is no setting
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("port", 70000, "a port number in [0, 65535]"),
+    ("threads", 0, "an integer >= 1"),
+    ("max_batch", 0, "an integer >= 1"),
+    ("max_wait_ms", -1.0, "a number >= 0"),
+    ("shift_window", 0, "an integer >= 1"),
+    ("engine", "tensorrt", "onnx, torch"),
+])
+def test_bad_service_settings_fail_when_made(setting, value, says):
+    with pytest.raises(InputError) as err:
+        ServeConfig(**{setting: value})
+    assert setting in str(err.value) and says in str(err.value)

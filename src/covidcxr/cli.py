@@ -96,10 +96,11 @@ def _predict(a: argparse.Namespace) -> int:
 
 
 def _serve(a: argparse.Namespace) -> int:
+    from covidcxr.config import ServeConfig
     from covidcxr.deploy.serve.server import serve
-    serve(a.run, a.host, a.port, a.db, token_file=a.token_file, no_auth=a.no_auth, threads=a.threads,
-          request_threads=a.request_threads, reject_ood=a.reject_ood, engine=a.engine,
-          access_log=a.access_log)
+    serve(ServeConfig(run=a.run, host=a.host, port=a.port, db=a.db, token_file=a.token_file, no_auth=a.no_auth,
+                      threads=a.threads, request_threads=a.request_threads, engine=a.engine,
+                      reject_ood=a.reject_ood, access_log=a.access_log))
     return 0
 
 
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every image, flag them)")
     p.set_defaults(func=_predict)
 
-    from covidcxr.deploy.serve.defaults import ENGINES, REQUEST_THREADS, SERVE_THREADS
+    from covidcxr.config import ENGINES, REQUEST_THREADS, SERVE_THREADS
     p = sub.add_parser("serve", help="HTTP API and web page")
     p.add_argument("run", help="run folder (covidcxr train --out)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "

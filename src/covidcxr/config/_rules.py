@@ -32,6 +32,7 @@ FRACTION: Rule = (lambda v: is_number(v) and 0 <= v <= 1, "a fraction in [0, 1]"
 OPEN_FRACTION: Rule = (lambda v: is_number(v) and 0 < v < 1, "a fraction in (0, 1)")
 SENSITIVITY: Rule = (lambda v: is_number(v) and 0 < v <= 1, "a fraction in (0, 1]")
 IMAGE_SIZE: Rule = (lambda v: v == AUTO or (is_int(v) and v >= 32), "auto or an integer >= 32")
+PORT: Rule = (lambda v: is_int(v) and 0 <= v <= 65535, "a port number in [0, 65535]")
 
 
 def optional(rule: Rule) -> Rule:

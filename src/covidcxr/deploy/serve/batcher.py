@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import anyio
 import numpy as np
 
-from covidcxr.deploy.serve.defaults import MAX_BATCH, MAX_WAIT_MS
+from covidcxr.config import MAX_BATCH, MAX_WAIT_MS
 
 if TYPE_CHECKING:  # torch's Predictor or the engine's EnginePredictor: the same interface
     from covidcxr.deploy.predict import Predictor
@@ -34,8 +34,6 @@ class Batcher:
     """Queue of cache squares, scored in batches of up to `max_batch`; start() and stop() inside the event loop."""
 
     def __init__(self, predictor: Predictor, max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS):
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError(f"max_batch {max_batch} must be >= 1 and max_wait_ms {max_wait_ms} >= 0")
         self.predictor, self.max_batch, self.max_wait_s = predictor, max_batch, max_wait_ms / 1000
         self.stats = BatchStats()
         self._model_thread: ThreadPoolExecutor | None = None
