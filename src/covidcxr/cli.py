@@ -76,10 +76,10 @@ def _train(a: argparse.Namespace) -> int:
 
 def _evaluate(a: argparse.Namespace) -> int:
     from covidcxr.evaluation.evaluate import evaluate
-    from covidcxr.evaluation.metrics import fmt, fmt_ci
+    from covidcxr.formatting import NA, value_ci
     metrics = evaluate(a.run, a.data, a.split, a.out, n_boot=a.n_boot, diagnostics=a.diagnose, lung_model=a.lung_model)
     auc = metrics["auc"]
-    shown = "n/a (one class)" if auc["value"] is None else f"{fmt(auc['value'])} {fmt_ci(auc['ci95'])}"
+    shown = f"{NA} (one class)" if auc["value"] is None else value_ci(auc["value"], auc["ci95"])
     print(f"AUC {shown}  report: {Path(a.out) / 'report.html'}")
     return 0
 

@@ -25,6 +25,7 @@ from covidcxr.data import tasks  # noqa: E402
 from covidcxr.data.cache import ImageCache  # noqa: E402
 from covidcxr.config import ExperimentConfig, TrainConfig, config_hash, read_yaml, save_json, to_dict  # noqa: E402
 from covidcxr.errors import InputError  # noqa: E402
+from covidcxr.formatting import markdown_table, value_ci  # noqa: E402
 from covidcxr.evaluation.evaluate import predictions  # noqa: E402
 from covidcxr.data.splits import external_folds  # noqa: E402
 from covidcxr.training.trainer import train  # noqa: E402
@@ -66,6 +67,7 @@ def spec_at_fixed_sensitivity(y: np.ndarray, score: np.ndarray, sensitivity: flo
 
 
 def score_run(run: Path, data: str, task: str) -> dict:
+    """A run's test-split figures on the grid's task, so every setting is scored on the same images."""
     pred, meta, _ = predictions(run, data, "test", task=task)
     y, s = pred["y"].to_numpy(), pred["score"].to_numpy()
     both = 0 < y.sum() < len(y)
@@ -164,24 +166,21 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_markdown(summary: pd.DataFrame, grid: ExperimentConfig) -> str:
+    """summary.md: one row per setting, each figure with its t-interval over seeds (none for a single seed)."""
     cols = ["in_auc", "cross_auc", "cross_spec_at_sens90", "cross_sensitivity", "cross_specificity"]
-    def cell(row, c):
-        if np.isnan(row[c]):
-            return "n/a"
-        ci = "" if np.isnan(row[c + "_lo"]) else f" [{row[c + '_lo']:.3f}, {row[c + '_hi']:.3f}]"
-        return f"{row[c]:.3f}{ci}"
-    lines = ["| setting | " + " | ".join(cols) + " | seeds |", "|---" * (len(cols) + 2) + "|"]
-    lines += [f"| {name} | " + " | ".join(cell(row, c) for c in cols) + f" | {int(row['seeds'])} |"
-              for name, row in summary.iterrows()]
+    table = markdown_table(["setting", *cols, "seeds"], [
+        [name, *(value_ci(row[c], (row[c + "_lo"], row[c + "_hi"]), drop_unknown_ci=True) for c in cols),
+         int(row["seeds"])] for name, row in summary.iterrows()])
     best = summary.index[0]
     return ("# Experiment: cross-source comparison\n\n"
             f"Evaluation task {grid.eval_task}; mean over seeds with 95 % t-intervals; cross-source values are "
             "averaged over the external folds (sources held out of training). spec_at_sens90: specificity where "
-            f"sensitivity first reaches {FIXED_SENSITIVITY:.0%} on the held-out images.\n\n" + "\n".join(lines)
+            f"sensitivity first reaches {FIXED_SENSITIVITY:.0%} on the held-out images.\n\n" + table
             + f"\n\nBest cross-source AUC: **{best}**.\n")
 
 
 def plot_comparison(summary: pd.DataFrame, path: Path) -> None:
+    """comparison.png: in-distribution beside cross-source AUC per setting, with their intervals."""
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(summary)), 4.5))
     x = np.arange(len(summary))
     bars = [("in_auc", "in-distribution AUC"), ("cross_auc", "cross-source AUC")]

@@ -24,6 +24,7 @@ from covidcxr.data.cache import ImageCache
 from covidcxr.data.splits import patient_uniform
 from covidcxr.errors import InputError
 from covidcxr.evaluation.evaluate import evaluate
+from covidcxr.formatting import number
 from covidcxr.model.threshold import choose_threshold
 from covidcxr.model.network import save_checkpoint, unwrap
 from covidcxr.preprocess.augment import augment_batch
@@ -145,13 +146,9 @@ def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings:
               **{f"{k}_{m}": reports[k][m]["value"] for k in reports for m in METRICS},
               **{f"{k}_{m}_ci95": reports[k][m]["ci95"] for k in reports for m in METRICS}}
     record["summary"] = "held-back part: " + ", ".join(
-        f"{m} {_num(record['before_' + m])} -> {_num(record['after_' + m])}" for m in METRICS)
+        f"{m} {number(record['before_' + m])} -> {number(record['after_' + m])}" for m in METRICS)
     save_json(record, out / "calibration.json")
     return record
-
-
-def _num(x: float | None) -> str:
-    return "n/a" if x is None or np.isnan(x) else f"{x:.3f}"
 
 
 def write_run(scorer: Scorer, run: Path, out: Path, site: pd.DataFrame, parts: pd.Series, threshold: float,
