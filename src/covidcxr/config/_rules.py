@@ -17,10 +17,12 @@ Rule = tuple[Callable[[Any], bool], str]  # (accepts the value?, what a valid va
 
 
 def is_int(v: Any) -> bool:
+    """An integer that is not a bool: True is an int to Python, but no count of epochs."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def is_number(v: Any) -> bool:
+    """An int or a float that is not a bool, so a YAML `yes` is never read as 1."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 

@@ -26,6 +26,7 @@ class CalibrateSettings:
     n_boot: int = 1000  # bootstrap resamples for the before/after CIs
 
     def __post_init__(self) -> None:
+        """Check every setting when made: a bad one is one line, before any image is read."""
         check_rules(self, _CALIBRATE_RULES)
         check_choice("layers", self.layers, LAYER_CHOICES)
 

@@ -36,6 +36,7 @@ class ExperimentConfig:
     keep_checkpoints: bool = True  # off: model.pt and last.pt are deleted once scored (a large grid fills a disk)
 
     def __post_init__(self) -> None:
+        """Check the grid and build every setting's TrainConfig once, so a typo fails before training."""
         self.folds = list(self.folds or [])
         if not isinstance(self.settings, dict) or not self.settings:
             raise InputError("settings must map setting names to TrainConfig overrides")

@@ -21,6 +21,7 @@ class IngestConfig:
     conflict_duplicate_corr: float = 0.975  # the same, when their labels differ (look-alikes are not copies)
 
     def __post_init__(self) -> None:
+        """Check every setting when made: a bad one is one line, before any image is decoded."""
         check_rules(self, {"size": POSITIVE_INT, "workers": COUNT, "near_duplicate_corr": FRACTION,
                            "conflict_duplicate_corr": FRACTION})
         check_choice("square", self.square, SQUARE_CHOICES)

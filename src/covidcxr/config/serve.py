@@ -42,6 +42,7 @@ class ServeConfig:
     shift_window: int = SHIFT_WINDOW
 
     def __post_init__(self) -> None:
+        """Check every setting when made: a bad one is one line, before the port is bound."""
         check_rules(self, _SERVE_RULES)
         check_choice("engine", self.engine, ENGINES)
 

@@ -43,6 +43,7 @@ class AugmentConfig:
     hflip: bool = False  # off: the heart is on the left; flipping makes anatomy implausible
 
     def __post_init__(self) -> None:
+        """Check every setting when made (and read the bool `equalize` of configs saved before CLAHE)."""
         if isinstance(self.equalize, bool):  # configs saved before CLAHE stored a bool
             self.equalize = "global" if self.equalize else "none"
         check_rules(self, _AUGMENT_RULES)
@@ -96,6 +97,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        """Check every setting when made: a bad one is one line, before any epoch runs."""
         check_rules(self, _TRAIN_RULES)
         check_choice("arch", self.arch, ARCH_CHOICES)
         check_choice("balance", self.balance, BALANCE_CHOICES)

@@ -89,6 +89,7 @@ def _require_image_content(data: bytes, filename: str) -> None:
 
 
 def _read_upload(file: UploadFile, filename: str, limit: int) -> bytes:
+    """The upload's bytes, reading at most one byte past the limit: a huge file is refused, not buffered."""
     data = file.file.read(limit + 1)
     if len(data) > limit:
         raise HTTPException(413, f"{filename}: file too large (limit {limit:,} bytes)")
@@ -118,6 +119,7 @@ def shift_monitor(predictor: Predictor, window: int) -> ShiftMonitor | None:
 
 
 def _data_url(png: bytes | None) -> str | None:
+    """A PNG as a data URL the page can show without a second request."""
     return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
