@@ -1,4 +1,5 @@
-"""Issue 14's measurement under the cross-source protocol: each external fold's held-out sources play a new site.
+"""Can a prediction be trusted at a new site? Measured under the cross-source protocol: each external fold's held-out
+sources play a new site.
 
 For each fold run: a guard whose members were trained without the fold's sources either (nested runs, shorter than
 the fold's: each also leaves out one other fold's sources); its threshold is set on half of the fold's validation
@@ -99,7 +100,7 @@ def trust_markdown(rows: list[dict], calibration: dict[str, list[dict]], main_oo
                             "shift alarm"], [_guard_row(r) for r in rows])
     calibrated = markdown_table(["held out", "N", "sensitivity", "specificity", "AUC"],
                                 [_calibration_row(name, c) for name, cal in calibration.items() for c in cal])
-    lines = ["## Can a prediction be trusted? (issue 14, cross-source protocol)", "",
+    lines = ["## Can a prediction be trusted? (cross-source protocol)", "",
              f"Deployed guard (main run; members: the fold runs): {percent(main_ood.get('coverage'))} of the "
              f"in-distribution test split accepted; shift alarm on the test split: "
              f"{'FIRES' if main_ood['shift']['alarm'] else 'silent'}: {main_ood['shift']['message']}.", "",
