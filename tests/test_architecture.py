@@ -12,7 +12,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 # The pipeline, first to last; a module may import its own stage or an earlier one.
 STAGES = (
-    ("covidcxr", "covidcxr.config", "covidcxr.errors", "covidcxr.device"),
+    ("covidcxr", "covidcxr.config", "covidcxr.errors", "covidcxr.device", "covidcxr.formatting"),
     ("covidcxr.data",),
     ("covidcxr.lungs",),
     ("covidcxr.preprocess",),

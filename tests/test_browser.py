@@ -18,6 +18,7 @@ import pytest
 from servers import background_server, bench_serve
 
 from covidcxr.deploy.predict import Predictor
+from covidcxr.config import ServeConfig
 from covidcxr.deploy.serve.app import create_app
 from covidcxr.deploy.serve.log import PredictionLog
 from covidcxr.model.cam import OVERLAY_MIN_SIDE
@@ -79,7 +80,7 @@ def test_upload_shows_probability_and_heatmap(predictor, browser, tmp_path: Path
     bench = bench_serve()
     (tmp_path / "chest.png").write_bytes(bench.chest_like_png(384))
     (tmp_path / "notes.png").write_text("not an image\n")
-    with background_server(create_app(predictor, tmp_path / "log.sqlite")) as url:
+    with background_server(create_app(predictor, ServeConfig(db=str(tmp_path / "log.sqlite")))) as url:
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         outside = _only_loopback(page, url)
         page.goto(url)
@@ -103,7 +104,7 @@ def test_upload_shows_probability_and_heatmap(predictor, browser, tmp_path: Path
 
 
 def test_docs_render_offline(predictor, browser, tmp_path: Path) -> None:
-    with background_server(create_app(predictor, tmp_path / "log.sqlite")) as url:
+    with background_server(create_app(predictor, ServeConfig(db=str(tmp_path / "log.sqlite")))) as url:
         page = browser.new_page()
         outside = _only_loopback(page, url)
         page.goto(f"{url}/docs")
@@ -116,7 +117,7 @@ def test_docs_render_offline(predictor, browser, tmp_path: Path) -> None:
 
 def test_page_asks_for_the_token_and_then_scores(predictor, browser, tmp_path: Path) -> None:
     (tmp_path / "chest.png").write_bytes(bench_serve().chest_like_png(256))
-    with background_server(create_app(predictor, tmp_path / "log.sqlite", token=TOKEN)) as url:
+    with background_server(create_app(predictor, ServeConfig(db=str(tmp_path / "log.sqlite")), token=TOKEN)) as url:
         page = browser.new_page()
         page.goto(url)
         sync_api.expect(page.locator("#model")).to_have_text("access token required")

@@ -1,4 +1,5 @@
-"""Every DICOM encoding a hospital sends decodes to the same picture; only chest radiographs reach ingest, predict, serve.
+"""Every DICOM encoding a hospital sends decodes to the same picture; only chest radiographs reach ingest, predict,
+serve.
 
 Each file is made here from a small synthetic film (tests/dicom_factory.py), so every case checks a real encoder's
 output against the picture it was made from.
@@ -153,11 +154,13 @@ def test_predict_refuses_a_ct_with_exit_1(tmp_path, images, tiny_run):
 
 def test_service_answers_422_for_a_ct(tmp_path, images, tiny_run):
     from covidcxr.deploy.predict import Predictor
+    from covidcxr.config import ServeConfig
     from covidcxr.deploy.serve.app import create_app
 
     ct = images.dicom(None, make.film(), Modality="CT")
     chest = images.dicom(None, make.film())
-    with TestClient(create_app(Predictor.from_run(tiny_run), tmp_path / "log.sqlite")) as client:
+    app = create_app(Predictor.from_run(tiny_run), ServeConfig(db=str(tmp_path / "log.sqlite")))
+    with TestClient(app) as client:
         refused = client.post("/api/predict", files={"file": ("ct.dcm", ct, "application/dicom")})
         scored = client.post("/api/predict", files={"file": ("chest.dcm", chest, "application/dicom")})
     assert refused.status_code == 422 and CT_REASON in refused.json()["detail"]

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from covidcxr.config import AugmentConfig, IngestConfig, TrainConfig
+from covidcxr.config import AugmentConfig, CalibrateSettings, IngestConfig, TrainConfig
 from covidcxr.errors import (CovidcxrError, ExportParityError, ImageReadError, InputError, LeakageError,
                              MissingInputError, PortInUseError, RunExistsError, WeightsUnavailableError, one_line)
 
@@ -45,6 +45,13 @@ def test_one_line_folds_library_messages():
     (AugmentConfig, "scale", (1.1, 0.9), "0 < low <= high"),
     (IngestConfig, "size", 0, "an integer >= 1"),
     (IngestConfig, "square", "circle", "pad, squash, crop"),
+    (CalibrateSettings, "fraction", 0.0, "(0, 1)"),
+    (CalibrateSettings, "fraction", 1.0, "(0, 1)"),
+    (CalibrateSettings, "finetune_epochs", -1, "an integer >= 0"),
+    (CalibrateSettings, "layers", "middle", "head, all"),
+    (CalibrateSettings, "target_sensitivity", 0.0, "(0, 1], or unset"),
+    (CalibrateSettings, "n_images", 0, "an integer >= 1, or unset"),
+    (CalibrateSettings, "n_boot", 0, "an integer >= 1"),
 ], ids=lambda v: str(v) if not isinstance(v, type) else v.__name__)
 def test_bad_settings_fail_when_made_naming_the_setting(cls, setting, value, says):
     with pytest.raises(InputError) as err:

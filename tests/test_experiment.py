@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -77,6 +79,9 @@ def test_grid_writes_results_summary_and_figure(grid, tiny_data):
     assert all(f"| {name} |" in md for name in SETTINGS)
     with Image.open(out / "comparison.png") as img:
         assert img.format == "PNG" and min(img.size) >= 300
+    saved = json.loads((out / "experiment.json").read_text())  # the grid's settings, next to its results
+    assert saved["settings"] == SETTINGS and saved["folds"] == ["b"] and saved["data"] == str(tiny_data)
+    assert yaml.safe_load((out / "experiment.yaml").read_text()) == saved  # the same, as input the command takes
 
 
 def test_rerun_skips_finished_rows_and_redoes_only_missing_ones(grid, monkeypatch):

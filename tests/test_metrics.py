@@ -97,11 +97,6 @@ def test_paired_bootstrap_aucs_match_bootstrap_ci_and_pair_the_replicates():
     assert np.isnan(one_class).all()
 
 
-def test_fmt_shows_undefined_as_na():
-    assert M.fmt(None) == M.fmt(float("nan")) == "n/a" and M.fmt(0.12345) == "0.123" and M.fmt(1, 1) == "1.0"
-    assert M.fmt_ci([None, 0.5], 2) == "[n/a, 0.50]"
-
-
 @pytest.mark.parametrize(
     ("y", "score", "message"),
     [([0, 2], [0.1, 0.2], "0/1"), ([0, 1], [0.1, float("nan")], "non-finite"), ([0, 1], [0.1], "equal length"),

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import os
 import socket
 import struct
@@ -23,6 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from covidcxr.config import ServeConfig
 from covidcxr.deploy.predict import Predictor
 from covidcxr.deploy.serve.app import MULTIPART_SLACK_BYTES, create_app
 from covidcxr.deploy.serve.log import PredictionLog
@@ -85,7 +87,7 @@ def db(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def client(predictor: Predictor, db: Path):
-    with TestClient(create_app(predictor, db, max_upload_bytes=LIMIT)) as c:
+    with TestClient(create_app(predictor, ServeConfig(db=str(db), max_upload_bytes=LIMIT))) as c:
         yield c
 
 
@@ -170,7 +172,7 @@ def test_upload_limit_is_exact_on_the_file(client: TestClient, db: Path) -> None
 
 def test_body_is_counted_while_streaming(predictor: Predictor, db: Path) -> None:
     """Chunked body, no Content-Length: the server must count bytes itself and stop reading soon after the limit."""
-    app = create_app(predictor, db, max_upload_bytes=LIMIT)
+    app = create_app(predictor, ServeConfig(db=str(db), max_upload_bytes=LIMIT))
     head = b'--xx\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
     chunk, most = b"\0" * 4096, 1000  # the client would send 4 MB, far over the limit
     pulled, sent = 0, []
@@ -229,7 +231,8 @@ def test_concurrent_requests_are_batched_and_answered_each_on_its_own(predictor:
     uploads = {f"img{i}.png": _encoded(images.smooth(100 + i), "PNG") for i in range(16)}
     expected = {name: _direct(predictor, data) for name, data in uploads.items()}
     cams = {name for i, name in enumerate(uploads) if i % 3 == 0}
-    app = create_app(predictor, db, max_upload_bytes=LIMIT, max_wait_ms=50)  # a long wait: batches surely form
+    cfg = ServeConfig(db=str(db), max_upload_bytes=LIMIT, max_wait_ms=50)  # a long wait: batches surely form
+    app = create_app(predictor, cfg)
     with TestClient(app) as client:
         with ThreadPoolExecutor(8) as pool:
             responses = dict(zip(uploads, pool.map(lambda kv: _post(client, *kv, cam=kv[0] in cams), uploads.items())))
@@ -247,7 +250,7 @@ def test_concurrent_requests_are_batched_and_answered_each_on_its_own(predictor:
 
 
 def test_token_is_required_and_never_logged(predictor: Predictor, db: Path) -> None:
-    with TestClient(create_app(predictor, db, max_upload_bytes=LIMIT, token=TOKEN)) as client:
+    with TestClient(create_app(predictor, ServeConfig(db=str(db), max_upload_bytes=LIMIT), token=TOKEN)) as client:
         data = _image_bytes(90)
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
             res = client.post("/api/predict", files={"file": ("a.png", data)}, headers=headers)
@@ -275,7 +278,8 @@ def test_serving_beyond_loopback_without_a_token_is_refused(tiny_run, tmp_path: 
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and out == ""
     [line] = err.splitlines()
-    assert line.startswith(f"covidcxr: error: --host {host} is reachable from other machines") and "--token-file" in line
+    assert line.startswith(f"covidcxr: error: --host {host} is reachable from other machines")
+    assert "--token-file" in line
     assert not (tmp_path / "log.sqlite").exists()
 
 
@@ -331,7 +335,7 @@ def _wait_until_up(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> 
 
 def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: Path) -> None:
     """The real `covidcxr serve` process (loopback, token from a file): 401 without it, 200 with it; the token
-    appears neither in the server's output nor in the prediction log."""
+    appears neither in the server's output nor in the prediction log, nor in the settings saved beside it."""
     (tmp_path / "token").write_text(TOKEN + "\n")
     port, db = _free_port(), tmp_path / "log.sqlite"
     proc = _serve_cli(str(tiny_run), "--port", str(port), "--db", str(db), "--token-file", str(tmp_path / "token"),
@@ -351,6 +355,9 @@ def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: P
     assert TOKEN not in out + err
     assert [r.filename for r in PredictionLog(db).records()] == ["a.png"]
     assert TOKEN.encode() not in b"".join(f.read_bytes() for f in tmp_path.glob("log.sqlite*"))
+    settings = json.loads((tmp_path / "log.serve.json").read_text())
+    assert settings["run"] == str(tiny_run) and settings["token_file"] == str(tmp_path / "token")
+    assert settings["port"] == port and settings["access_log"] is True and TOKEN not in json.dumps(settings)
 
 
 def test_cli_server_prints_no_line_per_request_by_default(tiny_run, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Issue 14: the per-image guard and the shift alarm, on tiny real runs and a site with a planted shift."""
+"""The per-image guard and the shift alarm, on tiny real runs and a site with a planted shift."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from covidcxr.evaluation.evaluate import evaluate
 from covidcxr.scoring import Scorer
 from covidcxr.training.guarding import attach_guard
 from covidcxr.training.trainer import train
-from covidcxr.trust.guard import Guard, fit_guard
+from covidcxr.trust.guard import fit_guard
 from covidcxr.trust.shift import ShiftMonitor, reference_scores, shift_test
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -174,6 +174,7 @@ def test_the_service_flags_each_image_and_raises_the_shift_alarm(guarded_run, xr
     guard's members in its graph and gives covidcxr's answers."""
     from fastapi.testclient import TestClient
 
+    from covidcxr.config import ServeConfig
     from covidcxr.deploy.predict import Predictor
     from covidcxr.deploy.serve.app import create_app
     from covidcxr.deploy.serve.server import load_predictor
@@ -182,7 +183,8 @@ def test_the_service_flags_each_image_and_raises_the_shift_alarm(guarded_run, xr
     predictor = Predictor.from_run(guarded_run)  # the torch engine itself; load_predictor would set torch's threads
     served = predictor if engine == "torch" else load_predictor(guarded_run, engine, threads=1)
     tolerance = 1e-6 if engine == "torch" else 1e-4
-    with TestClient(create_app(served, tmp_path / "log.sqlite", reject_ood=True, shift_window=40)) as client:
+    cfg = ServeConfig(db=str(tmp_path / "log.sqlite"), reject_ood=True, shift_window=40)
+    with TestClient(create_app(served, cfg)) as client:
         assert client.get("/api/health").json()["shift"]["alarm"] is False  # nothing scored yet: no verdict
         answers = [client.post("/api/predict", files={"file": (p.name, p.read_bytes(), "image/png")}).json()
                    for p in planted]

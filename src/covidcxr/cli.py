@@ -79,10 +79,10 @@ def _train(a: argparse.Namespace) -> int:
 
 def _evaluate(a: argparse.Namespace) -> int:
     from covidcxr.evaluation.evaluate import evaluate
-    from covidcxr.evaluation.metrics import fmt, fmt_ci
+    from covidcxr.formatting import NA, value_ci
     metrics = evaluate(a.run, a.data, a.split, a.out, n_boot=a.n_boot, diagnostics=a.diagnose, lung_model=a.lung_model)
     auc = metrics["auc"]
-    shown = "n/a (one class)" if auc["value"] is None else f"{fmt(auc['value'])} {fmt_ci(auc['ci95'])}"
+    shown = f"{NA} (one class)" if auc["value"] is None else value_ci(auc["value"], auc["ci95"])
     print(f"AUC {shown}  report: {Path(a.out) / 'report.html'}")
     return 0
 
@@ -99,10 +99,11 @@ def _predict(a: argparse.Namespace) -> int:
 
 
 def _serve(a: argparse.Namespace) -> int:
+    from covidcxr.config import ServeConfig
     from covidcxr.deploy.serve.server import serve
-    serve(a.run, a.host, a.port, a.db, token_file=a.token_file, no_auth=a.no_auth, threads=a.threads,
-          request_threads=a.request_threads, reject_ood=a.reject_ood, engine=a.engine,
-          access_log=a.access_log)
+    serve(ServeConfig(run=a.run, host=a.host, port=a.port, db=a.db, token_file=a.token_file, no_auth=a.no_auth,
+                      threads=a.threads, request_threads=a.request_threads, engine=a.engine,
+                      reject_ood=a.reject_ood, access_log=a.access_log))
     return 0
 
 
@@ -123,10 +124,11 @@ def _reproduce(a: argparse.Namespace) -> int:
 
 
 def _calibrate(a: argparse.Namespace) -> int:
-    from covidcxr.hospital.calibrate import CalibrateSettings, calibrate
+    from covidcxr.config import CalibrateSettings
+    from covidcxr.hospital.calibrate import calibrate
     settings = CalibrateSettings(fraction=a.fraction, finetune_epochs=a.finetune_epochs, layers=a.finetune_layers,
-                                 target_sensitivity=a.target_sensitivity)
-    r = calibrate(a.run, a.data, a.out, settings, n_boot=a.n_boot)
+                                 target_sensitivity=a.target_sensitivity, n_boot=a.n_boot)
+    r = calibrate(a.run, a.data, a.out, settings)
     print(f"{r['summary']}; adapted run: {Path(a.out) / 'run'}")
     return 0
 
@@ -348,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every image, flag them)")
     p.set_defaults(func=_predict)
 
-    from covidcxr.deploy.serve.defaults import ENGINES, REQUEST_THREADS, SERVE_THREADS
+    from covidcxr.config import ENGINES, REQUEST_THREADS, SERVE_THREADS
     p = sub.add_parser("serve", help="HTTP API and web page")
     p.add_argument("run", help="run folder (covidcxr train --out)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "

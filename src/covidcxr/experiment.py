@@ -23,8 +23,9 @@ from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from covidcxr.data import tasks  # noqa: E402
 from covidcxr.data.cache import ImageCache  # noqa: E402
-from covidcxr.config import TrainConfig, config_hash, from_dict, read_yaml, to_dict  # noqa: E402
+from covidcxr.config import ExperimentConfig, TrainConfig, config_hash, read_yaml, save_json, to_dict  # noqa: E402
 from covidcxr.errors import InputError  # noqa: E402
+from covidcxr.formatting import markdown_table, value_ci  # noqa: E402
 from covidcxr.evaluation.evaluate import predictions  # noqa: E402
 from covidcxr.data.splits import external_folds  # noqa: E402
 from covidcxr.training.trainer import train  # noqa: E402
@@ -32,52 +33,31 @@ from covidcxr.training.trainer import train  # noqa: E402
 FIXED_SENSITIVITY = 0.9
 
 
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-GRID_KEYS = {"data", "settings", "base", "seeds", "eval_task", "folds", "keep_checkpoints"}
-
-
-def load_grid(path: str | Path, data: str | None = None) -> dict:
-    """Experiment YAML: data, eval_task, base (TrainConfig settings), settings {name: overrides}, seeds, folds,
-    keep_checkpoints. Every key and setting is checked here, before anything is trained (a typo must not cost a grid)."""
+def load_grid(path: str | Path, data: str | None = None) -> ExperimentConfig:
+    """The experiment YAML as an ExperimentConfig (`data` overrides its data folder). Every key and setting is checked
+    here, before anything is trained; a bad one is one line naming the file."""
     spec = read_yaml(path, "experiment settings (data, settings, ...)")
     if data:
         spec["data"] = str(data)
-    missing, unknown = {"data", "settings"} - set(spec), set(spec) - GRID_KEYS
-    if missing or unknown:
-        problems = [f"missing key(s) {', '.join(sorted(missing))}"] if missing else []
-        problems += [f"unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(GRID_KEYS))})"] if unknown else []
-        raise InputError(f"{path}: {'; '.join(problems)}")
-    if not isinstance(spec["settings"], dict) or not spec["settings"]:
-        raise InputError(f"{path}: settings must map setting names to TrainConfig overrides")
-    spec.setdefault("base", {})
-    spec.setdefault("seeds", [0])
-    spec.setdefault("eval_task", "covid-vs-normal")
-    tasks.check_task(spec["eval_task"])
-    for name, override in spec["settings"].items():
-        try:
-            from_dict(TrainConfig, _merge(_merge(to_dict(TrainConfig()), spec["base"]), override or {}))
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"{path}: setting {name!r}: {exc}") from None
-    return spec
+    try:
+        grid = ExperimentConfig.from_mapping(spec)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    tasks.check_task(grid.eval_task)  # the task names live with the data, a later stage than config
+    return grid
 
 
-def held_out_folds(spec: dict) -> list[list[str]]:
-    """The in-distribution fold ([]) and the external folds of the data, limited to the spec's `folds` if given."""
-    available = external_folds(ImageCache(spec["data"]).manifest(), spec["eval_task"])
-    if not spec.get("folds"):
+def held_out_folds(grid: ExperimentConfig) -> list[list[str]]:
+    """The in-distribution fold ([]) and the external folds of the data, limited to the grid's `folds` if given."""
+    available = external_folds(ImageCache(grid.data).manifest(), grid.eval_task)
+    if not grid.folds:
         return [[]] + available
     names = ["+".join(f) for f in available]
-    unknown = [f for f in spec["folds"] if f not in names]
+    unknown = [f for f in grid.folds if f not in names]
     if unknown:
-        raise InputError(f"folds {', '.join(unknown)} are not external folds of {spec['data']} "
+        raise InputError(f"folds {', '.join(unknown)} are not external folds of {grid.data} "
                          f"(available: {', '.join(names) or 'none'})")
-    return [[]] + [f for f in available if "+".join(f) in spec["folds"]]
+    return [[]] + [f for f in available if "+".join(f) in grid.folds]
 
 
 def spec_at_fixed_sensitivity(y: np.ndarray, score: np.ndarray, sensitivity: float = FIXED_SENSITIVITY) -> float:
@@ -87,6 +67,7 @@ def spec_at_fixed_sensitivity(y: np.ndarray, score: np.ndarray, sensitivity: flo
 
 
 def score_run(run: Path, data: str, task: str) -> dict:
+    """A run's test-split figures on the grid's task, so every setting is scored on the same images."""
     pred, meta, _ = predictions(run, data, "test", task=task)
     y, s = pred["y"].to_numpy(), pred["score"].to_numpy()
     both = 0 < y.sum() < len(y)
@@ -98,47 +79,52 @@ def score_run(run: Path, data: str, task: str) -> dict:
 
 
 def run_experiment(config: str | Path, out: str | Path, data: str | None = None) -> pd.DataFrame:
-    """Train and score every (setting, seed, fold); write results.csv, summary.csv/md and comparison.png."""
-    spec, out = load_grid(config, data), Path(out)
+    """Train and score every (setting, seed, fold); write results.csv, summary.csv/md and comparison.png, and the
+    grid's settings (experiment.json; experiment.yaml, which `covidcxr experiment` takes back)."""
+    grid, out = load_grid(config, data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.csv"
     done = pd.read_csv(results_path, dtype={"setting": str, "fold": str}) if results_path.exists() else pd.DataFrame()
     rows = done.to_dict("records")
     finished = {(r["setting"], r["seed"], r["fold"]) for r in rows}
-    jobs = grid_jobs(spec, held_out_folds(spec), out)
+    jobs = grid_jobs(grid, held_out_folds(grid), out)
     for name, seed, fold, cfg in jobs:  # all reused rows checked before anything is trained
         if (name, seed, fold) in finished:
             check_same_settings(Path(cfg.out), cfg)
-    (out / "experiment.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    save_json(to_dict(grid), out / "experiment.json")
+    (out / "experiment.yaml").write_text(yaml.safe_dump(to_dict(grid), sort_keys=False))
     for name, seed, fold, cfg in jobs:
         if (name, seed, fold) in finished:
             continue  # finished earlier: an interrupted grid resumes where it stopped
-        run_dir, start = Path(cfg.out), time.time()
-        train(cfg, resume=(run_dir / "last.pt").exists())
-        rows.append({"setting": name, "seed": seed, "fold": fold, **score_run(run_dir, spec["data"], spec["eval_task"]),
-                     "seconds": round(time.time() - start, 1)})
+        rows.append({"setting": name, "seed": seed, "fold": fold, **run_job(cfg, grid)})
         pd.DataFrame(rows).to_csv(results_path, index=False)
-        if not spec.get("keep_checkpoints", True):
+        if not grid.keep_checkpoints:  # only once its row is saved: a grid cut off here need not retrain it
             for checkpoint in ("model.pt", "last.pt"):  # a large grid would fill the disk
-                (run_dir / checkpoint).unlink(missing_ok=True)
-    results = pd.DataFrame(rows)
-    summary = summarize(results)
+                (Path(cfg.out) / checkpoint).unlink(missing_ok=True)
+    summary = summarize(pd.DataFrame(rows))
     summary.to_csv(out / "summary.csv")
-    (out / "summary.md").write_text(to_markdown(summary, spec))
+    (out / "summary.md").write_text(to_markdown(summary, grid))
     plot_comparison(summary, out / "comparison.png")
     return summary
 
 
-def grid_jobs(spec: dict, folds: list[list[str]], out: Path) -> list[tuple[str, int, str, TrainConfig]]:
+def run_job(cfg: TrainConfig, grid: ExperimentConfig) -> dict:
+    """Train one run (resuming a cut-off one) and score it on the grid's task: a row of results.csv, less its keys."""
+    run_dir, start = Path(cfg.out), time.time()
+    train(cfg, resume=(run_dir / "last.pt").exists())
+    return {**score_run(run_dir, grid.data, grid.eval_task), "seconds": round(time.time() - start, 1)}
+
+
+def grid_jobs(grid: ExperimentConfig, folds: list[list[str]], out: Path) -> list[tuple[str, int, str, TrainConfig]]:
     """(setting, seed, fold, config) of every run; seeds outermost, so a grid cut short still compares every setting."""
     jobs = []
-    for seed in spec["seeds"]:
-        for name, override in spec["settings"].items():
-            values = _merge(_merge(to_dict(TrainConfig()), spec["base"]), override or {})
+    for seed in grid.seeds:
+        for name in grid.settings:
+            base = grid.train_config(name)
             for held in folds:
                 fold = "+".join(held) or "in-distribution"
-                cfg = replace(from_dict(TrainConfig, values), data=str(spec["data"]),
-                              out=str(out / "runs" / name / f"seed{seed}" / fold), seed=seed, holdout_sources=held)
+                cfg = replace(base, data=str(grid.data), out=str(out / "runs" / name / f"seed{seed}" / fold),
+                              seed=seed, holdout_sources=held)
                 jobs.append((name, seed, fold, cfg))
     return jobs
 
@@ -171,35 +157,34 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
         rec = {}
         for label, series in [("in_auc", ind["auc"]), ("in_spec_at_sens90", ind["spec_at_sens90"]),
                               ("cross_auc", ext["auc"].mean()), ("cross_spec_at_sens90", ext["spec_at_sens90"].mean()),
-                              ("cross_sensitivity", ext["sensitivity"].mean()), ("cross_specificity", ext["specificity"].mean())]:
+                              ("cross_sensitivity", ext["sensitivity"].mean()),
+                              ("cross_specificity", ext["specificity"].mean())]:
             rec[label], rec[label + "_lo"], rec[label + "_hi"] = _mean_ci(series)
         rec["seeds"] = sub["seed"].nunique()
         records[name] = rec
     return pd.DataFrame.from_dict(records, orient="index").sort_values("cross_auc", ascending=False)
 
 
-def to_markdown(summary: pd.DataFrame, spec: dict) -> str:
+def to_markdown(summary: pd.DataFrame, grid: ExperimentConfig) -> str:
+    """summary.md: one row per setting, each figure with its t-interval over seeds (none for a single seed)."""
     cols = ["in_auc", "cross_auc", "cross_spec_at_sens90", "cross_sensitivity", "cross_specificity"]
-    def cell(row, c):
-        if np.isnan(row[c]):
-            return "n/a"
-        ci = "" if np.isnan(row[c + "_lo"]) else f" [{row[c + '_lo']:.3f}, {row[c + '_hi']:.3f}]"
-        return f"{row[c]:.3f}{ci}"
-    lines = ["| setting | " + " | ".join(cols) + " | seeds |", "|---" * (len(cols) + 2) + "|"]
-    lines += [f"| {name} | " + " | ".join(cell(row, c) for c in cols) + f" | {int(row['seeds'])} |"
-              for name, row in summary.iterrows()]
+    table = markdown_table(["setting", *cols, "seeds"], [
+        [name, *(value_ci(row[c], (row[c + "_lo"], row[c + "_hi"]), drop_unknown_ci=True) for c in cols),
+         int(row["seeds"])] for name, row in summary.iterrows()])
     best = summary.index[0]
     return ("# Experiment: cross-source comparison\n\n"
-            f"Evaluation task {spec['eval_task']}; mean over seeds with 95 % t-intervals; cross-source values are "
+            f"Evaluation task {grid.eval_task}; mean over seeds with 95 % t-intervals; cross-source values are "
             "averaged over the external folds (sources held out of training). spec_at_sens90: specificity where "
-            f"sensitivity first reaches {FIXED_SENSITIVITY:.0%} on the held-out images.\n\n" + "\n".join(lines)
+            f"sensitivity first reaches {FIXED_SENSITIVITY:.0%} on the held-out images.\n\n" + table
             + f"\n\nBest cross-source AUC: **{best}**.\n")
 
 
 def plot_comparison(summary: pd.DataFrame, path: Path) -> None:
+    """comparison.png: in-distribution beside cross-source AUC per setting, with their intervals."""
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(summary)), 4.5))
     x = np.arange(len(summary))
-    for offset, (col, label) in zip((-0.2, 0.2), [("in_auc", "in-distribution AUC"), ("cross_auc", "cross-source AUC")]):
+    bars = [("in_auc", "in-distribution AUC"), ("cross_auc", "cross-source AUC")]
+    for offset, (col, label) in zip((-0.2, 0.2), bars):
         err = np.vstack([summary[col] - summary[col + "_lo"], summary[col + "_hi"] - summary[col]])
         ax.bar(x + offset, summary[col], 0.4, yerr=np.nan_to_num(err), capsize=3, label=label)
     ax.axhline(0.5, color="gray", lw=1, ls="--", label="chance")

@@ -12,14 +12,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import pandas as pd
-
-from covidcxr.data import tasks
 from covidcxr.data.cache import CACHE_META, ImageCache
 from covidcxr.data.splits import MIN_CLASS, external_folds
 from covidcxr.config import IngestConfig, TrainConfig, save_json, to_dict
 from covidcxr.errors import MissingInputError
 from covidcxr.evaluation.evaluate import evaluate
+from covidcxr.formatting import markdown_table, number, value_ci
 from covidcxr.data.ingest import ingest
 from covidcxr.hospital.crosssite import calibrate_rows, guard_fold, measure_fold, nested_members, write_trust
 from covidcxr.model.weights import resolve_weights
@@ -50,7 +48,8 @@ EXTERNAL_EPOCHS = 4  # external-validation runs are shorter so that the whole jo
 # from scratch their validation AUC peaked by the 3rd of 8 epochs (docs/results/reproduce/, 2026-12-02)
 
 
-def recipe(data: Path, out: Path, weights: str, device: str, quick: bool, image_size: int | str = "auto") -> TrainConfig:
+def recipe(data: Path, out: Path, weights: str, device: str, quick: bool,
+           image_size: int | str = "auto") -> TrainConfig:
     """The default training recipe (see README), made smaller with --quick (a smoke test, not a result)."""
     cfg = TrainConfig(data=str(data), out=str(out), weights=weights, device=device, image_size=image_size)
     if quick:
@@ -58,34 +57,38 @@ def recipe(data: Path, out: Path, weights: str, device: str, quick: bool, image_
     return cfg
 
 
-def _table_row(name: str, metrics: dict) -> str:
-    def cell(key: str) -> str:
-        m = metrics.get(key) or {}
-        if m.get("value") is None:
-            return "n/a"
-        lo, hi = m["ci95"]
-        ci = f" [{lo * 100:.1f}, {hi * 100:.1f}]" if lo is not None else ""
-        return f"{m['value'] * 100:.1f}{ci}"
-    return f"| {name} | " + " | ".join(cell(k) for k in METRICS) + f" | {metrics['n']} |"
+def _table_row(name: str, metrics: dict) -> list[str]:
+    """One evaluation's row of summary.md's table: each metric in % with its bootstrap interval, then n."""
+    cells = [value_ci((metrics.get(k) or {}).get("value"), (metrics.get(k) or {}).get("ci95"), 1, 100,
+                      drop_unknown_ci=True) for k in METRICS]
+    return [name, *cells, metrics["n"]]
+
+
+def _results_table(main: dict, external: dict[str, dict]) -> str:
+    """The paper's figures beside ours: the in-distribution test split and each external fold."""
+    paper = ["paper (Cortes & Sanchez 2021)", *(number(PAPER[k], 1, 100) if k in PAPER else "-" for k in METRICS),
+             "11,312 (all splits)"]
+    ours = [_table_row("ours, in-distribution test split", main)]
+    ours += [_table_row(f"ours, external: trained without {name}", m) for name, m in external.items()]
+    return markdown_table(["evaluation", *METRICS, "n"], [paper, *ours])
 
 
 def write_summary(out: Path, main: dict, external: dict[str, dict], diagnosis_verdict: str,
                   weights_note: str | None, cfg: TrainConfig, trust: str = "") -> Path:
+    """summary.md: the paper's table beside ours, the external validation in words, the trust
+    measurement, the shortcut verdict and the settings; returns its path."""
     lines = ["# covidcxr reproduce: summary", ""]
     if weights_note:
         lines += [f"> **Warning:** {weights_note}", ""]
     lines += ["Cortes & Sanchez (2021) fine-tuned an ImageNet AlexNet with a gray first layer for COVID-19 vs healthy.",
-              "Values in %, with 95 % patient-level bootstrap confidence intervals; threshold chosen on validation data.", "",
-              "| evaluation | " + " | ".join(METRICS) + " | n |", "|---" * (len(METRICS) + 2) + "|",
-              "| paper (Cortes & Sanchez 2021) | " + " | ".join(f"{PAPER[k] * 100:.1f}" if k in PAPER else "-" for k in METRICS)
-              + " | 11,312 (all splits) |",
-              _table_row("ours, in-distribution test split", main)]
-    lines += [_table_row(f"ours, external: trained without {name}", m) for name, m in external.items()]
+              "Values in %, with 95 % patient-level bootstrap confidence intervals; threshold chosen on validation "
+              "data.", "", _results_table(main, external)]
     lines += ["", "## What the external validation shows", "", _external_words(main, external), "",
               trust, "## Shortcut diagnostics", "", diagnosis_verdict, "",
               "Details, figures and lung masks: `main/report/diagnose/diagnose.html`.", "",
               "## Settings", "", f"```json\n{json.dumps(to_dict(cfg), indent=1)}\n```", "",
-              "Reports: `main/report/report.html`, " + ", ".join(f"`external/{n}/report/report.html`" for n in external)]
+              "Reports: `main/report/report.html`, "
+              + ", ".join(f"`external/{n}/report/report.html`" for n in external)]
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -97,16 +100,13 @@ def _both_classes(metrics: dict) -> bool:
     return min(c["tp"] + c["fn"], c["tn"] + c["fp"]) >= MIN_CLASS and metrics["auc"]["value"] is not None
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def _external_words(main: dict, external: dict[str, dict]) -> str:
     """One clause per held-out fold, then the mean cross-source AUC against the in-distribution one, in words."""
     if not external:
         return "No source could be held out (every class comes from one source)."
-    parts = [f"held out {name}: AUC {_fmt(m['auc']['value'])}, sensitivity {_fmt(m['sensitivity']['value'])}, "
-             f"specificity {_fmt(m['specificity']['value'])}" for name, m in external.items()]
+    parts = [f"held out {name}: AUC {number(m['auc']['value'], 2)}, "
+             f"sensitivity {number(m['sensitivity']['value'], 2)}, "
+             f"specificity {number(m['specificity']['value'], 2)}" for name, m in external.items()]
     aucs = [m["auc"]["value"] for m in external.values() if _both_classes(m)]
     in_auc = main["auc"]["value"]
     if not aucs or in_auc is None:
@@ -116,8 +116,8 @@ def _external_words(main: dict, external: dict[str, dict]) -> str:
     conclusion = ("A large drop means the in-distribution figures mostly measure recognising the collection, not the "
                   "disease." if drop > 0.1 else "The model's signal largely survives a change of collection.")
     return ("; ".join(parts) + f". On collections it never saw (folds with at least {MIN_CLASS} images of each class), "
-            f"the mean AUC is {mean:.2f} against {in_auc:.2f} in-distribution "
-            f"({'a drop of ' + format(drop, '.2f') if drop > 0 else 'no drop'}). {conclusion}")
+            f"the mean AUC is {number(mean, 2)} against {number(in_auc, 2)} in-distribution "
+            f"({'a drop of ' + number(drop, 2) if drop > 0 else 'no drop'}). {conclusion}")
 
 
 def reproduce(data: str | Path, out: str | Path, weights: str = "auto", quick: bool = False, device: str = "auto",
@@ -135,7 +135,8 @@ def reproduce(data: str | Path, out: str | Path, weights: str = "auto", quick: b
     fold_runs = {}
     for held in folds:
         fold_out = out / "external" / "+".join(held)
-        fold_cfg = replace(cfg, out=str(fold_out / "run"), holdout_sources=held, epochs=min(cfg.epochs, EXTERNAL_EPOCHS))
+        fold_cfg = replace(cfg, out=str(fold_out / "run"), holdout_sources=held,
+                           epochs=min(cfg.epochs, EXTERNAL_EPOCHS))
         fold_runs["+".join(held)] = train(fold_cfg, resume=(fold_out / "run" / "last.pt").exists())
     if fold_runs:  # the deployed guard: the models trained with each source group held out
         attach_guard(run, [r / "model.pt" for r in fold_runs.values()], data_dir)

@@ -14,6 +14,7 @@ import pandas as pd
 from covidcxr.errors import InputError
 from covidcxr.evaluation.metrics import METRIC_NAMES, read_metrics
 from covidcxr.evaluation.plots import plot_roc_overlay
+from covidcxr.formatting import markdown_table, number, value_ci
 
 TABLE_CSV, TABLE_MD, OVERLAY_PNG = "compare.csv", "compare.md", "roc_overlay.png"
 
@@ -42,6 +43,7 @@ def _names(report_dirs: Sequence[Path]) -> list[str]:
 
 
 def _row(metrics: dict[str, Any]) -> dict[str, Any]:
+    """One report's table row: n, threshold, and each metric with its CI bounds."""
     row: dict[str, Any] = {"n": metrics["n"], "n_patients": metrics.get("n_patients"),
                            "threshold": metrics["threshold"]}
     for m in METRIC_NAMES:
@@ -52,16 +54,9 @@ def _row(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def to_markdown(table: pd.DataFrame) -> str:
     """The comparison as a Markdown table, each metric as 'value [lo, hi]'."""
-    def fmt(x: Any) -> str:
-        return "n/a" if pd.isna(x) else f"{x:.3f}"
-
-    header = ["report", "n", "threshold", *METRIC_NAMES]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, r in table.iterrows():
-        cells = [str(name), str(int(r["n"])), fmt(r["threshold"])]
-        cells += [f"{fmt(r[m])} [{fmt(r[f'{m}_lo'])}, {fmt(r[f'{m}_hi'])}]" for m in METRIC_NAMES]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[str(name), str(int(r["n"])), number(r["threshold"]),
+             *(value_ci(r[m], (r[f"{m}_lo"], r[f"{m}_hi"])) for m in METRIC_NAMES)] for name, r in table.iterrows()]
+    return markdown_table(["report", "n", "threshold", *METRIC_NAMES], rows) + "\n"
 
 
 def compare_reports(report_dirs: Sequence[str | Path], out: str | Path | None = None) -> pd.DataFrame:

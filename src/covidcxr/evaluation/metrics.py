@@ -3,8 +3,9 @@
 Everything here works on predictions only: `y` (1 = positive, 0 = negative) and `score` (the model's
 positive-class probability); an image is called positive when `score >= threshold`.
 Undefined values are NaN, never a made-up number; `evaluate_predictions` and `write_metrics` turn them into JSON
-`null` and `fmt` shows them as "n/a". Sensitivity needs positives, specificity negatives; PPV, NPV, F1, balanced
-accuracy, AUC and PR-AUC need both classes (with positives only, PPV and PR-AUC would be 1 whatever the model does).
+`null` and `covidcxr.formatting` shows them as "n/a". Sensitivity needs positives, specificity negatives; PPV, NPV,
+F1, balanced accuracy, AUC and PR-AUC need both classes (with positives only, PPV and PR-AUC would be 1 whatever the
+model does).
 """
 
 from __future__ import annotations
@@ -59,16 +60,6 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den with NaN where den == 0 (an undefined rate, not zero)."""
     num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     return np.divide(num, den, out=np.full(np.broadcast(num, den).shape, np.nan), where=den > 0)
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """A metric for people: fixed digits, "n/a" where it is undefined (None or NaN)."""
-    return f"{x:.{digits}f}" if x is not None and math.isfinite(x) else "n/a"
-
-
-def fmt_ci(ci: Sequence[Any], digits: int = 3) -> str:
-    """An interval for people: "[lo, hi]", each end "n/a" where undefined."""
-    return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
 
 
 def _rates(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
@@ -248,6 +239,7 @@ def _summary(pred_df: pd.DataFrame, threshold: float, n_boot: int, seed: int) ->
 
 
 def _one_class_note(y: np.ndarray) -> str | None:
+    """Why most metrics are undefined on one class, or None when both are present."""
     undefined = "PPV, NPV, F1, balanced accuracy, AUC and PR-AUC are undefined (they need both classes)"
     if y.all():
         return f"positives only: sensitivity is the meaningful rate; specificity, {undefined}"
@@ -257,6 +249,7 @@ def _one_class_note(y: np.ndarray) -> str | None:
 
 
 def _positive_label(pred_df: pd.DataFrame) -> str:
+    """The label of the positives, when the caller did not say it and the predictions tell it unambiguously."""
     labels = sorted(pred_df.loc[pred_df["y"] == 1, "label"].astype(str).unique())
     if len(labels) != 1:
         raise ValueError(f"cannot tell the positive label from the predictions (y == 1 labels: {labels}); pass it")

@@ -18,11 +18,14 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
+from covidcxr.formatting import interval, number  # noqa: E402
+
 DPI = 120
 SQUARE = (5.0, 5.0)
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
+    """Write and close the figure (matplotlib keeps open figures in memory); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -31,11 +34,8 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
-
-
 def _roc_axes(ax: plt.Axes, title: str) -> None:
+    """The ROC frame every ROC figure shares: chance diagonal, square axes, labels and legend."""
     ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="chance")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal", title=title)
     ax.set_xlabel("1 - specificity (false positive rate)")
@@ -59,8 +59,8 @@ def plot_roc(
         ax.text(0.5, 0.5, "ROC undefined:\nonly one class present", ha="center", va="center")
     else:
         fpr, tpr, _ = roc_curve(y_arr, s_arr)
-        ci = "" if auc_ci is None else f" [{_fmt(auc_ci[0])}, {_fmt(auc_ci[1])}]"
-        ax.plot(fpr, tpr, lw=2, color="C0", label=f"AUC {_fmt(auc)}{ci}")
+        ci = "" if auc_ci is None else f" {interval(auc_ci)}"
+        ax.plot(fpr, tpr, lw=2, color="C0", label=f"AUC {number(auc)}{ci}")
         if operating_point is not None:
             called = s_arr >= operating_point
             op_fpr, op_tpr = called[y_arr == 0].mean(), called[y_arr == 1].mean()
@@ -70,13 +70,14 @@ def plot_roc(
     return _save(fig, path)
 
 
-def plot_confusion(confusion: Mapping[str, int], path: str | Path, labels: Sequence[str] = ("negative", "positive")) -> Path:
+def plot_confusion(confusion: Mapping[str, int], path: str | Path,
+                   labels: Sequence[str] = ("negative", "positive")) -> Path:
     """Counts and row-normalised rates (rows = true class) side by side; `labels` = (negative, positive) names."""
     counts = np.array([[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]], dtype=float)
     row_sums = counts.sum(axis=1, keepdims=True)
     rates = np.divide(counts, row_sums, out=np.full_like(counts, np.nan), where=row_sums > 0)
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 4.2))
-    panels = ((counts, "counts", lambda v: f"{int(v)}"), (rates, "fraction of true class", lambda v: _fmt(v, 2)))
+    panels = ((counts, "counts", lambda v: f"{int(v)}"), (rates, "fraction of true class", lambda v: number(v, 2)))
     for ax, (matrix, title, text) in zip(axes, panels):
         shade = matrix / np.nanmax(matrix) if np.nanmax(matrix) > 0 else np.zeros_like(matrix)
         ax.imshow(np.nan_to_num(shade), cmap="Blues", vmin=0, vmax=1)
@@ -96,7 +97,7 @@ def plot_calibration(calibration_bins: Sequence[Mapping[str, Any]], ece: float |
     fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.0, 6.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="perfect calibration")
     ax.plot([b["mean_score"] for b in filled], [b["frac_positive"] for b in filled], "o-", color="C0",
-            label=f"model (ECE {_fmt(ece)})")
+            label=f"model (ECE {number(ece)})")
     ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), ylabel="fraction positive", title="Calibration (reliability diagram)")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)

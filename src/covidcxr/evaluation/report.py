@@ -19,7 +19,8 @@ import pandas as pd
 
 from covidcxr import __version__
 from covidcxr.evaluation import plots
-from covidcxr.evaluation.metrics import METRIC_NAMES, fmt, fmt_ci, write_metrics
+from covidcxr.evaluation.metrics import METRIC_NAMES, write_metrics
+from covidcxr.formatting import interval, number
 
 METRIC_LABELS = {
     "accuracy": "Accuracy",
@@ -55,7 +56,8 @@ pre{margin:0;font-size:.85em;text-align:left;white-space:pre-wrap}.scroll{overfl
 
 
 def _value_ci(entry: Mapping[str, Any]) -> str:
-    return f'{fmt(entry["value"])}<br><span class="ci">{fmt_ci(entry["ci95"])}</span>'
+    """A metric's value with its interval below it, for a table cell."""
+    return f'{number(entry["value"])}<br><span class="ci">{interval(entry["ci95"])}</span>'
 
 
 def class_names(pred_df: pd.DataFrame, positive_label: str) -> tuple[str, str]:
@@ -80,15 +82,17 @@ def draw_figures(out_dir: Path, pred_df: pd.DataFrame, metrics: Mapping[str, Any
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> str:
+    """Every metric with its 95 % interval."""
     rows = "".join(
-        f'<tr><td class="k">{METRIC_LABELS[m]}</td><td>{fmt(metrics[m]["value"])}</td>'
-        f'<td>{fmt(metrics[m]["ci95"][0])} &ndash; {fmt(metrics[m]["ci95"][1])}</td></tr>'
+        f'<tr><td class="k">{METRIC_LABELS[m]}</td><td>{number(metrics[m]["value"])}</td>'
+        f'<td>{number(metrics[m]["ci95"][0])} &ndash; {number(metrics[m]["ci95"][1])}</td></tr>'
         for m in METRIC_NAMES
     )
     return f'<table><tr><th class="k">metric</th><th>value</th><th>95 % CI</th></tr>{rows}</table>'
 
 
 def _confusion_table(confusion: Mapping[str, int], labels: tuple[str, str]) -> str:
+    """The confusion counts with the classes' own names, so nobody has to guess which way round."""
     neg, pos = (html.escape(label) for label in labels)
     return (
         f'<table><tr><th></th><th>called {neg}</th><th>called {pos}</th></tr>'
@@ -98,6 +102,7 @@ def _confusion_table(confusion: Mapping[str, int], labels: tuple[str, str]) -> s
 
 
 def _per_source_table(per_source: Mapping[str, Mapping[str, Any]]) -> str:
+    """Every metric per source: a model can be good on average and poor on one collection."""
     head = "".join(f"<th>{METRIC_LABELS[m]}</th>" for m in METRIC_NAMES)
     rows = "".join(
         f'<tr><td class="k">{html.escape(src)}</td><td>{s["n"]}</td><td>{s["n_patients"]}</td>'
@@ -112,6 +117,7 @@ def _per_source_table(per_source: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def _kv_table(items: Mapping[str, Any]) -> str:
+    """Provenance as key/value rows (nested values as JSON), so a report names what made it."""
     def cell(v: Any) -> str:
         if isinstance(v, (Mapping, list, tuple)):
             return f"<pre>{html.escape(json.dumps(v, indent=2, default=str))}</pre>"
@@ -123,6 +129,7 @@ def _kv_table(items: Mapping[str, Any]) -> str:
 
 
 def _figures_html(figures: Mapping[str, Path]) -> str:
+    """The figures embedded as data URLs, so the page is one self-contained file."""
     def embed(path: Path) -> str:
         return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -148,7 +155,7 @@ def render_html(
     summary = (
         f'{metrics["n"]} images from {metrics["n_patients"]} patients; positive class '
         f'<b>{html.escape(labels[1])}</b>, negative <b>{html.escape(labels[0])}</b>; threshold '
-        f'{fmt(metrics["threshold"])} ({html.escape(str(metrics["threshold_method"]))}); '
+        f'{number(metrics["threshold"])} ({html.escape(str(metrics["threshold_method"]))}); '
         "95 % intervals from a patient-level bootstrap."
     )
     if metrics.get("note"):
@@ -168,7 +175,7 @@ def render_html(
 <h2>Figures</h2>
 {_figures_html(figures)}
 <h2>Calibration</h2>
-<p>Expected calibration error {fmt(cal["ece"])}; Brier score {fmt(cal["brier"])}.</p>
+<p>Expected calibration error {number(cal["ece"])}; Brier score {number(cal["brier"])}.</p>
 <h2>Per source</h2>
 {_per_source_table(metrics["per_source"])}
 <h2>Provenance</h2>

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.evaluation.metrics import binary_metrics
+from covidcxr.formatting import number, percent
 from covidcxr.trust.guard import Guard
 from covidcxr.trust.shift import reference_scores, shift_test
 
@@ -34,10 +35,6 @@ def ood_summary(pred: pd.DataFrame, threshold: float, run: str | Path, positive_
             "right_flagged": float((~accepted[~wrong]).mean()) if (~wrong).any() else None, "shift": shift}
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None or np.isnan(x) else f"{x * 100:.1f} %"
-
-
 def trust_html(ood: dict) -> str:
     """The report section: the alarm in plain words first, then the guard's figures."""
     shift = ood["shift"]
@@ -49,17 +46,23 @@ def trust_html(ood: dict) -> str:
              + (f"p(rate) = {shift['p_rate']:.2g}, p(KS) = {shift['p_ks']:.2g}.</p>" if "p_rate" in shift else "</p>"))
     if not ood["guard"]:
         return alarm + tests + f"<p>{html.escape(ood['note'])}.</p>"
+    return alarm + tests + _guard_html(ood)
+
+
+def _guard_html(ood: dict) -> str:
+    """The per-image guard's figures: what it accepts, what it flags, how the model does on what it accepts."""
     acc = ood["accepted"] or {}
-    guard = (f"<p>Per-image guard: {_pct(ood['coverage'])} of images accepted as in-distribution "
-             f"({ood['n_accepted']}); it flags {_pct(ood['wrong_flagged'])} of the {ood['n_wrong']} wrong predictions "
-             f"and {_pct(ood['right_flagged'])} of the right ones. On accepted images: sensitivity "
-             f"{_pct(acc.get('sensitivity'))}, specificity {_pct(acc.get('specificity'))}, AUC "
-             f"{'n/a' if acc.get('auc') is None or np.isnan(acc['auc']) else format(acc['auc'], '.3f')}. "
+    guard = (f"<p>Per-image guard: {percent(ood['coverage'], 1)} of images accepted as in-distribution "
+             f"({ood['n_accepted']}); it flags {percent(ood['wrong_flagged'], 1)} of the {ood['n_wrong']} wrong "
+             f"predictions and {percent(ood['right_flagged'], 1)} of the right ones. On accepted images: sensitivity "
+             f"{percent(acc.get('sensitivity'), 1)}, specificity {percent(acc.get('specificity'), 1)}, AUC "
+             f"{number(acc.get('auc'))}. "
              "The columns in_distribution and ood_score of predictions.csv hold it per image.</p>")
     about = ood.get("about_guard") or {}
     if about.get("members"):
+        seconds = about.get("cpu_seconds_per_image_run_and_members", 0)
         guard += (f"<p>The guard's {about['members']} member models are stored with the run (RUN/guard/, "
                   f"{about.get('stored_dtype', '')}, {about.get('stored_members_bytes', 0) / 1e6:.1f} MB); scoring "
-                  f"an image with the run and its members took {about.get('cpu_seconds_per_image_run_and_members', 0) * 1e3:.1f}"
+                  f"an image with the run and its members took {seconds * 1e3:.1f}"
                   " ms on the CPU when the guard was fitted.</p>")
-    return alarm + tests + guard
+    return guard

@@ -9,9 +9,7 @@ reports of the original and the adapted run on the held-back part; OUT/calibrati
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
-from covidcxr.config import AugmentConfig, from_dict, save_json
+from covidcxr.config import AugmentConfig, CalibrateSettings, from_dict, save_json, to_dict
 from covidcxr.data import tasks
 from covidcxr.data.cache import ImageCache
 from covidcxr.data.splits import patient_uniform
 from covidcxr.errors import InputError
 from covidcxr.evaluation.evaluate import evaluate
+from covidcxr.formatting import number
 from covidcxr.model.threshold import choose_threshold
 from covidcxr.model.checkpoint import save_checkpoint
 from covidcxr.model.network import unwrap
@@ -39,19 +38,6 @@ MIN_PER_CLASS = 3  # calibration images of each class, at least
 MIN_HELD_BACK = 10  # held-back images, at least: fewer measure nothing
 SPLIT_COLUMNS = ["path", "source", "patient_id", "label", "split"]
 METRICS = ("sensitivity", "specificity", "auc")  # reported before and after, each with its bootstrap 95 % CI
-
-
-@dataclass
-class CalibrateSettings:
-    fraction: float = 0.3  # share of the site's patients used to adapt; the rest is held back to measure
-    finetune_epochs: int = 10  # passes over the fine-tune images
-    layers: str = "head"  # head | all: which layers fine-tuning changes
-    lr: float = 0.01
-    batch_size: int = 16
-    target_sensitivity: float | None = None  # None: Youden's J on the tune images
-    n_images: int | None = None  # exactly this many calibration images instead of `fraction` (measurements)
-    max_held_back: int | None = None  # measure on at most this many held-back images (the rest unused; time)
-    seed: int = 0
 
 
 def site_parts(site: pd.DataFrame, settings: CalibrateSettings) -> pd.Series:
@@ -93,8 +79,6 @@ def finetune(scorer: Scorer, x: torch.Tensor, y: torch.Tensor, settings: Calibra
     """Fine-tune the run's model in place on normalised squares `x` with its own augmentation and class weights."""
     net = unwrap(scorer.model)
     params = list(net.head.parameters()) if settings.layers == "head" else list(net.parameters())
-    if settings.layers not in ("head", "all"):
-        raise InputError(f"--finetune-layers {settings.layers!r}: choose head or all")
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=0.9, weight_decay=5e-4)
     augment = from_dict(AugmentConfig, dict(scorer.meta["augment"]))
     weights = class_weights(y.numpy(), len(scorer.spec.classes))
@@ -127,11 +111,12 @@ def fold_temperature(scorer: Scorer, temperature: float) -> None:
         head.bias /= temperature
 
 
-def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings: CalibrateSettings = CalibrateSettings(),
-              sources: list[str] | None = None, n_boot: int = 1000) -> dict:
+def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings: CalibrateSettings | None = None,
+              sources: list[str] | None = None) -> dict:
     """Adapt `run` to the site; returns calibration.json's content. `sources`: only these sources of `site_data`
     are the site (the cross-source measurement uses a run's held-out sources)."""
     run, site_data, out = Path(run), Path(site_data), Path(out)
+    settings = settings or CalibrateSettings()
     scorer = Scorer.from_run(run, "cpu")
     cache = ImageCache(site_data)
     site = cache.manifest()
@@ -147,27 +132,24 @@ def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings:
     finetune(scorer, scorer.normalise(squares[ft]), torch.tensor(target[ft]), settings)
     temperature = fit_temperature(np.log(np.clip(scorer.probabilities(squares[tune]), 1e-12, 1)), target[tune])
     fold_temperature(scorer, temperature)
-    method = "sensitivity" if settings.target_sensitivity is not None else "youden"
-    threshold = choose_threshold(labels[tune], scorer.scores(squares[tune]), method, settings.target_sensitivity or 0.95)
+    method = settings.threshold_method
+    threshold = choose_threshold(labels[tune], scorer.scores(squares[tune]), method,
+                                 settings.target_sensitivity or 0.95)
     adapted = write_run(scorer, run, out / "run", site, parts, threshold, method, temperature, squares)
     held = site.loc[parts == "held-back", "path"].tolist()
-    reports = {name: evaluate(r, site_data, "all", out / name, n_boot=n_boot, diagnostics=False, images=held,
+    reports = {name: evaluate(r, site_data, "all", out / name, n_boot=settings.n_boot, diagnostics=False, images=held,
                               title=f"{name} calibrate: {r.name} on the held-back part of {site_data.name}")
                for name, r in (("before", run), ("after", adapted))}
     record = {"run": str(run.resolve()), "site": str(site_data.resolve()), "sources": sources,
-              "settings": settings.__dict__, "temperature": temperature, "threshold": threshold,
+              "settings": to_dict(settings), "temperature": temperature, "threshold": threshold,
               "threshold_method": method, "counts": parts.value_counts().to_dict(),
               "images": {part: site.loc[parts == part, "path"].tolist() for part in ("finetune", "tune", "held-back")},
               **{f"{k}_{m}": reports[k][m]["value"] for k in reports for m in METRICS},
               **{f"{k}_{m}_ci95": reports[k][m]["ci95"] for k in reports for m in METRICS}}
     record["summary"] = "held-back part: " + ", ".join(
-        f"{m} {_num(record['before_' + m])} -> {_num(record['after_' + m])}" for m in METRICS)
+        f"{m} {number(record['before_' + m])} -> {number(record['after_' + m])}" for m in METRICS)
     save_json(record, out / "calibration.json")
     return record
-
-
-def _num(x: float | None) -> str:
-    return "n/a" if x is None or np.isnan(x) else f"{x:.3f}"
 
 
 def write_run(scorer: Scorer, run: Path, out: Path, site: pd.DataFrame, parts: pd.Series, threshold: float,
@@ -194,7 +176,8 @@ def write_run(scorer: Scorer, run: Path, out: Path, site: pd.DataFrame, parts: p
     return out
 
 
-def reference_images(run: Path, site: pd.DataFrame, parts: pd.Series, squares: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+def reference_images(run: Path, site: pd.DataFrame, parts: pd.Series,
+                     squares: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
     """The run's validation images (when its data folder is here and of the same size) plus the site's calibration."""
     calib = parts.isin(["finetune", "tune"]).to_numpy()
     rows, ref = site.loc[calib, ["path", "source", "patient_id", "label"]], squares[calib]

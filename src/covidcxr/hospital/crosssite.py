@@ -1,4 +1,5 @@
-"""Can a prediction be trusted at a new site? Measured under the cross-source protocol: each external fold's held-out sources play a new site.
+"""Can a prediction be trusted at a new site? Measured under the cross-source protocol: each external fold's held-out
+sources play a new site.
 
 For each fold run: a guard whose members were trained without the fold's sources either (nested runs, shorter than
 the fold's: each also leaves out one other fold's sources); its threshold is set on half of the fold's validation
@@ -16,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidcxr.config import TrainConfig
+from covidcxr.config import CalibrateSettings, TrainConfig
 from covidcxr.data.splits import patient_uniform
 from covidcxr.errors import InputError
-from covidcxr.hospital.calibrate import METRICS, CalibrateSettings, calibrate
+from covidcxr.formatting import markdown_table, percent, value_ci
+from covidcxr.hospital.calibrate import METRICS, calibrate
 from covidcxr.scoring import Scorer
 from covidcxr.training.guarding import attach_guard, squares_for
 from covidcxr.training.trainer import train
@@ -59,8 +61,8 @@ def calibrate_rows(fold_run: Path, data: Path, held: list[str], out: Path, n_boo
     rows = []
     for n in SITE_IMAGES:
         try:
-            r = calibrate(fold_run, data, out / f"n{n}", CalibrateSettings(n_images=n, max_held_back=MAX_HELD_BACK),
-                          sources=held, n_boot=n_boot)
+            settings = CalibrateSettings(n_images=n, max_held_back=MAX_HELD_BACK, n_boot=n_boot)
+            r = calibrate(fold_run, data, out / f"n{n}", settings, sources=held)
             rows.append({"site_images": n, **{k: r[k] for k in r if k.startswith(("before_", "after_"))}})
         except InputError as e:
             rows.append({"site_images": n, "note": str(e)})
@@ -77,41 +79,38 @@ def measure_fold(name: str, fold_run: Path, metrics: dict, in_coverage: float | 
             "val_positive_rate": ood["shift"].get("reference_positive_rate")}
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x * 100:.0f} %"
-
-
-def _num(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.2f}"
-
-
 def _ci(row: dict, key: str) -> str:
-    """A value with its bootstrap 95 % CI, e.g. 0.52 [0.40, 0.65]."""
-    lo, hi = row.get(key + "_ci95") or (None, None)
-    return _num(row[key]) + ("" if lo is None else f" [{_num(lo)}, {_num(hi)}]")
+    """A value with its bootstrap 95 % CI, e.g. 0.52 [0.40, 0.65]; the value alone where there is no interval."""
+    return value_ci(row[key], row.get(key + "_ci95"), 2, drop_unknown_ci=True)
+
+
+def _guard_row(r: dict) -> list[str]:
+    """One fold's guard and shift-alarm row of trust.md."""
+    return [r["held_out"], r["guard_members"], percent(r["in_distribution_coverage"]), percent(r["held_out_coverage"]),
+            f"{percent(r['wrong_flagged'])} of {r['n_wrong']}", f"{'fires' if r['alarm'] else 'silent'}: {r['shift']}"]
+
+
+def _calibration_row(name: str, c: dict) -> list[str]:
+    """One fold and site size's calibrate row of trust.md; a site calibrate refused says why."""
+    if "note" in c:
+        return [name, c["site_images"], f"not possible: {c['note']}", "", ""]
+    return [name, c["site_images"], *(f"{_ci(c, 'before_' + m)} -> {_ci(c, 'after_' + m)}" for m in METRICS)]
 
 
 def trust_markdown(rows: list[dict], calibration: dict[str, list[dict]], main_ood: dict) -> str:
     """The trust tables in words and numbers."""
+    guard = markdown_table(["held out", "members", "in-dist. coverage", "held-out coverage", "wrong flagged",
+                            "shift alarm"], [_guard_row(r) for r in rows])
+    calibrated = markdown_table(["held out", "N", "sensitivity", "specificity", "AUC"],
+                                [_calibration_row(name, c) for name, cal in calibration.items() for c in cal])
     lines = ["## Can a prediction be trusted? (cross-source protocol)", "",
-             f"Deployed guard (main run; members: the fold runs): {_pct(main_ood.get('coverage'))} of the "
+             f"Deployed guard (main run; members: the fold runs): {percent(main_ood.get('coverage'))} of the "
              f"in-distribution test split accepted; shift alarm on the test split: "
              f"{'FIRES' if main_ood['shift']['alarm'] else 'silent'}: {main_ood['shift']['message']}.", "",
              "Per fold, the held-out sources play a new site; the fold's guard members never saw them.", "",
-             "| held out | members | in-dist. coverage | held-out coverage | wrong flagged | shift alarm |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['held_out']} | {r['guard_members']} | {_pct(r['in_distribution_coverage'])} | "
-              f"{_pct(r['held_out_coverage'])} | {_pct(r['wrong_flagged'])} of {r['n_wrong']} | "
-              f"{'fires' if r['alarm'] else 'silent'}: {r['shift']} |" for r in rows]
-    lines += ["", "calibrate with N labelled site images (before -> after, on held-back site images; bootstrap 95 % CIs):", "",
-              "| held out | N | sensitivity | specificity | AUC |", "|---|---|---|---|---|"]
-    for name, cal in calibration.items():
-        for c in cal:
-            if "note" in c:
-                lines.append(f"| {name} | {c['site_images']} | not possible: {c['note']} | | |")
-            else:
-                lines.append(f"| {name} | {c['site_images']} | " + " | ".join(
-                    f"{_ci(c, 'before_' + m)} -> {_ci(c, 'after_' + m)}" for m in METRICS) + " |")
+             guard, "",
+             "calibrate with N labelled site images (before -> after, on held-back site images; bootstrap 95 % CIs):",
+             "", calibrated]
     return "\n".join(lines) + "\n"
 
 

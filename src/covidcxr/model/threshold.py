@@ -7,9 +7,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from covidcxr.config import THRESHOLD_CHOICES
 from covidcxr.errors import InputError
-
-THRESHOLD_METHODS = ("youden", "sensitivity")
 
 
 def choose_threshold(
@@ -32,5 +31,5 @@ def choose_threshold(
             raise InputError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
         best = int(np.argmax(tpr >= target_sensitivity - 1e-12))  # tpr ends at 1, so a match exists
     else:
-        raise InputError(f"unknown threshold method {method!r}; use one of {', '.join(THRESHOLD_METHODS)}")
+        raise InputError(f"unknown threshold method {method!r}; use one of {', '.join(THRESHOLD_CHOICES)}")
     return float(thresholds[best])

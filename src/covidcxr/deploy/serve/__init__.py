@@ -1,4 +1,5 @@
-"""HTTP service with a web page: `app.create_app(predictor, db_path)` builds it, `server.serve(run_dir, ...)` runs it.
+"""HTTP service with a web page: `app.create_app(predictor, cfg)` builds it, `server.serve(cfg)` runs it; `cfg` is a
+`covidcxr.config.ServeConfig`, whose module also holds the defaults `covidcxr --help` states.
 
-Nothing is imported here, so `covidcxr --help` can read `defaults` without loading the web stack or torch.
+Nothing is imported here, so importing a module of this package loads only what that module needs.
 """

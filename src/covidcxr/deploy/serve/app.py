@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from importlib.resources import files
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -28,10 +27,10 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from covidcxr import __version__
+from covidcxr.config import ServeConfig
 from covidcxr.data.reader import ImageReadError
 from covidcxr.deploy.serve.access import bearer_guard
 from covidcxr.deploy.serve.batcher import Batcher
-from covidcxr.deploy.serve.defaults import MAX_BATCH, MAX_WAIT_MS, REQUEST_THREADS, SHIFT_WINDOW
 from covidcxr.deploy.serve.log import LogRecord, PredictionLog, utc_now
 from covidcxr.errors import InputError
 from covidcxr.trust.shift import ShiftMonitor, reference_scores
@@ -39,7 +38,6 @@ from covidcxr.trust.shift import ShiftMonitor, reference_scores
 if TYPE_CHECKING:  # torch's Predictor or the engine's EnginePredictor: the same interface
     from covidcxr.deploy.predict import Predictor
 
-DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # a large uncompressed DICOM radiograph is ~20-30 MB
 MULTIPART_SLACK_BYTES = 64 * 1024  # form framing around the file; the file itself is checked exactly
 PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 ACCEPTED = "PNG, JPEG, TIFF, BMP or DICOM"
@@ -91,6 +89,7 @@ def _require_image_content(data: bytes, filename: str) -> None:
 
 
 def _read_upload(file: UploadFile, filename: str, limit: int) -> bytes:
+    """The upload's bytes, reading at most one byte past the limit: a huge file is refused, not buffered."""
     data = file.file.read(limit + 1)
     if len(data) > limit:
         raise HTTPException(413, f"{filename}: file too large (limit {limit:,} bytes)")
@@ -120,34 +119,28 @@ def shift_monitor(predictor: Predictor, window: int) -> ShiftMonitor | None:
 
 
 def _data_url(png: bytes | None) -> str | None:
+    """A PNG as a data URL the page can show without a second request."""
     return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def create_app(
-    predictor: Predictor,
-    db_path: str | Path,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    token: str | None = None,
-    request_threads: int = REQUEST_THREADS,
-    max_batch: int = MAX_BATCH,
-    max_wait_ms: float = MAX_WAIT_MS,
-    reject_ood: bool = False,
-    shift_window: int = SHIFT_WINDOW,
-) -> FastAPI:
-    """Build the service around one loaded predictor; every successful prediction is logged to db_path.
+ERRORS = {  # the answers the OpenAPI docs list beside 200 and 422
+    401: {"model": Problem, "description": "missing or wrong access token (only when the service has one)"},
+    413: {"model": Problem, "description": "file too large (text/plain when the whole body is over the limit)"},
+    415: {"model": Problem, "description": f"not an image, or not {ACCEPTED}"},
+}
 
-    With a `token`, every /api request must send `Authorization: Bearer <token>` (else 401). `reject_ood` withholds
-    the label of images the run's guard calls out of distribution (the score is always given)."""
-    log = PredictionLog(db_path)
-    monitor = shift_monitor(predictor, shift_window)
-    batcher = Batcher(predictor, max_batch, max_wait_ms)
-    threads = anyio.CapacityLimiter(request_threads)
+
+def create_app(predictor: Predictor, cfg: ServeConfig | None = None, token: str | None = None) -> FastAPI:
+    """Build the service around one loaded predictor; every successful prediction is logged to the SQLite file
+    `cfg.log_path` names (by default in the predictor's run folder).
+
+    With a `token`, every /api request must send `Authorization: Bearer <token>` (else 401); it is an argument, not a
+    setting, because settings are saved to disk. `cfg.reject_ood` withholds the label of images the run's guard
+    calls out of distribution (the score is always given)."""
+    cfg = cfg or ServeConfig()
+    log = PredictionLog(cfg.log_path(predictor.spec.run_dir))
+    batcher = Batcher(predictor, cfg.max_batch, cfg.max_wait_ms)
     page = (files("covidcxr.deploy.serve") / "static" / "index.html").read_text(encoding="utf-8")
-    errors = {
-        401: {"model": Problem, "description": "missing or wrong access token (only when the service has one)"},
-        413: {"model": Problem, "description": "file too large (text/plain when the whole body is over the limit)"},
-        415: {"model": Problem, "description": f"not an image, or not {ACCEPTED}"},
-    }
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -166,19 +159,29 @@ def create_app(
         redoc_url=None,
     )
     app.state.batcher = batcher
-    api = APIRouter(prefix="/api", dependencies=[Depends(bearer_guard(token))] if token else [])
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
         return page
 
+    app.include_router(_api(predictor, cfg, batcher, log, token))
+    return app
+
+
+def _api(predictor: Predictor, cfg: ServeConfig, batcher: Batcher, log: PredictionLog,
+         token: str | None) -> APIRouter:
+    """The /api routes: health and predict, behind the bearer token when there is one."""
+    monitor = shift_monitor(predictor, cfg.shift_window)
+    threads = anyio.CapacityLimiter(cfg.request_threads)
+    api = APIRouter(prefix="/api", dependencies=[Depends(bearer_guard(token))] if token else [])
+
     @api.get("/health")
     async def health() -> Health:
-        return Health(status="ok", engine=predictor.engine, model_id=predictor.model_id, positive_label=predictor.positive_label,
-                      threshold=predictor.threshold, max_upload_bytes=max_upload_bytes,
-                      shift=monitor.status() if monitor else None)
+        return Health(status="ok", engine=predictor.engine, model_id=predictor.model_id,
+                      positive_label=predictor.positive_label, threshold=predictor.threshold,
+                      max_upload_bytes=cfg.max_upload_bytes, shift=monitor.status() if monitor else None)
 
-    @api.post("/predict", responses=errors, max_body_size=max_upload_bytes + MULTIPART_SLACK_BYTES)
+    @api.post("/predict", responses=ERRORS, max_body_size=cfg.max_upload_bytes + MULTIPART_SLACK_BYTES)
     async def predict(
         file: UploadFile = File(description=f"chest X-ray: {ACCEPTED}"),
         cam: bool = Query(False, description="also return a Grad-CAM overlay"),
@@ -186,13 +189,13 @@ def create_app(
         """Score one uploaded image. Errors: 413 too large; 415 not an image; 422 an image that cannot be used
         (no pixel data, corrupt, absurd size: `detail` is one line) or a malformed form (`detail` is a list)."""
         filename = file.filename or "upload"
-        decode = partial(_decode_upload, predictor, file, filename, max_upload_bytes)
+        decode = partial(_decode_upload, predictor, file, filename, cfg.max_upload_bytes)
         digest, square = await anyio.to_thread.run_sync(decode, limiter=threads)
         probability, ood_score, accepted = await batcher.score(square)
         heatmap = (await batcher.explain(square))[1] if cam else None
         if monitor:
             monitor.add(probability)
-        label = None if reject_ood and accepted is False else predictor.spec.label_for(probability)
+        label = None if cfg.reject_ood and accepted is False else predictor.spec.label_for(probability)
         out = Prediction(probability=probability, label=label, in_distribution=accepted, ood_score=ood_score,
                          threshold=predictor.threshold, model_id=predictor.model_id, heatmap=_data_url(heatmap),
                          sha256=digest)
@@ -201,5 +204,4 @@ def create_app(
         log.add(record)  # on the loop: one short insert (WAL, no fsync) costs less than a thread hop
         return out
 
-    app.include_router(api)
-    return app
+    return api

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import anyio
 import numpy as np
 
-from covidcxr.deploy.serve.defaults import MAX_BATCH, MAX_WAIT_MS
+from covidcxr.config import MAX_BATCH, MAX_WAIT_MS
 
 if TYPE_CHECKING:  # torch's Predictor or the engine's EnginePredictor: the same interface
     from covidcxr.deploy.predict import Predictor
@@ -33,9 +33,8 @@ class BatchStats:
 class Batcher:
     """Queue of cache squares, scored in batches of up to `max_batch`; start() and stop() inside the event loop."""
 
-    def __init__(self, predictor: Predictor, max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS):
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError(f"max_batch {max_batch} must be >= 1 and max_wait_ms {max_wait_ms} >= 0")
+    def __init__(self, predictor: Predictor, max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS) -> None:
+        """Nothing runs until start(): the queue and the model's thread belong to the server's event loop."""
         self.predictor, self.max_batch, self.max_wait_s = predictor, max_batch, max_wait_ms / 1000
         self.stats = BatchStats()
         self._model_thread: ThreadPoolExecutor | None = None
@@ -43,11 +42,13 @@ class Batcher:
         self._worker: asyncio.Task | None = None
 
     async def start(self) -> None:
+        """Start the model's thread and the batching task (in the event loop that will call score())."""
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="covidcxr-model")
         self._queue = asyncio.Queue()
         self._worker = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        """Stop batching and let the model's thread finish what it runs, so the process exits cleanly."""
         self._worker.cancel()
         await asyncio.gather(self._worker, return_exceptions=True)
         self._model_thread.shutdown(wait=True)
@@ -74,6 +75,7 @@ class Batcher:
         return batch
 
     async def _run(self) -> None:
+        """Score batch after batch, forever; a failed batch fails its own requests only."""
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()

@@ -6,13 +6,19 @@ import logging
 import errno
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from covidcxr.config import ENGINES, ServeConfig, save_json, to_dict
 from covidcxr.deploy.serve.access import access_token
-from covidcxr.deploy.serve.app import DEFAULT_MAX_UPLOAD_BYTES, create_app
-from covidcxr.deploy.serve.defaults import ENGINES, REQUEST_THREADS, SERVE_THREADS
+from covidcxr.deploy.serve.app import create_app
 from covidcxr.errors import InputError, PortInUseError
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # torch's Predictor or the engine's EnginePredictor: the same interface
+    from covidcxr.deploy.predict import Predictor
+
+SETTINGS_SUFFIX = ".serve.json"  # the settings beside the log: RUN/predictions.sqlite -> RUN/predictions.serve.json
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -30,7 +36,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_predictor(run_dir: str | Path, engine: str, threads: int):
+def load_predictor(run_dir: str | Path, engine: str, threads: int) -> Predictor:
     """The run's predictor on onnxruntime (`deploy/engine.py`: torch stays out of the process) or on torch."""
     if engine == "onnx":
         from covidcxr.deploy.engine import EnginePredictor
@@ -42,30 +48,18 @@ def load_predictor(run_dir: str | Path, engine: str, threads: int):
     return Predictor.from_run(run_dir, device="cpu")
 
 
-def serve(
-    run_dir: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    db_path: str | Path | None = None,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    token_file: str | Path | None = None,
-    no_auth: bool = False,
-    threads: int = SERVE_THREADS,
-    request_threads: int = REQUEST_THREADS,
-    reject_ood: bool = False,
-    engine: str = ENGINES[0],
-    access_log: bool = False,
-) -> None:
-    """Serve the run until interrupted; the log defaults to RUN/predictions.sqlite. uvicorn's per-request access
-    log is off unless `access_log` (errors and start-up lines are always printed)."""
+def serve(cfg: ServeConfig) -> None:
+    """Serve `cfg.run` until interrupted; its settings are saved beside the prediction log (RUN/predictions.sqlite
+    unless `cfg.db`), so the log says which settings answered. uvicorn's per-request access log is off unless
+    `cfg.access_log` (errors and start-up lines are always printed)."""
     import uvicorn
 
-    token = access_token(host, token_file, no_auth)
-    sock = bind(host, port)
-    predictor = load_predictor(run_dir, engine, threads)
-    db = Path(db_path) if db_path is not None else Path(run_dir) / "predictions.sqlite"
-    app = create_app(predictor, db, max_upload_bytes, token=token, request_threads=request_threads,
-                     reject_ood=reject_ood)
-    log.info("serving %s on http://%s:%d (%s); Ctrl-C stops", predictor.model_id, host, sock.getsockname()[1],
+    token = access_token(cfg.host, cfg.token_file, cfg.no_auth)
+    sock = bind(cfg.host, cfg.port)
+    predictor = load_predictor(cfg.run, cfg.engine, cfg.threads)
+    app = create_app(predictor, cfg, token=token)
+    db = cfg.log_path(cfg.run)
+    save_json(to_dict(cfg), db.with_name(db.stem + SETTINGS_SUFFIX))
+    log.info("serving %s on http://%s:%d (%s); Ctrl-C stops", predictor.model_id, cfg.host, sock.getsockname()[1],
              "token required" if token else "no access token")
-    uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=access_log)).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=cfg.access_log)).run(sockets=[sock])

@@ -17,14 +17,15 @@ from covidcxr.model.cam import overlay  # noqa: E402
 from covidcxr.scoring import Scorer  # noqa: E402
 from covidcxr.evaluation.diagnose.attribution import lung_share, spread_sample  # noqa: E402
 from covidcxr.evaluation.diagnose.occlusion import CONDITIONS  # noqa: E402
-from covidcxr.evaluation.diagnose.verdict import finite, fmt, pct  # noqa: E402
+from covidcxr.formatting import is_defined, number, percent  # noqa: E402
 
 FIGURES = {"occlusion.png": "Scores per class, intact and occluded", "masks.png": "Lung masks",
            "cam_lungs.png": "Grad-CAM with lung outlines", "imagestats.png": "Image-statistics shortcut check"}
 
 
-def write_figures(out: Path, result: dict, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame,
-                   y: np.ndarray, cam_pick: np.ndarray, cams: np.ndarray, cam_masks: np.ndarray, scorer: Scorer) -> None:
+def write_figures(out: Path, result: dict, images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame, y: np.ndarray,
+                  cam_pick: np.ndarray, cams: np.ndarray, cam_masks: np.ndarray, scorer: Scorer) -> None:
+    """The four figures into `out`, from the checks' results and the images they ran on (FIGURES names them)."""
     negative = "/".join(sorted(rows.loc[y == 0, "label"].unique())) or "negative"
     _plot_occlusion(result["occlusion"]["conditions"], y, result["threshold"], (negative, result["positive_label"]),
                     out / "occlusion.png")
@@ -38,6 +39,7 @@ def write_figures(out: Path, result: dict, images: np.ndarray, masks: np.ndarray
 
 
 def _savefig(fig: plt.Figure, path: Path) -> None:
+    """Write and close the figure (matplotlib keeps open figures in memory)."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -57,13 +59,14 @@ def _plot_occlusion(occ: dict, y: np.ndarray, threshold: float, labels: tuple[st
             ax.hist(values, bins=edges, color=color, alpha=0.6, weights=np.full(len(values), 1 / max(1, len(values))),
                     label=f"true {labels[cls]} (n={len(values)})")
         ax.axvline(threshold, color="k", ls="--", lw=1)
-        ax.set(title=f"{condition}: AUC {fmt(occ[condition]['auc'])}", xlabel=f"score (P {labels[1]})")
+        ax.set(title=f"{condition}: AUC {number(occ[condition]['auc'])}", xlabel=f"score (P {labels[1]})")
     axes[0].set_ylabel("share of the class")
     axes[0].legend(fontsize=8, loc="upper center")
     _savefig(fig, path)
 
 
 def _grid(n: int, cols: int) -> tuple[plt.Figure, np.ndarray]:
+    """A grid of blank axes for `n` thumbnails, `cols` per row."""
     rows = max(1, math.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
     for ax in axes.flat:
@@ -72,6 +75,7 @@ def _grid(n: int, cols: int) -> tuple[plt.Figure, np.ndarray]:
 
 
 def _plot_masks(images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame, path: Path) -> None:
+    """Sample images with their lung outlines: a bad mask makes every lung-based check misleading."""
     fig, axes = _grid(len(images), 6)
     for ax, img, mask, (_, row) in zip(axes, images, masks, rows.iterrows()):
         ax.imshow(img, cmap="gray", vmin=0, vmax=255)
@@ -82,16 +86,18 @@ def _plot_masks(images: np.ndarray, masks: np.ndarray, rows: pd.DataFrame, path:
 
 def _plot_cams(gray: np.ndarray, cams: np.ndarray, masks: np.ndarray, rows: pd.DataFrame, shares: np.ndarray,
                path: Path) -> None:
+    """Grad-CAM overlays with lung outlines, each titled with its share of attribution inside the lungs."""
     fig, axes = _grid(len(gray), 4)
     for ax, g, cam, mask, share, (_, row) in zip(axes, gray, cams, masks, shares, rows.iterrows()):
         ax.imshow(overlay(g, cam))
         ax.contour(mask, levels=[0.5], colors="white", linewidths=1)
-        where = f"{pct(share)} in lungs" if finite(share) else "no positive evidence"
+        where = f"{percent(share)} in lungs" if is_defined(share) else "no positive evidence"
         ax.set_title(f"{row['source']} / {row['label']}: {where}", fontsize=8)
     _savefig(fig, path)
 
 
 def _plot_image_stats(stats: dict, path: Path) -> None:
+    """The image-statistics check: AUC per feature group, and the features that predict the label best."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [1, 1.3]})
     if stats["groups"]:
         names = list(stats["groups"])

@@ -11,7 +11,8 @@ import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
 from covidcxr.evaluation.diagnose.crossval import MIN_PER_CLASS, balanced_accuracy_ci, oof_proba
-from covidcxr.evaluation.metrics import fmt, fmt_ci, patient_codes
+from covidcxr.evaluation.metrics import patient_codes
+from covidcxr.formatting import number, value_ci
 
 
 def _probe(features: np.ndarray, target: pd.Series, groups: pd.Series, seed: int) -> dict | None:
@@ -47,12 +48,13 @@ def describe(probe: dict) -> str:
     overall = probe.get("overall")
     if overall:
         lines.append(f"The source collection is predicted from the model's features with balanced accuracy "
-                     f"{_with_ci(overall)} (chance {overall['chance']:.2f}, {len(overall['classes'])} sources).")
+                     f"{_with_ci(overall)} (chance {number(overall['chance'], 2)}, {len(overall['classes'])} sources).")
     for label, p in probe.get("within_label", {}).items():
-        lines.append(f"Among {label} images alone: {_with_ci(p)} (chance {p['chance']:.2f}; "
+        lines.append(f"Among {label} images alone: {_with_ci(p)} (chance {number(p['chance'], 2)}; "
                      f"sources {', '.join(p['classes'])}).")
     return " ".join(lines) or f"Too few sources to probe (each needs {MIN_PER_CLASS} images)."
 
 
 def _with_ci(p: dict) -> str:
-    return f"{fmt(p['balanced_accuracy'], 2)} {fmt_ci(p['balanced_accuracy_ci95'], 2)}"
+    """A probe's balanced accuracy with its interval."""
+    return value_ci(p["balanced_accuracy"], p["balanced_accuracy_ci95"], 2)

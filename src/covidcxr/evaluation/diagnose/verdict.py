@@ -14,7 +14,7 @@ from typing import Any
 from covidcxr.evaluation.diagnose import probe
 from covidcxr.evaluation.diagnose.crossval import MIN_PER_CLASS
 from covidcxr.evaluation.diagnose.imagestats import FEATURE_GROUPS
-from covidcxr.evaluation.metrics import fmt, fmt_ci
+from covidcxr.formatting import is_defined, number, percent, value_ci
 
 PROBE_LIFT = 0.5  # (balanced accuracy - chance) / (1 - chance) of the source probe, within labels
 OCCLUSION_MARGIN = 0.05  # the AUC must fall by more than this with the lungs blanked
@@ -41,7 +41,7 @@ def judgements(result: dict[str, Any]) -> dict[str, Judgement]:
 
 def _lift(balanced_accuracy: Any, chance: float) -> float:
     """How far above chance, 0 (chance) to 1 (perfect)."""
-    return (balanced_accuracy - chance) / (1 - chance) if finite(balanced_accuracy) else math.nan
+    return (balanced_accuracy - chance) / (1 - chance) if is_defined(balanced_accuracy) else math.nan
 
 
 def _judge_probe(source_probe: dict[str, Any]) -> Judgement:
@@ -64,7 +64,7 @@ def _judge_occlusion(occlusion: dict[str, Any]) -> Judgement:
     interval of the fall lies above the margin. A model not above chance cannot show where it looks: inconclusive."""
     c, drop = occlusion["conditions"], occlusion["auc_drop"]
     intact, blanked = c["intact"], c["lungs blanked"]
-    if not finite(intact["auc"]):
+    if not is_defined(intact["auc"]):
         return None, "not measurable: the images hold one class."
     above_chance = _above(intact["auc_ci95"][0], 0.5)
     if above_chance and drop["value"] < OCCLUSION_MARGIN:
@@ -87,7 +87,7 @@ def _judge_stats(image_stats: dict[str, Any]) -> Judgement:
     lo, hi = everything["auc_ci95"]
     if everything["auc"] >= STATS_AUC and _above(lo, 0.5):
         return True, "the data carry this shortcut."
-    if finite(hi) and hi < STATS_AUC:
+    if is_defined(hi) and hi < STATS_AUC:
         return False, "the data carry little of this shortcut."
     return None, "inconclusive: the interval is too wide to tell (too few images)."
 
@@ -95,7 +95,7 @@ def _judge_stats(image_stats: dict[str, Any]) -> Judgement:
 def _judge_cam(overall: dict[str, Any]) -> Judgement:
     """Flag: attribution less concentrated in the lungs than an even spread; ok: CAM_CLEAR times more; needs
     MIN_CAM_IMAGES maps."""
-    if overall["with_evidence"] < MIN_CAM_IMAGES or not finite(overall["enrichment"]):
+    if overall["with_evidence"] < MIN_CAM_IMAGES or not is_defined(overall["enrichment"]):
         return None, (f"inconclusive (too few images): {overall['with_evidence']} map(s) with evidence, "
                       f"{MIN_CAM_IMAGES} needed.")
     if overall["enrichment"] < CAM_ENRICHMENT:
@@ -106,13 +106,9 @@ def _judge_cam(overall: dict[str, Any]) -> Judgement:
                   "even spread gives.")
 
 
-def finite(x: Any) -> bool:
-    return x is not None and math.isfinite(x)
-
-
 def _above(x: Any, line: float) -> bool:
     """x is a number (not None/NaN, as undefined ends of an interval are) above the line."""
-    return finite(x) and x > line
+    return is_defined(x) and x > line
 
 
 def verdict(result: dict[str, Any]) -> str:
@@ -147,10 +143,10 @@ def _sentence(check: str, r: dict[str, Any], judged: Judgement) -> str:
     if check == "occlusion":
         o, drop = r["occlusion"]["conditions"], r["occlusion"]["auc_drop"]
         return (f"- Occlusion {mark}: AUC {_ci(o['intact'])} on intact images, {_ci(o['lungs blanked'])} with the "
-                f"lung fields blanked (a fall of {fmt(drop['value'], 2)} {fmt_ci(drop['ci95'], 2)}) and "
+                f"lung fields blanked (a fall of {value_ci(drop['value'], drop['ci95'], 2)}) and "
                 f"{_ci(o['lungs only'])} with only the lungs kept; with the lungs blanked, "
-                f"{pct(o['lungs blanked']['sensitivity'])} of {pos} images are still called {pos} (intact: "
-                f"{pct(o['intact']['sensitivity'])}). A model that reads the disease should drop to about 0.5 "
+                f"{percent(o['lungs blanked']['sensitivity'])} of {pos} images are still called {pos} (intact: "
+                f"{percent(o['intact']['sensitivity'])}). A model that reads the disease should drop to about 0.5 "
                 f"without the lungs. {why}")
     if check == "image_stats":
         g = r["image_stats"]["groups"]
@@ -158,17 +154,14 @@ def _sentence(check: str, r: dict[str, Any], judged: Judgement) -> str:
             return f"- Image statistics {mark}: {why}"
         best = max(FEATURE_GROUPS, key=lambda k: g[k]["auc"])
         return (f"- Image statistics {mark}: size, padding, histogram and sharpness alone (no anatomy) predict the "
-                f"label with AUC {fmt(g['all']['auc'], 2)} {fmt_ci(g['all']['auc_ci95'], 2)} (balanced accuracy "
-                f"{fmt(g['all']['balanced_accuracy'], 2)}), {best} alone {fmt(g[best]['auc'], 2)}. {why}")
+                f"label with AUC {value_ci(g['all']['auc'], g['all']['auc_ci95'], 2)} (balanced accuracy "
+                f"{number(g['all']['balanced_accuracy'], 2)}), {best} alone {number(g[best]['auc'], 2)}. {why}")
     c = r["cam"]["overall"]
-    return (f"- Grad-CAM {mark}: {pct(c['lung_share'])} of the {pos} attribution lies inside the lung fields, "
-            f"which cover {pct(c['lung_area'])} of the image (ratio {fmt(c['enrichment'], 2)}; "
+    return (f"- Grad-CAM {mark}: {percent(c['lung_share'])} of the {pos} attribution lies inside the lung fields, "
+            f"which cover {percent(c['lung_area'])} of the image (ratio {number(c['enrichment'], 2)}; "
             f"{c['with_evidence']} maps with evidence). {why}")
 
 
 def _ci(condition: dict[str, Any]) -> str:
-    return f"{fmt(condition['auc'], 2)} {fmt_ci(condition['auc_ci95'], 2)}"
-
-
-def pct(x: Any) -> str:
-    return f"{100 * x:.0f} %" if finite(x) else "n/a"
+    """A condition's AUC with its interval."""
+    return value_ci(condition["auc"], condition["auc_ci95"], 2)
