@@ -110,7 +110,7 @@ def test_multi_line_error_messages_are_folded_into_one_line(monkeypatch, capsys)
     def fail(args):
         raise InputError("first line\nsecond line")
 
-    monkeypatch.setattr(cli, "_summary", fail)
+    monkeypatch.setattr(cli.data, "_summary", fail)
     assert cli.main(["data", "summary", "DATA"]) == 2
     assert capsys.readouterr().err == "covidcxr: error: first line second line\n"
 
@@ -122,7 +122,7 @@ def test_bugs_keep_their_traceback(bug, monkeypatch):
     def fail(args):
         raise bug
 
-    monkeypatch.setattr(cli, "_summary", fail)
+    monkeypatch.setattr(cli.data, "_summary", fail)
     with pytest.raises(type(bug)):
         cli.main(["data", "summary", "DATA"])
 

@@ -171,14 +171,16 @@ def test_domain_adversarial_run_trains_and_saves_its_source_head(tiny_data, tmp_
 
 
 def test_target_sensitivity_flag_sets_the_threshold_method(tiny_data, tmp_path):
-    from covidcxr.cli import build_parser, train_config
+    from covidcxr.cli import build_parser
+    from covidcxr.cli.train import train_config
     args = build_parser().parse_args(["train", str(tiny_data), "--out", str(tmp_path / "r"), "--target-sensitivity", "0.9"])
     cfg = train_config(args)
     assert cfg.threshold_method == "sensitivity" and cfg.target_sensitivity == 0.9
 
 
 def test_preprocessing_flags_override_the_yaml_and_keep_its_other_augment_settings(tiny_data, tmp_path):
-    from covidcxr.cli import build_parser, train_config
+    from covidcxr.cli import build_parser
+    from covidcxr.cli.train import train_config
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("augment: {equalize: none, jpeg: 0.5}\n")
     args = build_parser().parse_args(["train", str(tiny_data), "--out", str(tmp_path / "r"), "--config", str(yaml_file),

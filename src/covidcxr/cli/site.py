@@ -1,0 +1,126 @@
+"""`covidcxr calibrate`, `lungs` and `pacs`: a run at a site, and the lung model it may use."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from covidcxr.cli.args import COUNT_ARG, FRACTION_ARG, POSITIVE_INT_ARG, Commands
+from covidcxr.config import LAYER_CHOICES
+
+
+def _calibrate(a: argparse.Namespace) -> int:
+    from covidcxr.config import CalibrateSettings
+    from covidcxr.hospital.calibrate import calibrate
+    settings = CalibrateSettings(fraction=a.fraction, finetune_epochs=a.finetune_epochs, layers=a.finetune_layers,
+                                 target_sensitivity=a.target_sensitivity, n_boot=a.n_boot)
+    r = calibrate(a.run, a.data, a.out, settings)
+    print(f"{r['summary']}; adapted run: {Path(a.out) / 'run'}")
+    return 0
+
+
+def _lungs_fetch(a: argparse.Namespace) -> int:
+    from covidcxr.lungs.fetch import fetch_masks
+    print(fetch_masks(Path(a.out), a.find_links))
+    return 0
+
+
+def _lungs_train(a: argparse.Namespace) -> int:
+    from covidcxr.lungs.fetch import paired_images
+    from covidcxr.lungs.train import train_lung_model
+    m = train_lung_model(paired_images(Path(a.data), Path(a.masks)), Path(a.out), size=a.size, epochs=a.epochs,
+                         seed=a.seed)["metrics"]
+    print(f"val Dice {m['val_dice']:.3f} on {m['val_images']} held-out films ({m['train_images']} trained on); "
+          f"model written to {a.out}")
+    return 0
+
+
+def _pacs_watch(a: argparse.Namespace) -> int:
+    from covidcxr.hospital.watch import run_watch
+    return run_watch(a.run, a.url, once=a.once, interval_s=a.interval, state_path=a.state, since=a.since, cam=a.cam,
+                     credentials=a.credentials, retries=a.retries, backoff_s=a.backoff)
+
+
+def _pacs_listen(a: argparse.Namespace) -> int:
+    from covidcxr.hospital.listen import run_listen
+    return run_listen(a.run, a.port, a.ae_title, host=a.host, store_to=a.store_to, url=a.url, state_path=a.state,
+                      cam=a.cam, credentials=a.credentials, retries=a.retries, backoff_s=a.backoff)
+
+
+def add_pacs_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder whose model scores the images")
+    p.add_argument("--state", default="pacs-state.sqlite", help="SQLite file of what was scored or skipped and why "
+                   "(default pacs-state.sqlite)")
+    p.add_argument("--cam", action="store_true", help="also store a Grad-CAM Secondary Capture (default: the SR only)")
+    p.add_argument("--credentials", help="JSON file {\"token\": ...} or {\"username\": ..., \"password\": ...} for "
+                   "the DICOMweb PACS (default: $COVIDCXR_PACS_TOKEN, or $COVIDCXR_PACS_USER and "
+                   "$COVIDCXR_PACS_PASSWORD, else none)")
+    p.add_argument("--retries", type=int, default=5, help="retries while the PACS is unreachable (default 5)")
+    p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubled each retry "
+                   "(default 1)")
+
+
+def add_calibrate(sub: Commands) -> None:
+    """`covidcxr calibrate`: adapt a run to a site."""
+    p = sub.add_parser("calibrate", help="adapt a run to a new site with some of its labelled images")
+    p.add_argument("run", help="run folder to adapt (covidcxr train --out)")
+    p.add_argument("--data", required=True, help="ingested data folder of the site's labelled images (required)")
+    p.add_argument("--out", required=True, help="folder for run/, before/, after/ and calibration.json (required)")
+    p.add_argument("--fraction", type=FRACTION_ARG, default=0.3, help="share of the site's patients used to adapt; "
+                   "the rest is held back to measure (default 0.3)")
+    p.add_argument("--finetune-epochs", dest="finetune_epochs", type=COUNT_ARG, default=10,
+                   help="fine-tuning passes over the site's images (default 10; 0: threshold and temperature only)")
+    p.add_argument("--finetune-layers", dest="finetune_layers", default="head", choices=LAYER_CHOICES,
+                   help="layers fine-tuning changes (default head)")
+    p.add_argument("--target-sensitivity", dest="target_sensitivity", type=FRACTION_ARG,
+                   help="choose the site's threshold for this sensitivity (default: Youden's J)")
+    p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=1000,
+                   help="bootstrap resamples for the CIs (default 1000)")
+    p.set_defaults(func=_calibrate)
+
+
+
+def add_lungs(sub: Commands) -> None:
+    """`covidcxr lungs fetch|train`: the lung segmentation model."""
+    lungs = sub.add_parser("lungs", help="learned lung masks").add_subparsers(dest="lungs_command", required=True,
+                                                                              metavar="COMMAND")
+    p = lungs.add_parser("fetch", help="extract the hand-drawn lung masks from torchxrayvision's wheel (via pip)")
+    p.add_argument("--out", required=True, help="folder to put semantic_masks_v7labs_lungs/ in (required)")
+    p.add_argument("--find-links", dest="find_links",
+                   help="folder holding the wheel, so no package index is asked (default: pip's index)")
+    p.set_defaults(func=_lungs_fetch)
+    p = lungs.add_parser("train", help="train the lung segmentation model on the masks")
+    p.add_argument("data", help="raw data folder with metadata.csv (path, origin_path) whose images have masks")
+    p.add_argument("--masks", required=True, help="mask folder, as covidcxr lungs fetch prints it (required)")
+    p.add_argument("--out", required=True,
+                   help="checkpoint file to write; a .json summary is written beside it (required)")
+    p.add_argument("--size", type=POSITIVE_INT_ARG, default=128, help="model input side in pixels (default 128)")
+    p.add_argument("--epochs", type=POSITIVE_INT_ARG, default=30, help="default 30")
+    p.add_argument("--seed", type=COUNT_ARG, default=0, help="default 0")
+    p.set_defaults(func=_lungs_train)
+
+
+
+def add_pacs(sub: Commands) -> None:
+    """`covidcxr pacs watch|listen`: a run on a PACS."""
+    pacs = sub.add_parser("pacs", help="read chest radiographs from a PACS, write DICOM Structured Reports back")
+    pacs = pacs.add_subparsers(dest="pacs_command", required=True, metavar="COMMAND")
+    p = pacs.add_parser("watch", help="poll a DICOMweb PACS (QIDO-RS/WADO-RS), store an SR per image (STOW-RS)")
+    add_pacs_flags(p)
+    p.add_argument("--url", required=True, help="DICOMweb root, e.g. http://orthanc:8042/dicom-web (required)")
+    p.add_argument("--once", action="store_true", help="one poll, then exit (for cron and CI; default: keep polling)")
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between polls (default 60)")
+    p.add_argument("--since", help="only studies on or after this date, YYYY-MM-DD (default: all)")
+    p.set_defaults(func=_pacs_watch)
+    p = pacs.add_parser("listen", help="DICOM C-STORE receiver for modalities that push; sends an SR per image")
+    add_pacs_flags(p)
+    p.add_argument("--port", type=int, required=True, help="TCP port to listen on (required)")
+    p.add_argument("--ae-title", dest="ae_title", default="COVIDCXR", help="this receiver's AE title, also the "
+                   "calling AE title when sending reports (default COVIDCXR)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for the network "
+                   "(default 127.0.0.1)")
+    p.add_argument("--store-to", dest="store_to", metavar="AET@HOST:PORT",
+                   help="send reports by C-STORE to this DICOM node (default: none; this or --url is required)")
+    p.add_argument("--url", help="send reports by STOW-RS to this DICOMweb root (default: none; this or --store-to "
+                   "is required)")
+    p.set_defaults(func=_pacs_listen)
