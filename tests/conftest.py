@@ -1,9 +1,13 @@
-"""Shared fixtures: where the real chest X-rays live, and writers for tiny test images (PNG/JPEG/DICOM...)."""
+"""Shared test harness: the covidcxr command in a subprocess (run_cli, start_cli), where the real chest X-rays live,
+writers for tiny test images (PNG/JPEG/DICOM...), and the tiny data set, run and predictor most tests share."""
 
 from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,47 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+# The one limit on a covidcxr process a test waits for: generous, so that a busy machine only slows a test down, while
+# a command that hangs still fails the test instead of the whole suite.
+CLI_TIMEOUT_S = 600
+
+
+def cli_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """The environment of a covidcxr subprocess: this process's, with this checkout's src first on PYTHONPATH (so the
+    code under test runs, not an installed copy), then `env` on top; a None value removes that variable."""
+    merged = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    for key, value in (env or {}).items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+def cli_command(*args: object, code: str = "") -> list[str]:
+    """`python -m covidcxr.cli ARGS`; with `code`, that Python code runs first in the same process (to break
+    something on purpose), then the CLI's main."""
+    if not code:
+        return [sys.executable, "-m", "covidcxr.cli", *map(str, args)]
+    prog = f"import sys\n{code}\nfrom covidcxr.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", prog, *map(str, args)]
+
+
+def run_cli(*args: object, timeout: float = CLI_TIMEOUT_S, env: Mapping[str, str | None] | None = None,
+            code: str = "") -> subprocess.CompletedProcess:
+    """`covidcxr ARGS` through the real entry point in a fresh process, run to its end: the exit code and the text of
+    stdout and stderr. `env` changes the environment of cli_env; `code` as in cli_command."""
+    return subprocess.run(cli_command(*args, code=code), capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(env))
+
+
+def start_cli(*args: object, env: Mapping[str, str | None] | None = None, **popen) -> subprocess.Popen:
+    """`covidcxr ARGS` left running (a server, a watcher, a run to kill), in the environment run_cli gives; stdout and
+    stderr are text pipes unless `popen` says otherwise. Wait for it with a timeout of CLI_TIMEOUT_S."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen(cli_command(*args), env=cli_env(env), **popen)
 
 
 def shared_cxr_path() -> Path:

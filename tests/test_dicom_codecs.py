@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -21,6 +19,7 @@ from pydicom.uid import (JPEG2000, DeflatedExplicitVRLittleEndian, ExplicitVRBig
                          JPEGLSLossless, JPEGLSNearLossless, RLELossless)
 
 import dicom_factory as make
+from conftest import run_cli
 from covidcxr.data.reader import read_image
 
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -124,10 +123,6 @@ def test_palette_colour_uses_the_colour_tables(images):
 
 # --- only chest radiographs: the reader's rule holds in ingest, predict and serve ------------------------------------
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "covidcxr.cli", *args], capture_output=True, text=True, timeout=300)
-
-
 def test_ingest_lists_a_ct_as_unreadable_and_does_not_cache_it(tmp_path, images, xray_source):
     (tmp_path / "src").mkdir()
     src = xray_source(tmp_path / "src", 4, seed=1)
@@ -135,7 +130,7 @@ def test_ingest_lists_a_ct_as_unreadable_and_does_not_cache_it(tmp_path, images,
     meta = pd.read_csv(src / "metadata.csv")
     pd.concat([meta, pd.DataFrame([{"path": "ct.dcm", "label": "covid"}])]).to_csv(src / "metadata.csv", index=False)
     data = tmp_path / "data"
-    result = _cli("ingest", str(src), "--out", str(data), "--size", "32", "--workers", "1")
+    result = run_cli("ingest", str(src), "--out", str(data), "--size", "32", "--workers", "1")
     assert result.returncode == 1, result.stderr
     unreadable = json.loads((data / "ingest_report.json").read_text())["unreadable"]
     assert [(u["path"].endswith("ct.dcm"), u["reason"]) for u in unreadable] == [(True, CT_REASON)]
@@ -146,7 +141,7 @@ def test_ingest_lists_a_ct_as_unreadable_and_does_not_cache_it(tmp_path, images,
 def test_predict_refuses_a_ct_with_exit_1(tmp_path, images, tiny_run):
     ct = tmp_path / "ct.dcm"
     images.dicom(ct, make.film(), Modality="CT")
-    result = _cli("predict", str(tiny_run), str(ct))
+    result = run_cli("predict", str(tiny_run), str(ct))
     assert result.returncode == 1
     assert CT_REASON in result.stdout + result.stderr and "Traceback" not in result.stderr
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import run_cli
 from covidcxr import cli
 from covidcxr.data import ingest as ingest_mod
 from covidcxr.data.cache import ImageCache, to_square
@@ -20,7 +20,6 @@ from covidcxr.data.ingest import DUPLICATES_FILE, REPORT_FILE, ingest, summarize
 from covidcxr.data.reader import read_image
 
 SIZE = 32
-SRC = Path(__file__).resolve().parents[1] / "src"
 CFG = IngestConfig(size=SIZE, workers=2)
 
 
@@ -277,15 +276,8 @@ def test_another_cache_size_on_existing_data_is_refused(tmp_path, images, capsys
     assert "size=32, asked for 64" in capsys.readouterr().err
 
 
-def _cli(*argv: str) -> subprocess.CompletedProcess:
-    """`covidcxr ...` through the real entry point, in a subprocess, with this checkout's package first."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "covidcxr.cli", *argv], capture_output=True, text=True, timeout=300,
-                          env=env)
-
-
 def _ingest_cli(*argv: str) -> subprocess.CompletedProcess:
-    return _cli("ingest", *argv, "--size", str(SIZE), "--workers", "2")
+    return run_cli("ingest", *argv, "--size", str(SIZE), "--workers", "2")
 
 
 def test_adding_a_second_source_keeps_the_first_without_decoding_it_again(tmp_path, images):

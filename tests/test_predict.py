@@ -5,15 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from covidcxr import cli
 from covidcxr.model.cam import OVERLAY_MIN_SIDE
 from covidcxr.evaluation.evaluate import predictions
@@ -128,11 +126,8 @@ def test_a_broken_symlink_gets_its_own_error_row_through_the_cli(tiny_run, mixed
     (mixed / "moved.png").symlink_to(tmp_path / "archive/moved.png")
     (mixed / "sub").mkdir()
     (mixed / "sub/gone.dcm").symlink_to("gone-for-good.dcm")
-    src = Path(__file__).resolve().parents[1] / "src"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "covidcxr.cli", "predict", str(tiny_run), str(mixed), "--format", "json"]
 
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    result = run_cli("predict", str(tiny_run), str(mixed), "--format", "json")
 
     assert result.returncode == 1, result.stderr
     rows = {r["path"]: r for r in json.loads(result.stdout)}

@@ -6,14 +6,13 @@ import base64
 import io
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from covidcxr.config import IngestConfig
 from covidcxr.data.ingest import ingest
 from covidcxr.evaluation import plots
@@ -153,9 +152,8 @@ def test_evaluate_on_one_class_data_prints_na(tiny_run, xray_source, tmp_path):
     meta[meta["label"] == "normal"].to_csv(root / "metadata.csv", index=False)
     data, out = tmp_path / "normals", tmp_path / "report"
     assert ingest([root], data, IngestConfig(size=64, workers=1)).kept == 8
-    cmd = [sys.executable, "-m", "covidcxr.cli", "evaluate", str(tiny_run), "--data", str(data), "--split", "all",
-           "--out", str(out), "--n-boot", "20"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = run_cli("evaluate", str(tiny_run), "--data", str(data), "--split", "all", "--out", str(out),
+                     "--n-boot", "20")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("AUC n/a (one class)") and "Traceback" not in result.stderr
     metrics = json.loads((out / "metrics.json").read_text())

@@ -7,12 +7,8 @@ import asyncio
 import base64
 import hashlib
 import io
-import os
 import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,10 +19,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import CLI_TIMEOUT_S
 from covidcxr.deploy.predict import Predictor
 from covidcxr.deploy.serve.app import MULTIPART_SLACK_BYTES, create_app
 from covidcxr.deploy.serve.log import PredictionLog
 from covidcxr.model.cam import OVERLAY_MIN_SIDE
+from servers import free_port, serve_cli, wait_until_up
 
 LIMIT = 50_000
 TOKEN = "s3cret-token-for-tests"
@@ -263,16 +261,10 @@ def test_token_is_required_and_never_logged(predictor: Predictor, db: Path) -> N
     assert TOKEN.encode() not in b"".join(p.read_bytes() for p in db.parent.iterdir())
 
 
-def _serve_cli(*args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "COVIDCXR_TOKEN"}
-    return subprocess.Popen([sys.executable, "-m", "covidcxr.cli", "serve", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "myhost.example"])
 def test_serving_beyond_loopback_without_a_token_is_refused(tiny_run, tmp_path: Path, host: str) -> None:
-    proc = _serve_cli(str(tiny_run), "--host", host, "--db", str(tmp_path / "log.sqlite"))
-    out, err = proc.communicate(timeout=120)
+    proc = serve_cli(str(tiny_run), "--host", host, "--db", str(tmp_path / "log.sqlite"))
+    out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 2 and out == ""
     [line] = err.splitlines()
     assert line.startswith(f"covidcxr: error: --host {host} is reachable from other machines") and "--token-file" in line
@@ -293,8 +285,8 @@ def test_token_comes_from_the_file_then_the_environment_and_no_auth_lifts_the_re
 
 def test_empty_token_file_is_refused(tiny_run, tmp_path: Path) -> None:
     (tmp_path / "token").write_text("\n")
-    proc = _serve_cli(str(tiny_run), "--host", "0.0.0.0", "--token-file", str(tmp_path / "token"))
-    _, err = proc.communicate(timeout=120)
+    proc = serve_cli(str(tiny_run), "--host", "0.0.0.0", "--token-file", str(tmp_path / "token"))
+    _, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 2 and err.strip() == f"covidcxr: error: --token-file {tmp_path / 'token'}: the file is " \
         "empty; put the access token in it"
 
@@ -304,41 +296,23 @@ def test_a_busy_port_is_a_one_line_error(tiny_run, tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = _serve_cli(str(tiny_run), "--port", str(port), "--db", str(tmp_path / "log.sqlite"))
-        _, err = proc.communicate(timeout=120)
+        proc = serve_cli(str(tiny_run), "--port", str(port), "--db", str(tmp_path / "log.sqlite"))
+        _, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 2
     [line] = err.splitlines()
     assert line.startswith(f"covidcxr: error: 127.0.0.1:{port} is already in use") and "--port" in line
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_up(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            httpx.get(f"{url}/api/health", timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise AssertionError(f"covidcxr serve did not answer on {url}")
 
 
 def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: Path) -> None:
     """The real `covidcxr serve` process (loopback, token from a file): 401 without it, 200 with it; the token
     appears neither in the server's output nor in the prediction log."""
     (tmp_path / "token").write_text(TOKEN + "\n")
-    port, db = _free_port(), tmp_path / "log.sqlite"
-    proc = _serve_cli(str(tiny_run), "--port", str(port), "--db", str(db), "--token-file", str(tmp_path / "token"),
+    port, db = free_port(), tmp_path / "log.sqlite"
+    proc = serve_cli(str(tiny_run), "--port", str(port), "--db", str(db), "--token-file", str(tmp_path / "token"),
                       "--threads", "1", "--access-log")
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(url, proc)
+        wait_until_up(url, proc)
         data = _image_bytes(60)
         assert httpx.post(f"{url}/api/predict", files={"file": ("a.png", data)}).status_code == 401
         res = httpx.post(f"{url}/api/predict", files={"file": ("a.png", data)},
@@ -346,7 +320,7 @@ def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: P
         assert res.status_code == 200, res.text
     finally:
         proc.terminate()
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert "token required" in out and "POST /api/predict" in out + err  # --access-log: uvicorn's lines
     assert TOKEN not in out + err
     assert [r.filename for r in PredictionLog(db).records()] == ["a.png"]
@@ -355,15 +329,15 @@ def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: P
 
 def test_cli_server_prints_no_line_per_request_by_default(tiny_run, tmp_path: Path) -> None:
     """Without --access-log the service prints its start-up lines but none per request; the prediction is logged."""
-    port, db = _free_port(), tmp_path / "log.sqlite"
-    proc = _serve_cli(str(tiny_run), "--port", str(port), "--db", str(db), "--threads", "1")
+    port, db = free_port(), tmp_path / "log.sqlite"
+    proc = serve_cli(str(tiny_run), "--port", str(port), "--db", str(db), "--threads", "1")
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(url, proc)
+        wait_until_up(url, proc)
         res = httpx.post(f"{url}/api/predict", files={"file": ("b.png", _image_bytes(60))}, timeout=60)
         assert res.status_code == 200, res.text
     finally:
         proc.terminate()
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert "serving" in out and "/api/" not in out + err
     assert [r.filename for r in PredictionLog(db).records()] == ["b.png"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import CLI_TIMEOUT_S, cli_env, run_cli, start_cli
 from covidcxr.training import trainer as train_mod
 from covidcxr.config import TrainConfig
 from covidcxr.model.network import load_checkpoint
@@ -69,10 +69,10 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     assert pd.read_csv(resumed / "history.csv")["epoch"].tolist() == [0, 1, 2]
 
 
-def _train_cli(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "covidcxr.cli", "train", str(data), "--out", str(out), "--weights", "none",
-            "--image-size", "64", "--epochs", "4", "--batch-size", "4", "--lr", "0.01", "--device", "cpu",
-            "--seed", "3", "--deterministic", "--keep-last", *extra]
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", str(data), "--out", str(out), "--weights", "none", "--image-size", "64", "--epochs", "4",
+            "--batch-size", "4", "--lr", "0.01", "--device", "cpu", "--seed", "3", "--deterministic", "--keep-last",
+            *extra]
 
 
 def _weights(path: Path) -> dict:
@@ -82,12 +82,11 @@ def _weights(path: Path) -> dict:
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_data, tmp_path):
     """SIGKILL a training process during its third epoch, resume it: model.pt, last.pt, the threshold and
     history.csv (but its timings) equal those of a run never interrupted."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
-    subprocess.run(_train_cli(tiny_data, full), check=True, capture_output=True, env=env, timeout=600)
+    run_cli(*_train_args(tiny_data, full), env=env).check_returncode()
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cli(tiny_data, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env)
+    proc = start_cli(*_train_args(tiny_data, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not ((killed / "last.pt").exists() and load_checkpoint(killed / "last.pt")["epoch"] >= 1):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
@@ -96,7 +95,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_data, t
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(60) == -signal.SIGKILL
     assert load_checkpoint(killed / "last.pt")["epoch"] in (1, 2)
-    subprocess.run(_train_cli(tiny_data, killed, "--resume"), check=True, capture_output=True, env=env, timeout=600)
+    run_cli(*_train_args(tiny_data, killed, "--resume"), env=env).check_returncode()
     for name in ("model.pt", "last.pt"):
         a, b = _weights(full / name), _weights(killed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -139,8 +138,8 @@ def test_ddp_two_processes_gloo(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "covidcxr.cli", "train", str(tiny_data), "--out", str(out), "--weights", "none",
            "--image-size", "64", "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--seed", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*cmd, "--keep-last"], capture_output=True, text=True, timeout=300, env=env)
+    env = cli_env({"OMP_NUM_THREADS": "1"})
+    result = subprocess.run([*cmd, "--keep-last"], capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     hist = pd.read_csv(out / "history.csv")
     assert hist["epoch"].tolist() == [0, 1]  # one writer: no duplicated rows from rank 1

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from covidcxr.config import IngestConfig, TrainConfig
 from covidcxr.data.ingest import ingest
 from covidcxr.evaluation.evaluate import evaluate
@@ -20,14 +19,6 @@ from covidcxr.training.guarding import attach_guard
 from covidcxr.training.trainer import train
 from covidcxr.trust.guard import Guard, fit_guard
 from covidcxr.trust.shift import ShiftMonitor, reference_scores, shift_test
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def cli(*argv: str) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "covidcxr.cli", *argv], capture_output=True, text=True, env=env)
-
 
 def planted_shift(root: Path, xray_source, n: int = 40, marks: bool = True, haze: float = 0.3) -> Path:
     """Toy X-rays of a new 'hospital' whose device leaves a bright haze over both lungs, a grid and strong noise.
@@ -149,21 +140,22 @@ def test_shift_monitor_over_a_rolling_window(guarded_run):
 
 def test_predict_reports_and_can_withhold_out_of_distribution(guarded_run, xray_source, tmp_path):
     planted = planted_shift(tmp_path, xray_source, n=6)
-    out = cli("predict", str(guarded_run), str(planted), "--format", "json")
+    out = run_cli("predict", str(guarded_run), str(planted), "--format", "json")
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     assert all(isinstance(r["in_distribution"], bool) and r["ood_score"] is not None for r in rows)
     assert any(not r["in_distribution"] for r in rows)
-    withheld = json.loads(cli("predict", str(guarded_run), str(planted), "--format", "json", "--reject-ood").stdout)
+    withheld = json.loads(run_cli("predict", str(guarded_run), str(planted), "--format", "json",
+                                  "--reject-ood").stdout)
     for r, w in zip(rows, withheld):
         assert w["probability"] == r["probability"]
         assert w["label"] == (r["label"] if r["in_distribution"] else None)
-    table = cli("predict", str(guarded_run), str(planted), "--reject-ood").stdout
+    table = run_cli("predict", str(guarded_run), str(planted), "--reject-ood").stdout
     assert "withheld: out of distribution" in table
 
 
 def test_predict_without_guard_gives_none(tiny_run, xray_source, tmp_path):
-    out = cli("predict", str(tiny_run), str(xray_source(tmp_path, 2, seed=3)), "--format", "json")
+    out = run_cli("predict", str(tiny_run), str(xray_source(tmp_path, 2, seed=3)), "--format", "json")
     assert [r["in_distribution"] for r in json.loads(out.stdout)] == [None, None]
 
 
