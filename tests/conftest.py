@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -84,6 +86,27 @@ class Images:
         coarse = np.random.default_rng(seed).integers(0, 256, (6, 6), dtype=np.uint8)
         img = Image.fromarray(coarse, mode="L").resize((width, height), Image.BICUBIC)
         return np.asarray(img, dtype=np.float32) / 255.0
+
+    @staticmethod
+    def blobs(batch: int = 6, size: int = 64, seed: int = 0) -> np.ndarray:
+        """uint8 (batch, size, size): a smooth bright blob on noise each, structure that a wrong resampling or flip
+        would visibly change."""
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[0:size, 0:size] / size
+        return np.stack([np.clip(200 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.05)
+                                 + rng.normal(30, 10, (size, size)), 0, 255)
+                         for cx, cy in rng.uniform(0.2, 0.8, (batch, 2))]).astype(np.uint8)
+
+    @staticmethod
+    def png_claiming_size(width: int, height: int) -> bytes:
+        """A valid PNG header saying width x height, with one tiny data chunk: decodable header, absurd size."""
+
+        def chunk(kind: bytes, payload: bytes) -> bytes:
+            return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+            chunk(b"IEND", b"")
 
     @staticmethod
     def to_u8(img: np.ndarray) -> np.ndarray:
@@ -186,6 +209,14 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     return train(TrainConfig(data=str(tiny_data), out=str(out), weights="none", image_size=64, epochs=2,
                              device="cpu", seed=0, amp=False))
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_run):
+    """tiny_run's Predictor (what `covidcxr predict` and the service score with), loaded once per test module."""
+    from covidcxr.deploy.predict import Predictor
+
+    return Predictor.from_run(tiny_run)
 
 
 @pytest.fixture(scope="session")

@@ -146,13 +146,12 @@ def test_predict_refuses_a_ct_with_exit_1(tmp_path, images, tiny_run):
     assert CT_REASON in result.stdout + result.stderr and "Traceback" not in result.stderr
 
 
-def test_service_answers_422_for_a_ct(tmp_path, images, tiny_run):
-    from covidcxr.deploy.predict import Predictor
+def test_service_answers_422_for_a_ct(tmp_path, images, predictor):
     from covidcxr.deploy.serve.app import create_app
 
     ct = images.dicom(None, make.film(), Modality="CT")
     chest = images.dicom(None, make.film())
-    with TestClient(create_app(Predictor.from_run(tiny_run), tmp_path / "log.sqlite")) as client:
+    with TestClient(create_app(predictor, tmp_path / "log.sqlite")) as client:
         refused = client.post("/api/predict", files={"file": ("ct.dcm", ct, "application/dicom")})
         scored = client.post("/api/predict", files={"file": ("chest.dcm", chest, "application/dicom")})
     assert refused.status_code == 422 and CT_REASON in refused.json()["detail"]

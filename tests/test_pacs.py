@@ -138,11 +138,6 @@ def orthanc(tmp_path):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def predictor(tiny_run) -> Predictor:
-    return Predictor.from_run(tiny_run)
-
-
 def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, predictor, orthanc, tmp_path):
     chest = dicom_image("CR", ComputedRadiographyImageStorage, seed=1, BodyPartExamined="CHEST")
     ct = dicom_image("CT", CTImageStorage, seed=2)

@@ -15,16 +15,10 @@ from conftest import run_cli
 from covidcxr import cli
 from covidcxr.model.cam import OVERLAY_MIN_SIDE
 from covidcxr.evaluation.evaluate import predictions
-from covidcxr.deploy.predict import Predictor
 
 GOOD = ("chest_png.png", "chest_jpeg.jpg", "chest_dicom.dcm")
 BROKEN = {"empty.png": "empty file", "notes.png": "not an image", "cut.png": "truncated"}
 MISSING = "no_such_file.png"
-
-
-@pytest.fixture(scope="module")
-def predictor(tiny_run) -> Predictor:
-    return Predictor.from_run(tiny_run)
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ import base64
 import hashlib
 import io
 import socket
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import CLI_TIMEOUT_S
+from conftest import CLI_TIMEOUT_S, Images
 from covidcxr.deploy.predict import Predictor
 from covidcxr.deploy.serve.app import MULTIPART_SLACK_BYTES, create_app
 from covidcxr.deploy.serve.log import PredictionLog
@@ -48,21 +46,6 @@ def _noise_png(side: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _png_claiming_size(width: int, height: int) -> bytes:
-    """A valid PNG header saying width x height, with one tiny data chunk: decodable header, absurd size."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-@pytest.fixture(scope="module")
-def predictor(tiny_run) -> Predictor:
-    return Predictor.from_run(tiny_run)
 
 
 def _direct(predictor: Predictor, data: bytes, name: str = "x.png") -> float:
@@ -143,8 +126,8 @@ def test_content_not_name_decides(client: TestClient, db: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "data", "message"),
     [
-        ("huge.png", _png_claiming_size(12_000, 12_000), "too large"),  # over the reader's pixel limit
-        ("bomb.png", _png_claiming_size(60_000, 60_000), "too large"),  # Pillow's decompression-bomb error
+        ("huge.png", Images.png_claiming_size(12_000, 12_000), "too large"),  # over the reader's pixel limit
+        ("bomb.png", Images.png_claiming_size(60_000, 60_000), "too large"),  # Pillow's decompression-bomb error
         ("cut.png", _image_bytes(100)[:-30], "truncated or corrupt"),
         ("zero.png", b"", "empty file"),
     ],
