@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from test_lungs import TOY_LUNGS, toy_xray
+from test_lungs_heuristic import TOY_LUNGS, toy_xray
 
 from covidcxr.evaluation import diagnose as dg
 from covidcxr.evaluation.diagnose.probe import source_probe
