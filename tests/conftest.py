@@ -168,7 +168,8 @@ def xray(rng: np.random.Generator, covid: bool) -> np.ndarray:
     img = 0.75 - 0.5 * ((((xx - 0.3) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2) < 1)
     img = img - 0.5 * ((((xx - 0.7) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2) < 1)
     if covid:
-        img = img + 0.35 * ((((xx - rng.uniform(0.25, 0.75)) / 0.1) ** 2 + ((yy - rng.uniform(0.4, 0.7)) / 0.12) ** 2) < 1)
+        img = img + 0.35 * ((((xx - rng.uniform(0.25, 0.75)) / 0.1) ** 2
+                            + ((yy - rng.uniform(0.4, 0.7)) / 0.12) ** 2) < 1)
     texture = np.asarray(Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8)).resize((w, h), Image.BICUBIC))
     return np.clip(0.6 * img + 0.4 * texture / 255.0 + rng.normal(0, 0.03, img.shape), 0, 1)  # no two alike
 
@@ -189,7 +190,8 @@ def write_xray_source(root: Path, n: int, seed: int, sources: tuple[str, str] = 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """An ingested data folder of 96 toy X-rays (64 px cache), sources a (64 images) and b (32), both classes in each."""
+    """An ingested data folder of 96 toy X-rays (64 px cache), sources a (64 images) and b (32), both classes in
+    each."""
     from covidcxr.config import IngestConfig
     from covidcxr.data.ingest import ingest
 

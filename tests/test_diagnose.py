@@ -67,8 +67,8 @@ def shortcut_run(tmp_path_factory) -> tuple[Path, Path]:
     assert ingest([source], data, IngestConfig(size=SIZE, workers=1)).kept == 200
     # a ResNet-18 learns the marker in a few small batches; a tiny AlexNet from scratch barely moves in 5 epochs
     run = train(TrainConfig(data=str(data), out=str(tmp_path_factory.mktemp("run")), arch="resnet18", weights="none",
-                            image_size=SIZE, epochs=6, batch_size=16, lr=0.01, device="cpu", seed=0, deterministic=True, amp=False,
-                            patience=10, split_fractions=(0.5, 0.2, 0.3)))
+                            image_size=SIZE, epochs=6, batch_size=16, lr=0.01, device="cpu", seed=0, deterministic=True,
+                            amp=False, patience=10, split_fractions=(0.5, 0.2, 0.3)))
     return data, run
 
 
@@ -357,5 +357,6 @@ def test_lung_share_and_its_summary():
     rows = pd.DataFrame({"source": ["a", "a", "b"], "label": ["covid", "normal", "covid"]})
     summary = dg.cam_lung_share(cams, masks, rows)
     assert summary["overall"]["sampled"] == 3 and summary["overall"]["with_evidence"] == 2
-    assert summary["overall"]["lung_share"] == pytest.approx(0.75) and summary["overall"]["enrichment"] == pytest.approx(1.5)
+    assert summary["overall"]["lung_share"] == pytest.approx(0.75)
+    assert summary["overall"]["enrichment"] == pytest.approx(1.5)
     assert summary["per_source"]["b"]["with_evidence"] == 0 and math.isnan(summary["per_source"]["b"]["lung_share"])

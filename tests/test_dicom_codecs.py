@@ -1,4 +1,5 @@
-"""Every DICOM encoding a hospital sends decodes to the same picture; only chest radiographs reach ingest, predict, serve.
+"""Every DICOM encoding a hospital sends decodes to the same picture; only chest radiographs reach ingest, predict,
+serve.
 
 Each file is made here from a small synthetic film (tests/dicom_factory.py), so every case checks a real encoder's
 output against the picture it was made from.

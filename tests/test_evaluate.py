@@ -30,7 +30,8 @@ N_BOOT = 50  # enough to exercise the bootstrap; the intervals' accuracy is test
 def test_report(tiny_run, tiny_data, tmp_path_factory) -> Path:
     """`covidcxr evaluate RUN --data DATA --split test --out REPORT` on the run's own data."""
     out = tmp_path_factory.mktemp("report") / "report"
-    argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--split", "test", "--out", str(out), "--n-boot", str(N_BOOT)]
+    argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--split", "test", "--out", str(out),
+            "--n-boot", str(N_BOOT)]
     assert cli.main(argv) == 0
     return out
 
@@ -117,7 +118,8 @@ def test_no_diagnose_skips_them_and_failing_diagnostics_keep_the_report(tiny_run
 
 def test_split_all_on_the_runs_own_data_leaves_out_what_it_trained_on(tiny_run, tiny_data, tmp_path, capsys):
     out = tmp_path / "all"
-    argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--split", "all", "--out", str(out), "--n-boot", str(N_BOOT)]
+    argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--split", "all", "--out", str(out),
+            "--n-boot", str(N_BOOT)]
     assert cli.main(argv) == 0
     seen = _paths(tiny_run, "train", "val")
     assert f"note: {len(seen)} image(s)" in capsys.readouterr().err

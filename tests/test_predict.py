@@ -56,7 +56,8 @@ def _check_rows(rows: dict[str, dict], threshold: float) -> None:
 
 def test_json_output_scores_good_files_lists_broken_ones_and_writes_cams(tiny_run, predictor, mixed, tmp_path, capsys):
     cams = tmp_path / "cams"
-    code, out, err = _predict(capsys, tiny_run, str(mixed), str(mixed / MISSING), "--format", "json", "--cam", str(cams))
+    code, out, err = _predict(capsys, tiny_run, str(mixed), str(mixed / MISSING), "--format", "json",
+                              "--cam", str(cams))
     assert code == 1
     rows = {Path(r["path"]).name: r for r in json.loads(out)}
     _check_rows(rows, predictor.threshold)

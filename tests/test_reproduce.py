@@ -1,4 +1,5 @@
-"""`covidcxr reproduce` end to end on toy data: train, test report, every external fold, the main run's diagnostics, summary."""
+"""`covidcxr reproduce` end to end on toy data: train, test report, every external fold, the main run's diagnostics,
+summary."""
 
 from __future__ import annotations
 

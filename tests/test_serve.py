@@ -250,7 +250,8 @@ def test_serving_beyond_loopback_without_a_token_is_refused(tiny_run, tmp_path: 
     out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 2 and out == ""
     [line] = err.splitlines()
-    assert line.startswith(f"covidcxr: error: --host {host} is reachable from other machines") and "--token-file" in line
+    assert line.startswith(f"covidcxr: error: --host {host} is reachable from other machines")
+    assert "--token-file" in line
     assert not (tmp_path / "log.sqlite").exists()
 
 

@@ -171,7 +171,8 @@ def test_domain_adversarial_run_trains_and_saves_its_source_head(tiny_data, tmp_
 
 def test_target_sensitivity_flag_sets_the_threshold_method(tiny_data, tmp_path):
     from covidcxr.cli import build_parser, train_config
-    args = build_parser().parse_args(["train", str(tiny_data), "--out", str(tmp_path / "r"), "--target-sensitivity", "0.9"])
+    args = build_parser().parse_args(["train", str(tiny_data), "--out", str(tmp_path / "r"),
+                                      "--target-sensitivity", "0.9"])
     cfg = train_config(args)
     assert cfg.threshold_method == "sensitivity" and cfg.target_sensitivity == 0.9
 

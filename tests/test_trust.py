@@ -1,4 +1,5 @@
-"""Issue 14: the per-image guard and the shift alarm, on tiny real runs and a site with a planted shift."""
+"""The per-image guard (out-of-distribution flags) and the shift alarm, on tiny real runs and a site with a planted
+shift: in the run folder, in evaluate's report, in `covidcxr predict` and in the service."""
 
 from __future__ import annotations
 
