@@ -13,6 +13,8 @@ from covidcxr.data.ingest import ingest
 from conftest import run_cli
 from test_trust import planted_shift, tiny_resnet
 
+pytestmark = pytest.mark.slow  # trains a run to adapt, and runs `covidcxr calibrate` in a subprocess
+
 
 @pytest.fixture(scope="module")
 def base_run(tiny_data, tmp_path_factory) -> Path:

@@ -89,6 +89,7 @@ def test_unusable_input_exits_2_with_one_line(argv, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and err.startswith("covidcxr: error: ") and argv[1] in err
 
 
+@pytest.mark.slow
 def test_train_on_missing_data_exits_2_without_traceback(tmp_path):
     """Through the real entry point: stderr is exactly one line, and no run folder is left behind."""
     missing, run = tmp_path / "no-data", tmp_path / "run"
@@ -139,11 +140,13 @@ def _offline(tmp_path: Path) -> dict[str, str]:
             "http_proxy": closed, "HTTP_PROXY": closed, "no_proxy": "", "NO_PROXY": ""}
 
 
+@pytest.mark.slow
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"covidcxr {__version__}"
 
 
+@pytest.mark.slow
 def test_train_defaults_work_offline_and_the_report_says_so(tiny_data, tmp_path, capsys):
     """Default weights (auto) offline: random init with one warning line, recorded and shown in the report; default
     image size (auto) is 112 on a CPU, printed and recorded."""
@@ -168,6 +171,7 @@ def test_train_defaults_work_offline_and_the_report_says_so(tiny_data, tmp_path,
     assert shown in (report / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_weights_imagenet_offline_is_one_line(tiny_data, tmp_path):
     run = tmp_path / "run"
     result = run_cli("train", str(tiny_data), "--out", str(run), "--weights", "imagenet", "--epochs", "1",
@@ -176,6 +180,7 @@ def test_weights_imagenet_offline_is_one_line(tiny_data, tmp_path):
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_weights_path_to_a_torchvision_state_dict(tiny_data, tmp_path):
     weights = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), weights)
@@ -187,6 +192,7 @@ def test_weights_path_to_a_torchvision_state_dict(tiny_data, tmp_path):
     assert json.loads((run / "config.json").read_text())["weights_used"] == str(weights)
 
 
+@pytest.mark.slow
 def test_weights_path_to_a_text_file_is_one_line_naming_it(tiny_data, tmp_path):
     weights = tmp_path / "notes.txt"
     weights.write_text("these are not weights\n")
@@ -195,6 +201,7 @@ def test_weights_path_to_a_text_file_is_one_line_naming_it(tiny_data, tmp_path):
     _one_line_error(result, str(weights), "cannot read as PyTorch weights", "not a file torch.save wrote")
 
 
+@pytest.mark.slow
 def test_settings_in_a_config_file_are_validated_too(tiny_data, tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text("batch_size: 0\n")
@@ -204,6 +211,7 @@ def test_settings_in_a_config_file_are_validated_too(tiny_data, tmp_path):
                             str(tmp_path / "missing.yaml")), "missing.yaml", "no such file")
 
 
+@pytest.mark.slow
 def test_patient_leakage_is_one_line(tiny_data, tmp_path):
     """A patient with images in both sources (a manifest edited by hand): holding out one source would split them."""
     data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
@@ -216,6 +224,7 @@ def test_patient_leakage_is_one_line(tiny_data, tmp_path):
     _one_line_error(result, "1 patient(s) in more than one split part", "hold out every source")
 
 
+@pytest.mark.slow
 def test_export_parity_failure_is_one_line(tiny_run, tmp_path):
     out = tmp_path / "model.pt"
     result = run_cli("export", str(tiny_run), "--format", "torchscript", "--out", str(out),
@@ -223,6 +232,7 @@ def test_export_parity_failure_is_one_line(tiny_run, tmp_path):
     _one_line_error(result, str(out), "differ from covidcxr")
 
 
+@pytest.mark.slow
 def test_serve_on_a_busy_port_is_one_line(tiny_run):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

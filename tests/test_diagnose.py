@@ -79,6 +79,7 @@ def diagnosed(shortcut_run, tmp_path_factory) -> tuple[dict, Path, Path]:
     return dg.diagnose(run, data, out), out, run
 
 
+@pytest.mark.slow
 def test_shortcut_is_flagged(diagnosed):
     result, _, run = diagnosed
     split = pd.read_csv(run / "split.csv")
@@ -101,6 +102,7 @@ def test_shortcut_is_flagged(diagnosed):
     assert "Shortcut learning is likely" in dg.verdict(result)
 
 
+@pytest.mark.slow
 def test_outputs_are_complete_and_self_contained(diagnosed):
     result, out, _ = diagnosed
     assert json.loads((out / "diagnose.json").read_text()) == result
@@ -120,6 +122,7 @@ def test_outputs_are_complete_and_self_contained(diagnosed):
     assert snippet.startswith("<div") and "<html" not in snippet and "Shortcut learning is likely" in snippet
 
 
+@pytest.mark.slow
 def test_other_data_set_is_scored_whole(shortcut_run, tmp_path):
     _, run = shortcut_run
     other, src = tmp_path / "other", tmp_path / "src"
@@ -265,6 +268,7 @@ def _brightened(n: int, y: np.ndarray, shift: float, seed: int = 5) -> np.ndarra
 SAME_SIZE_30 = pd.DataFrame({"orig_height": np.full(30, 120), "orig_width": np.full(30, 100)})
 
 
+@pytest.mark.slow
 def test_image_stats_find_one_brightness_cue_in_30_images():
     """At 30 images the old gradient-boosted check was constant (AUC exactly 0.500 in every group)."""
     y = np.arange(30) % 2
@@ -281,6 +285,7 @@ def _empty_occlusion() -> dict:
                                                                                "ci95": [math.nan, math.nan]}}
 
 
+@pytest.mark.slow
 def test_chance_level_checks_give_an_inconclusive_verdict():
     """30 images whose labels and sources have nothing to do with the pixels, checked for real: every check comes
     out ok or inconclusive, and the verdict reads "Inconclusive", not "No sign of shortcut learning"."""
@@ -330,6 +335,7 @@ def test_grad_cam_is_ok_only_when_drawn_to_the_lungs(where, flag):
     assert dg.flags(few)["cam"] is None and "too few images" in dg.verdict(few)
 
 
+@pytest.mark.slow
 def test_image_stats_find_size_but_not_noise():
     rng = np.random.default_rng(5)
     n = 60

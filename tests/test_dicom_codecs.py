@@ -124,6 +124,7 @@ def test_palette_colour_uses_the_colour_tables(images):
 
 # --- only chest radiographs: the reader's rule holds in ingest, predict and serve ------------------------------------
 
+@pytest.mark.slow
 def test_ingest_lists_a_ct_as_unreadable_and_does_not_cache_it(tmp_path, images, xray_source):
     (tmp_path / "src").mkdir()
     src = xray_source(tmp_path / "src", 4, seed=1)
@@ -139,6 +140,7 @@ def test_ingest_lists_a_ct_as_unreadable_and_does_not_cache_it(tmp_path, images,
     assert len(manifest) == 4 and not manifest["path"].str.endswith("ct.dcm").any()
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_ct_with_exit_1(tmp_path, images, tiny_run):
     ct = tmp_path / "ct.dcm"
     images.dicom(ct, make.film(), Modality="CT")

@@ -20,6 +20,8 @@ from covidcxr.deploy.predict import Predictor
 from covidcxr.scoring import Scorer
 from servers import free_port, serve_cli, wait_until_up
 
+pytestmark = pytest.mark.slow  # exports, and `covidcxr serve` and `covidcxr export` in subprocesses
+
 
 @pytest.fixture(scope="module")
 def xrays(xray_source, tmp_path_factory) -> list[Path]:

@@ -98,6 +98,7 @@ def test_every_report_holds_the_shortcut_diagnostics_of_its_images(test_report):
     assert "Shortcut diagnostics" in page and 'alt="Lung masks"' in page  # figures embedded: one file to send
 
 
+@pytest.mark.slow
 def test_no_diagnose_skips_them_and_failing_diagnostics_keep_the_report(tiny_run, tiny_data, tmp_path, monkeypatch,
                                                                         capsys):
     argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--out", str(tmp_path / "plain"), "--n-boot", "20"]
@@ -116,6 +117,7 @@ def test_no_diagnose_skips_them_and_failing_diagnostics_keep_the_report(tiny_run
     assert (tmp_path / "failed" / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_split_all_on_the_runs_own_data_leaves_out_what_it_trained_on(tiny_run, tiny_data, tmp_path, capsys):
     out = tmp_path / "all"
     argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--split", "all", "--out", str(out),
@@ -129,6 +131,7 @@ def test_split_all_on_the_runs_own_data_leaves_out_what_it_trained_on(tiny_run, 
     assert json.loads((out / "metrics.json").read_text())["provenance"]["excluded_seen_images"] == len(seen)
 
 
+@pytest.mark.slow
 def test_another_data_set_needs_split_all(tiny_run, other_data, tmp_path, capsys):
     out = tmp_path / "external"
     argv = ["evaluate", str(tiny_run), "--data", str(other_data), "--out", str(out), "--n-boot", str(N_BOOT)]
@@ -152,6 +155,7 @@ def test_threshold_is_chosen_on_the_runs_validation_predictions(tiny_run):
     assert threshold == meta["threshold"]
 
 
+@pytest.mark.slow
 def test_threshold_does_not_depend_on_test_labels(test_report, tiny_run, tiny_data, tmp_path, monkeypatch):
     """Flip the labels of the test images in a copy of the data: the metrics flip, the threshold stays put."""
     flipped = tmp_path / "flipped"
@@ -180,6 +184,7 @@ def test_threshold_does_not_depend_on_test_labels(test_report, tiny_run, tiny_da
     assert got["auc"]["value"] == pytest.approx(1 - before["auc"]["value"])
 
 
+@pytest.mark.slow
 def test_split_all_says_what_it_leaves_out_and_scores_every_image_it_has_not_seen(tiny_run, tiny_data, xray_source,
                                                                                  tmp_path):
     """Through the CLI: on the run's own data grown by another source (ingest adds), `--split all` scores the new
@@ -203,6 +208,7 @@ def test_split_all_says_what_it_leaves_out_and_scores_every_image_it_has_not_see
     assert set(pred["path"]) == _paths(tiny_run, "test") | {str(new / f"img{i:03d}.png") for i in range(10)}
 
 
+@pytest.mark.slow
 def test_split_all_on_another_data_set_scores_every_image_through_the_cli(tiny_run, other_data, tmp_path):
     out = tmp_path / "external"
 

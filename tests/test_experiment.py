@@ -52,6 +52,7 @@ def test_tiny_data_has_one_external_fold_per_source(tiny_data):
     assert external_folds(ImageCache(tiny_data).manifest(), "covid-vs-normal") == [["a"], ["b"]]
 
 
+@pytest.mark.slow
 def test_grid_writes_results_summary_and_figure(grid, tiny_data):
     _, out, summary = grid
     results = pd.read_csv(out / "results.csv")
@@ -79,6 +80,7 @@ def test_grid_writes_results_summary_and_figure(grid, tiny_data):
         assert img.format == "PNG" and min(img.size) >= 300
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_rows_and_redoes_only_missing_ones(grid, monkeypatch):
     config, out, _ = grid
     before = pd.read_csv(out / "results.csv")
@@ -97,6 +99,7 @@ def test_rerun_skips_finished_rows_and_redoes_only_missing_ones(grid, monkeypatc
     assert redone["auc"].iloc[0] == pytest.approx(before.loc[dropped, "auc"].iloc[0])  # same finished checkpoint
 
 
+@pytest.mark.slow
 def test_rerun_with_changed_settings_is_refused_before_training(grid, tiny_data, tmp_path, monkeypatch):
     _, out, _ = grid
     calls = _count_training(monkeypatch)

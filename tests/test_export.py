@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "examples" / "onnx_client.py"
 SHAPES = ((300, 200), (200, 333), (256, 256), (97, 131), (640, 480))
 
+pytestmark = pytest.mark.slow  # exports, and `covidcxr export` and `covidcxr predict` in subprocesses
+
 
 def _with_meta(run: Path, out: Path, head_scale: float = 1.0, **augment) -> Path:
     """A copy of `run` whose head is scaled (so that probabilities spread instead of sitting near 0.5) and whose

@@ -280,6 +280,7 @@ def _ingest_cli(*argv: str) -> subprocess.CompletedProcess:
     return run_cli("ingest", *argv, "--size", str(SIZE), "--workers", "2")
 
 
+@pytest.mark.slow
 def test_adding_a_second_source_keeps_the_first_without_decoding_it_again(tmp_path, images):
     first = _write_source(tmp_path / "first", images, [1, 2, 3], source="first")
     second = _write_source(tmp_path / "second", images, [4, 5], source="second")
@@ -302,6 +303,7 @@ def test_adding_a_second_source_keeps_the_first_without_decoding_it_again(tmp_pa
     _assert_cache_holds_the_files(out)
 
 
+@pytest.mark.slow
 def test_reingesting_a_changed_source_updates_only_its_rows(tmp_path, images):
     first = _write_source(tmp_path / "first", images, [1, 2, 3, 4], source="first")
     second = _write_source(tmp_path / "second", images, [5, 6], source="second")
@@ -334,6 +336,7 @@ def test_reingesting_a_changed_source_updates_only_its_rows(tmp_path, images):
     _assert_cache_holds_the_files(out)
 
 
+@pytest.mark.slow
 def test_replace_keeps_only_the_given_sources_and_says_what_it_dropped(tmp_path, images):
     first = _write_source(tmp_path / "first", images, [1, 2, 3], source="first")
     second = _write_source(tmp_path / "second", images, [4, 5], source="second")
@@ -354,6 +357,7 @@ def test_replace_keeps_only_the_given_sources_and_says_what_it_dropped(tmp_path,
     _assert_cache_holds_the_files(out)
 
 
+@pytest.mark.slow
 def test_csv_bad_rows_of_three_kinds_are_all_listed_by_line_and_the_rest_ingested(tmp_path, images):
     src = _write_source(tmp_path / "src", images, [1, 2, 3])  # CSV lines 2-4
     images.save(src / "img/odd.png", images.smooth(8))
@@ -407,6 +411,7 @@ def test_broken_symlink_and_unreadable_folder_are_listed_with_the_reason(tmp_pat
     assert sorted(_manifest(out).index) == [str(src / "covid/a.png"), str(src / "normal/b.png")]
 
 
+@pytest.mark.slow
 def test_broken_symlink_is_listed_through_the_cli(tmp_path, images):
     src = tmp_path / "hospital"
     images.save(src / "covid/a.png", images.smooth(1))

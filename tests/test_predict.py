@@ -117,6 +117,7 @@ def test_a_file_scores_as_its_cached_copy_does_in_evaluation(tiny_run, tiny_data
     np.testing.assert_allclose([r.probability for r in scored], pred["score"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_broken_symlink_gets_its_own_error_row_through_the_cli(tiny_run, mixed, tmp_path):
     (mixed / "moved.png").symlink_to(tmp_path / "archive/moved.png")
     (mixed / "sub").mkdir()

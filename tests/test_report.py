@@ -143,6 +143,7 @@ def test_roc_overlay_and_plots_handle_one_class(tmp_path):
     _assert_png(plots.plot_score_histograms(np.zeros(5), np.linspace(0, 1, 5), 0.5, tmp_path / "s.png"))
 
 
+@pytest.mark.slow
 def test_evaluate_on_one_class_data_prints_na(tiny_run, xray_source, tmp_path):
     """`covidcxr evaluate` on normals only: the report is written and the summary line says AUC n/a (it crashed
     formatting a null AUC as a number), diagnostics included."""

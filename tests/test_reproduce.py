@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from covidcxr.reproduce import reproduce
+
+pytestmark = pytest.mark.slow  # the whole main job: it trains a run per fold
 
 
 def test_reproduce_writes_every_report_and_the_summary(tiny_data, tmp_path):

@@ -244,6 +244,7 @@ def test_token_is_required_and_never_logged(predictor: Predictor, db: Path) -> N
     assert TOKEN.encode() not in b"".join(p.read_bytes() for p in db.parent.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "myhost.example"])
 def test_serving_beyond_loopback_without_a_token_is_refused(tiny_run, tmp_path: Path, host: str) -> None:
     proc = serve_cli(str(tiny_run), "--host", host, "--db", str(tmp_path / "log.sqlite"))
@@ -267,6 +268,7 @@ def test_token_comes_from_the_file_then_the_environment_and_no_auth_lifts_the_re
     assert access_token("::1", None, no_auth=False) is None and access_token("localhost", None, no_auth=False) is None
 
 
+@pytest.mark.slow
 def test_empty_token_file_is_refused(tiny_run, tmp_path: Path) -> None:
     (tmp_path / "token").write_text("\n")
     proc = serve_cli(str(tiny_run), "--host", "0.0.0.0", "--token-file", str(tmp_path / "token"))
@@ -275,6 +277,7 @@ def test_empty_token_file_is_refused(tiny_run, tmp_path: Path) -> None:
         "empty; put the access token in it"
 
 
+@pytest.mark.slow
 def test_a_busy_port_is_a_one_line_error(tiny_run, tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -287,6 +290,7 @@ def test_a_busy_port_is_a_one_line_error(tiny_run, tmp_path: Path) -> None:
     assert line.startswith(f"covidcxr: error: 127.0.0.1:{port} is already in use") and "--port" in line
 
 
+@pytest.mark.slow
 def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: Path) -> None:
     """The real `covidcxr serve` process (loopback, token from a file): 401 without it, 200 with it; the token
     appears neither in the server's output nor in the prediction log."""
@@ -311,6 +315,7 @@ def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: P
     assert TOKEN.encode() not in b"".join(f.read_bytes() for f in tmp_path.glob("log.sqlite*"))
 
 
+@pytest.mark.slow
 def test_cli_server_prints_no_line_per_request_by_default(tiny_run, tmp_path: Path) -> None:
     """Without --access-log the service prints its start-up lines but none per request; the prediction is logged."""
     port, db = free_port(), tmp_path / "log.sqlite"

@@ -28,6 +28,7 @@ def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
     return replace(base, **kw)
 
 
+@pytest.mark.slow
 def test_train_writes_run_files(tiny_data, tmp_path):
     run = train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=2))
     for name in ("config.json", "model.pt", "last.pt", "history.csv", "split.csv", "val_predictions.csv"):
@@ -46,6 +47,7 @@ def test_train_writes_run_files(tiny_data, tmp_path):
         train_mod.Trainer(_cfg(tiny_data, tmp_path / "run", epochs=2))
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     full = train_mod.train(_cfg(tiny_data, tmp_path / "full"), keep_last=True)  # the final weights, to compare
     original = train_mod.Trainer._end_epoch
@@ -79,6 +81,7 @@ def _weights(path: Path) -> dict:
     return load_checkpoint(path)["model"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_data, tmp_path):
     """SIGKILL a training process during its third epoch, resume it: model.pt, last.pt, the threshold and
     history.csv (but its timings) equal those of a run never interrupted."""
@@ -106,12 +109,14 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_data, t
                                   pd.read_csv(killed / "history.csv").drop(columns=timing))
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings(tiny_data, tmp_path):
     train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1))
     with pytest.raises(ValueError, match="settings differ"):
         train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1, lr=0.5), resume=True)
 
 
+@pytest.mark.slow
 def test_holdout_sources_become_the_test_part(tiny_data, tmp_path):
     run = train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1, holdout_sources=["b"]))
     split = pd.read_csv(run / "split.csv")
@@ -119,6 +124,7 @@ def test_holdout_sources_become_the_test_part(tiny_data, tmp_path):
     assert (split.loc[split["source"] == "a", "split"] != "test").all()
 
 
+@pytest.mark.slow
 def test_finetunes_from_torchvision_weights_file(tiny_data, tmp_path):
     import torchvision
     torch.manual_seed(1)
@@ -132,6 +138,7 @@ def test_finetunes_from_torchvision_weights_file(tiny_data, tmp_path):
     assert corr > 0.99
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tiny_data, tmp_path):
     """torchrun with two CPU processes (gloo): one run folder, written by rank 0, with both ranks in step."""
     out = tmp_path / "ddp"
@@ -162,6 +169,7 @@ def test_source_class_balance_draws_every_group_equally(tiny_data):
     assert not np.allclose(train[["source", "y"]].value_counts(normalize=True).to_numpy(), 0.25, atol=0.03)
 
 
+@pytest.mark.slow
 def test_domain_adversarial_run_trains_and_saves_its_source_head(tiny_data, tmp_path):
     run = train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1, domain_adversarial=0.3))
     ckpt = load_checkpoint(run / "model.pt")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import run_cli
 from covidcxr.model.network import load_checkpoint
+
+pytestmark = pytest.mark.slow  # `covidcxr train` in a subprocess
 
 
 def _train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
