@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import Images
 from covidcxr.config import AugmentConfig, from_dict
 from covidcxr.preprocess.augment import affine_grid, augment_batch
 
@@ -18,14 +18,7 @@ STILL = AugmentConfig(rotate_deg=0.0, scale=(1.0, 1.0), translate=0.0, brightnes
 
 
 def _images(batch: int = 6, size: int = 64, seed: int = 0) -> torch.Tensor:
-    """Smooth blobs plus noise: structure that a wrong resampling or flip would visibly change."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    imgs = [
-        np.clip(200 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.05) + rng.normal(30, 10, (size, size)), 0, 255)
-        for cx, cy in rng.uniform(0.2, 0.8, (batch, 2))
-    ]
-    return torch.from_numpy(np.stack(imgs).astype(np.uint8))
+    return torch.from_numpy(Images.blobs(batch, size, seed))
 
 
 @pytest.mark.parametrize("cfg", [AugmentConfig(), STRONG], ids=["default", "strong"])

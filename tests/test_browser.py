@@ -23,7 +23,7 @@ from covidcxr.deploy.serve.app import create_app
 from covidcxr.deploy.serve.log import PredictionLog
 from covidcxr.model.cam import OVERLAY_MIN_SIDE
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # a real server and a headless Chromium
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [

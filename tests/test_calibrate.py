@@ -10,7 +10,10 @@ import pytest
 
 from covidcxr.config import IngestConfig
 from covidcxr.data.ingest import ingest
-from test_trust import cli, planted_shift, tiny_resnet
+from conftest import run_cli
+from test_trust import planted_shift, tiny_resnet
+
+pytestmark = pytest.mark.slow  # trains a run to adapt, and runs `covidcxr calibrate` in a subprocess
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +33,8 @@ def calibrated(base_run, xray_source, tmp_path_factory) -> Path:
     (tmp / "src").mkdir()
     site = ingested(planted_shift(tmp / "src", xray_source, n=80, marks=False, haze=0.15), tmp / "data")
     out = tmp / "out"
-    r = cli("calibrate", str(base_run), "--data", str(site), "--out", str(out), "--fraction", "0.5",
-            "--finetune-epochs", "15", "--n-boot", "20")
+    r = run_cli("calibrate", str(base_run), "--data", str(site), "--out", str(out), "--fraction", "0.5",
+                "--finetune-epochs", "15", "--n-boot", "20")
     assert r.returncode == 0, r.stderr
     assert "held-back part: sensitivity" in r.stdout
     return out
@@ -68,7 +71,7 @@ def test_calibration_record_and_adapted_run(calibrated, base_run):
 
 
 def test_adapted_run_is_a_run_predict_accepts(calibrated, xray_source, tmp_path):
-    r = cli("predict", str(calibrated / "run"), str(xray_source(tmp_path, 2, seed=4)), "--format", "json")
+    r = run_cli("predict", str(calibrated / "run"), str(xray_source(tmp_path, 2, seed=4)), "--format", "json")
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)) == 2
 
@@ -78,13 +81,15 @@ def test_one_class_site_is_refused(base_run, xray_source, tmp_path):
     root = xray_source(tmp_path / "src", 30, seed=7)
     meta = pd.read_csv(root / "metadata.csv").assign(label="covid")
     meta.to_csv(root / "metadata.csv", index=False)
-    r = cli("calibrate", str(base_run), "--data", str(ingested(root, tmp_path / "data")), "--out", str(tmp_path / "o"))
+    r = run_cli("calibrate", str(base_run), "--data", str(ingested(root, tmp_path / "data")),
+                "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "one class only (covid)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_too_small_site_is_refused(base_run, xray_source, tmp_path):
     (tmp_path / "src").mkdir()
     root = xray_source(tmp_path / "src", 8, seed=8)
-    r = cli("calibrate", str(base_run), "--data", str(ingested(root, tmp_path / "data")), "--out", str(tmp_path / "o"))
+    r = run_cli("calibrate", str(base_run), "--data", str(ingested(root, tmp_path / "data")),
+                "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "too few images to calibrate" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

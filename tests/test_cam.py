@@ -6,22 +6,15 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from covidcxr.model.cam import OVERLAY_MIN_SIDE, cam_overlay_png, grad_cam, write_cams
 from covidcxr.model.network import GrayClassifier, build_model
-from covidcxr.deploy.predict import Predictor
 
 SIDE = 128  # AlexNet's last conv map is 7x7 here: coarse, but enough to tell one corner from another
 BLOB = (32, 92)  # (row, column): off-centre and off the diagonal, so a transposed or flipped map misses it
 RADIUS = 14
-
-
-@pytest.fixture(scope="module")
-def predictor(tiny_run) -> Predictor:
-    return Predictor.from_run(tiny_run)
 
 
 def _centre_taps(conv: torch.nn.Conv2d, channels: tuple[int, ...]) -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +16,7 @@ import pytest
 import torch
 import torchvision
 
+from conftest import run_cli
 from covidcxr import __version__, cli
 from covidcxr.data.cache import MANIFEST_FILE
 from covidcxr.data.sources import LAYOUTS
@@ -90,11 +89,11 @@ def test_unusable_input_exits_2_with_one_line(argv, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and err.startswith("covidcxr: error: ") and argv[1] in err
 
 
+@pytest.mark.slow
 def test_train_on_missing_data_exits_2_without_traceback(tmp_path):
     """Through the real entry point: stderr is exactly one line, and no run folder is left behind."""
     missing, run = tmp_path / "no-data", tmp_path / "run"
-    cmd = [sys.executable, "-m", "covidcxr.cli", "train", str(missing), "--out", str(run), "--weights", "none"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    result = run_cli("train", str(missing), "--out", str(run), "--weights", "none")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert str(missing) in result.stderr and "covidcxr ingest" in result.stderr
@@ -127,13 +126,6 @@ def test_bugs_keep_their_traceback(bug, monkeypatch):
         cli.main(["data", "summary", "DATA"])
 
 
-def _covidcxr(*args: str, env: dict[str, str] | None = None, code: str = "") -> subprocess.CompletedProcess:
-    """The real entry point in a fresh process; `code` runs first (e.g. to break something on purpose)."""
-    prog = f"import sys\n{code}\nfrom covidcxr.cli import main\nsys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", prog, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
-
-
 def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.startswith("covidcxr: error: ") and result.stderr.count("\n") == 1, result.stderr[-2000:]
@@ -148,17 +140,19 @@ def _offline(tmp_path: Path) -> dict[str, str]:
             "http_proxy": closed, "HTTP_PROXY": closed, "no_proxy": "", "NO_PROXY": ""}
 
 
+@pytest.mark.slow
 def test_version():
-    result = _covidcxr("--version")
+    result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"covidcxr {__version__}"
 
 
+@pytest.mark.slow
 def test_train_defaults_work_offline_and_the_report_says_so(tiny_data, tmp_path, capsys):
     """Default weights (auto) offline: random init with one warning line, recorded and shown in the report; default
     image size (auto) is 112 on a CPU, printed and recorded."""
     run = tmp_path / "run"
-    result = _covidcxr("train", str(tiny_data), "--out", str(run), "--epochs", "1", "--device", "cpu",
-                       env=_offline(tmp_path))
+    result = run_cli("train", str(tiny_data), "--out", str(run), "--epochs", "1", "--device", "cpu",
+                     env=_offline(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("covidcxr: warning:")]
@@ -177,42 +171,47 @@ def test_train_defaults_work_offline_and_the_report_says_so(tiny_data, tmp_path,
     assert shown in (report / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_weights_imagenet_offline_is_one_line(tiny_data, tmp_path):
     run = tmp_path / "run"
-    result = _covidcxr("train", str(tiny_data), "--out", str(run), "--weights", "imagenet", "--epochs", "1",
-                       "--image-size", "64", "--device", "cpu", env=_offline(tmp_path))
+    result = run_cli("train", str(tiny_data), "--out", str(run), "--weights", "imagenet", "--epochs", "1",
+                     "--image-size", "64", "--device", "cpu", env=_offline(tmp_path))
     _one_line_error(result, "ImageNet weights for alexnet", "--weights none", "--weights PATH")
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_weights_path_to_a_torchvision_state_dict(tiny_data, tmp_path):
     weights = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), weights)
     run = tmp_path / "run"
-    result = _covidcxr("train", str(tiny_data), "--out", str(run), "--weights", str(weights), "--epochs", "1",
-                       "--image-size", "64", "--device", "cpu", env=_offline(tmp_path))
+    result = run_cli("train", str(tiny_data), "--out", str(run), "--weights", str(weights), "--epochs", "1",
+                     "--image-size", "64", "--device", "cpu", env=_offline(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning" not in result.stderr and "image size" not in result.stderr  # nothing was chosen for the user
     assert json.loads((run / "config.json").read_text())["weights_used"] == str(weights)
 
 
+@pytest.mark.slow
 def test_weights_path_to_a_text_file_is_one_line_naming_it(tiny_data, tmp_path):
     weights = tmp_path / "notes.txt"
     weights.write_text("these are not weights\n")
-    result = _covidcxr("train", str(tiny_data), "--out", str(tmp_path / "run"), "--weights", str(weights),
-                       "--epochs", "1", "--image-size", "64", "--device", "cpu")
+    result = run_cli("train", str(tiny_data), "--out", str(tmp_path / "run"), "--weights", str(weights),
+                     "--epochs", "1", "--image-size", "64", "--device", "cpu")
     _one_line_error(result, str(weights), "cannot read as PyTorch weights", "not a file torch.save wrote")
 
 
+@pytest.mark.slow
 def test_settings_in_a_config_file_are_validated_too(tiny_data, tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text("batch_size: 0\n")
-    result = _covidcxr("train", str(tiny_data), "--out", str(tmp_path / "run"), "--config", str(config))
+    result = run_cli("train", str(tiny_data), "--out", str(tmp_path / "run"), "--config", str(config))
     _one_line_error(result, "batch_size = 0", "an integer >= 1")
-    _one_line_error(_covidcxr("train", str(tiny_data), "--out", str(tmp_path / "run"), "--config",
-                              str(tmp_path / "missing.yaml")), "missing.yaml", "no such file")
+    _one_line_error(run_cli("train", str(tiny_data), "--out", str(tmp_path / "run"), "--config",
+                            str(tmp_path / "missing.yaml")), "missing.yaml", "no such file")
 
 
+@pytest.mark.slow
 def test_patient_leakage_is_one_line(tiny_data, tmp_path):
     """A patient with images in both sources (a manifest edited by hand): holding out one source would split them."""
     data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
@@ -220,24 +219,26 @@ def test_patient_leakage_is_one_line(tiny_data, tmp_path):
     first_a = manifest.index[manifest["source"] == "a"][0]
     manifest.loc[manifest.index[manifest["source"] == "b"][0], "patient_id"] = manifest.at[first_a, "patient_id"]
     manifest.to_parquet(data / MANIFEST_FILE)
-    result = _covidcxr("train", str(data), "--out", str(tmp_path / "run"), "--holdout", "b", "--weights", "none",
-                       "--epochs", "1", "--image-size", "64")
+    result = run_cli("train", str(data), "--out", str(tmp_path / "run"), "--holdout", "b", "--weights", "none",
+                     "--epochs", "1", "--image-size", "64")
     _one_line_error(result, "1 patient(s) in more than one split part", "hold out every source")
 
 
+@pytest.mark.slow
 def test_export_parity_failure_is_one_line(tiny_run, tmp_path):
     out = tmp_path / "model.pt"
-    result = _covidcxr("export", str(tiny_run), "--format", "torchscript", "--out", str(out),
-                       code="import covidcxr.deploy.export as e; e.TOLERANCE = -1.0")  # any difference fails
+    result = run_cli("export", str(tiny_run), "--format", "torchscript", "--out", str(out),
+                     code="import covidcxr.deploy.export as e; e.TOLERANCE = -1.0")  # any difference fails
     _one_line_error(result, str(out), "differ from covidcxr")
 
 
+@pytest.mark.slow
 def test_serve_on_a_busy_port_is_one_line(tiny_run):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = _covidcxr("serve", str(tiny_run), "--port", str(port))
+        result = run_cli("serve", str(tiny_run), "--port", str(port))
     _one_line_error(result, f"127.0.0.1:{port} is already in use", "--port")
     assert result.stdout == ""
 

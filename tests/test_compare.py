@@ -17,8 +17,9 @@ def _make_report(folder, seed: int, noise: float, negatives_only: bool = False):
     n = 80
     y = np.zeros(n, int) if negatives_only else (np.arange(n) % 2)
     score = np.clip(0.5 + (y - 0.5) * 0.6 + rng.normal(0, noise, n), 0, 1)
-    df = pd.DataFrame({"path": [f"{i}.png" for i in range(n)], "source": "s", "patient_id": [str(i // 2) for i in range(n)],
-                       "label": np.where(y == 1, "covid", "normal"), "y": y, "score": score})
+    df = pd.DataFrame({"path": [f"{i}.png" for i in range(n)], "source": "s",
+                       "patient_id": [str(i // 2) for i in range(n)], "label": np.where(y == 1, "covid", "normal"),
+                       "y": y, "score": score})
     metrics = evaluate_predictions(df, 0.5, "youden", n_boot=100, positive_label="covid")
     folder.mkdir(parents=True)
     write_metrics(metrics, folder / "metrics.json")

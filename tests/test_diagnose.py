@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from test_lungs import TOY_LUNGS, toy_xray
+from test_lungs_heuristic import TOY_LUNGS, toy_xray
 
 from covidcxr.evaluation import diagnose as dg
 from covidcxr.evaluation.diagnose.probe import source_probe
@@ -67,8 +67,8 @@ def shortcut_run(tmp_path_factory) -> tuple[Path, Path]:
     assert ingest([source], data, IngestConfig(size=SIZE, workers=1)).kept == 200
     # a ResNet-18 learns the marker in a few small batches; a tiny AlexNet from scratch barely moves in 5 epochs
     run = train(TrainConfig(data=str(data), out=str(tmp_path_factory.mktemp("run")), arch="resnet18", weights="none",
-                            image_size=SIZE, epochs=6, batch_size=16, lr=0.01, device="cpu", seed=0, deterministic=True, amp=False,
-                            patience=10, split_fractions=(0.5, 0.2, 0.3)))
+                            image_size=SIZE, epochs=6, batch_size=16, lr=0.01, device="cpu", seed=0, deterministic=True,
+                            amp=False, patience=10, split_fractions=(0.5, 0.2, 0.3)))
     return data, run
 
 
@@ -79,6 +79,7 @@ def diagnosed(shortcut_run, tmp_path_factory) -> tuple[dict, Path, Path]:
     return dg.diagnose(run, data, out), out, run
 
 
+@pytest.mark.slow
 def test_shortcut_is_flagged(diagnosed):
     result, _, run = diagnosed
     split = pd.read_csv(run / "split.csv")
@@ -101,6 +102,7 @@ def test_shortcut_is_flagged(diagnosed):
     assert "Shortcut learning is likely" in dg.verdict(result)
 
 
+@pytest.mark.slow
 def test_outputs_are_complete_and_self_contained(diagnosed):
     result, out, _ = diagnosed
     assert json.loads((out / "diagnose.json").read_text()) == result
@@ -120,6 +122,7 @@ def test_outputs_are_complete_and_self_contained(diagnosed):
     assert snippet.startswith("<div") and "<html" not in snippet and "Shortcut learning is likely" in snippet
 
 
+@pytest.mark.slow
 def test_other_data_set_is_scored_whole(shortcut_run, tmp_path):
     _, run = shortcut_run
     other, src = tmp_path / "other", tmp_path / "src"
@@ -265,6 +268,7 @@ def _brightened(n: int, y: np.ndarray, shift: float, seed: int = 5) -> np.ndarra
 SAME_SIZE_30 = pd.DataFrame({"orig_height": np.full(30, 120), "orig_width": np.full(30, 100)})
 
 
+@pytest.mark.slow
 def test_image_stats_find_one_brightness_cue_in_30_images():
     """At 30 images the old gradient-boosted check was constant (AUC exactly 0.500 in every group)."""
     y = np.arange(30) % 2
@@ -281,6 +285,7 @@ def _empty_occlusion() -> dict:
                                                                                "ci95": [math.nan, math.nan]}}
 
 
+@pytest.mark.slow
 def test_chance_level_checks_give_an_inconclusive_verdict():
     """30 images whose labels and sources have nothing to do with the pixels, checked for real: every check comes
     out ok or inconclusive, and the verdict reads "Inconclusive", not "No sign of shortcut learning"."""
@@ -330,6 +335,7 @@ def test_grad_cam_is_ok_only_when_drawn_to_the_lungs(where, flag):
     assert dg.flags(few)["cam"] is None and "too few images" in dg.verdict(few)
 
 
+@pytest.mark.slow
 def test_image_stats_find_size_but_not_noise():
     rng = np.random.default_rng(5)
     n = 60
@@ -357,5 +363,6 @@ def test_lung_share_and_its_summary():
     rows = pd.DataFrame({"source": ["a", "a", "b"], "label": ["covid", "normal", "covid"]})
     summary = dg.cam_lung_share(cams, masks, rows)
     assert summary["overall"]["sampled"] == 3 and summary["overall"]["with_evidence"] == 2
-    assert summary["overall"]["lung_share"] == pytest.approx(0.75) and summary["overall"]["enrichment"] == pytest.approx(1.5)
+    assert summary["overall"]["lung_share"] == pytest.approx(0.75)
+    assert summary["overall"]["enrichment"] == pytest.approx(1.5)
     assert summary["per_source"]["b"]["with_evidence"] == 0 and math.isnan(summary["per_source"]["b"]["lung_share"])

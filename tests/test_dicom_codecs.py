@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -22,6 +20,7 @@ from pydicom.uid import (JPEG2000, DeflatedExplicitVRLittleEndian, ExplicitVRBig
                          JPEGLSLossless, JPEGLSNearLossless, RLELossless)
 
 import dicom_factory as make
+from conftest import run_cli
 from covidcxr.data.reader import read_image
 
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -125,10 +124,7 @@ def test_palette_colour_uses_the_colour_tables(images):
 
 # --- only chest radiographs: the reader's rule holds in ingest, predict and serve ------------------------------------
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "covidcxr.cli", *args], capture_output=True, text=True, timeout=300)
-
-
+@pytest.mark.slow
 def test_ingest_lists_a_ct_as_unreadable_and_does_not_cache_it(tmp_path, images, xray_source):
     (tmp_path / "src").mkdir()
     src = xray_source(tmp_path / "src", 4, seed=1)
@@ -136,7 +132,7 @@ def test_ingest_lists_a_ct_as_unreadable_and_does_not_cache_it(tmp_path, images,
     meta = pd.read_csv(src / "metadata.csv")
     pd.concat([meta, pd.DataFrame([{"path": "ct.dcm", "label": "covid"}])]).to_csv(src / "metadata.csv", index=False)
     data = tmp_path / "data"
-    result = _cli("ingest", str(src), "--out", str(data), "--size", "32", "--workers", "1")
+    result = run_cli("ingest", str(src), "--out", str(data), "--size", "32", "--workers", "1")
     assert result.returncode == 1, result.stderr
     unreadable = json.loads((data / "ingest_report.json").read_text())["unreadable"]
     assert [(u["path"].endswith("ct.dcm"), u["reason"]) for u in unreadable] == [(True, CT_REASON)]
@@ -144,23 +140,22 @@ def test_ingest_lists_a_ct_as_unreadable_and_does_not_cache_it(tmp_path, images,
     assert len(manifest) == 4 and not manifest["path"].str.endswith("ct.dcm").any()
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_ct_with_exit_1(tmp_path, images, tiny_run):
     ct = tmp_path / "ct.dcm"
     images.dicom(ct, make.film(), Modality="CT")
-    result = _cli("predict", str(tiny_run), str(ct))
+    result = run_cli("predict", str(tiny_run), str(ct))
     assert result.returncode == 1
     assert CT_REASON in result.stdout + result.stderr and "Traceback" not in result.stderr
 
 
-def test_service_answers_422_for_a_ct(tmp_path, images, tiny_run):
-    from covidcxr.deploy.predict import Predictor
+def test_service_answers_422_for_a_ct(tmp_path, images, predictor):
     from covidcxr.config import ServeConfig
     from covidcxr.deploy.serve.app import create_app
 
     ct = images.dicom(None, make.film(), Modality="CT")
     chest = images.dicom(None, make.film())
-    app = create_app(Predictor.from_run(tiny_run), ServeConfig(db=str(tmp_path / "log.sqlite")))
-    with TestClient(app) as client:
+    with TestClient(create_app(predictor, ServeConfig(db=str(tmp_path / "log.sqlite")))) as client:
         refused = client.post("/api/predict", files={"file": ("ct.dcm", ct, "application/dicom")})
         scored = client.post("/api/predict", files={"file": ("chest.dcm", chest, "application/dicom")})
     assert refused.status_code == 422 and CT_REASON in refused.json()["detail"]

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,15 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import CLI_TIMEOUT_S, run_cli
 from covidcxr.data.reader import read_image
 from covidcxr.deploy.engine import ENGINE_DIR, ENGINE_FILE, OnnxScorer, ensure_engine
 from covidcxr.deploy.predict import Predictor
 from covidcxr.scoring import Scorer
-from test_serve import _free_port, _serve_cli, _wait_until_up
+from servers import free_port, serve_cli, wait_until_up
 
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "covidcxr.cli", *args], capture_output=True, text=True, timeout=600)
+pytestmark = pytest.mark.slow  # exports, and `covidcxr serve` and `covidcxr export` in subprocesses
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +36,7 @@ def _copy_run(run: Path, to: Path) -> Path:
 
 def test_export_serving_scores_like_covidcxr(tiny_run, xrays, tmp_path):
     out = tmp_path / "engine"
-    done = _cli("export", str(tiny_run), "--format", "serving", "--out", str(out))
+    done = run_cli("export", str(tiny_run), "--format", "serving", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert f"wrote {out} (serving," in done.stdout and "MB)" in done.stdout and "score.onnx" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == ["engine.json", "score.onnx"]
@@ -72,8 +69,8 @@ def test_a_run_the_engine_cannot_take_is_one_line_naming_the_torch_engine(tiny_r
     ckpt = torch.load(run / "model.pt", weights_only=False)
     ckpt["meta"]["augment"] = {**ckpt["meta"]["augment"], "equalize": "clahe"}
     torch.save(ckpt, run / "model.pt")
-    proc = _serve_cli(str(run), "--port", str(_free_port()), "--db", str(tmp_path / "log.sqlite"))
-    _, err = proc.communicate(timeout=300)
+    proc = serve_cli(str(run), "--port", str(free_port()), "--db", str(tmp_path / "log.sqlite"))
+    _, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 2
     [line] = err.strip().splitlines()
     assert "serving engine could not be exported" in line and "CLAHE" in line and "--engine torch" in line
@@ -85,11 +82,11 @@ def _maps_torch(pid: int) -> bool:
 
 def test_serve_scores_without_torch_until_a_heatmap_is_asked_for(tiny_run, xrays, tmp_path):
     run = _copy_run(tiny_run, tmp_path / "run")
-    port = _free_port()
-    proc = _serve_cli(str(run), "--port", str(port), "--db", str(tmp_path / "log.sqlite"), "--threads", "1")
+    port = free_port()
+    proc = serve_cli(str(run), "--port", str(port), "--db", str(tmp_path / "log.sqlite"), "--threads", "1")
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(url, proc, timeout_s=300)
+        wait_until_up(url, proc)
         assert httpx.get(f"{url}/api/health").json()["engine"] == "onnxruntime"
         data = xrays[0].read_bytes()
         res = httpx.post(f"{url}/api/predict", files={"file": ("a.png", data)}, timeout=60)
@@ -102,6 +99,6 @@ def test_serve_scores_without_torch_until_a_heatmap_is_asked_for(tiny_run, xrays
         assert _maps_torch(proc.pid)  # Grad-CAM needs the torch model's gradients
     finally:
         proc.terminate()
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert "for onnxruntime (once per model)" in out
     assert json.loads((run / ENGINE_DIR / ENGINE_FILE).read_text())["model_id"] == res.json()["model_id"]

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from covidcxr import cli
 from covidcxr.evaluation import evaluate as evaluate_mod
 from covidcxr.evaluation import metrics as metrics_mod
@@ -32,7 +30,8 @@ N_BOOT = 50  # enough to exercise the bootstrap; the intervals' accuracy is test
 def test_report(tiny_run, tiny_data, tmp_path_factory) -> Path:
     """`covidcxr evaluate RUN --data DATA --split test --out REPORT` on the run's own data."""
     out = tmp_path_factory.mktemp("report") / "report"
-    argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--split", "test", "--out", str(out), "--n-boot", str(N_BOOT)]
+    argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--split", "test", "--out", str(out),
+            "--n-boot", str(N_BOOT)]
     assert cli.main(argv) == 0
     return out
 
@@ -99,6 +98,7 @@ def test_every_report_holds_the_shortcut_diagnostics_of_its_images(test_report):
     assert "Shortcut diagnostics" in page and 'alt="Lung masks"' in page  # figures embedded: one file to send
 
 
+@pytest.mark.slow
 def test_no_diagnose_skips_them_and_failing_diagnostics_keep_the_report(tiny_run, tiny_data, tmp_path, monkeypatch,
                                                                         capsys):
     argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--out", str(tmp_path / "plain"), "--n-boot", "20"]
@@ -117,9 +117,11 @@ def test_no_diagnose_skips_them_and_failing_diagnostics_keep_the_report(tiny_run
     assert (tmp_path / "failed" / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_split_all_on_the_runs_own_data_leaves_out_what_it_trained_on(tiny_run, tiny_data, tmp_path, capsys):
     out = tmp_path / "all"
-    argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--split", "all", "--out", str(out), "--n-boot", str(N_BOOT)]
+    argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--split", "all", "--out", str(out),
+            "--n-boot", str(N_BOOT)]
     assert cli.main(argv) == 0
     seen = _paths(tiny_run, "train", "val")
     assert f"note: {len(seen)} image(s)" in capsys.readouterr().err
@@ -129,6 +131,7 @@ def test_split_all_on_the_runs_own_data_leaves_out_what_it_trained_on(tiny_run, 
     assert json.loads((out / "metrics.json").read_text())["provenance"]["excluded_seen_images"] == len(seen)
 
 
+@pytest.mark.slow
 def test_another_data_set_needs_split_all(tiny_run, other_data, tmp_path, capsys):
     out = tmp_path / "external"
     argv = ["evaluate", str(tiny_run), "--data", str(other_data), "--out", str(out), "--n-boot", str(N_BOOT)]
@@ -152,6 +155,7 @@ def test_threshold_is_chosen_on_the_runs_validation_predictions(tiny_run):
     assert threshold == meta["threshold"]
 
 
+@pytest.mark.slow
 def test_threshold_does_not_depend_on_test_labels(test_report, tiny_run, tiny_data, tmp_path, monkeypatch):
     """Flip the labels of the test images in a copy of the data: the metrics flip, the threshold stays put."""
     flipped = tmp_path / "flipped"
@@ -180,28 +184,21 @@ def test_threshold_does_not_depend_on_test_labels(test_report, tiny_run, tiny_da
     assert got["auc"]["value"] == pytest.approx(1 - before["auc"]["value"])
 
 
-def _cli(*argv: str) -> subprocess.CompletedProcess:
-    """`covidcxr ...` through the real entry point, in a subprocess, with this checkout's package first."""
-    src = Path(__file__).resolve().parents[1] / "src"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "covidcxr.cli", *argv], capture_output=True, text=True, timeout=300,
-                          env=env)
-
-
+@pytest.mark.slow
 def test_split_all_says_what_it_leaves_out_and_scores_every_image_it_has_not_seen(tiny_run, tiny_data, xray_source,
                                                                                  tmp_path):
     """Through the CLI: on the run's own data grown by another source (ingest adds), `--split all` scores the new
     source and the run's test images, and prints how many train/validation images it left out and why."""
-    assert "train and validation images are left out" in " ".join(_cli("evaluate", "--help").stdout.split())
+    assert "train and validation images are left out" in " ".join(run_cli("evaluate", "--help").stdout.split())
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     (tmp_path / "new_src").mkdir()
     new = xray_source(tmp_path / "new_src", 10, seed=7, sources=("e", "e"))
-    assert _cli("ingest", str(new), "--out", str(data), "--size", "64", "--workers", "1").returncode == 0
+    assert run_cli("ingest", str(new), "--out", str(data), "--size", "64", "--workers", "1").returncode == 0
     out = tmp_path / "report"
 
-    result = _cli("evaluate", str(tiny_run), "--data", str(data), "--split", "all", "--out", str(out),
-                  "--n-boot", str(N_BOOT), "--no-diagnose")
+    result = run_cli("evaluate", str(tiny_run), "--data", str(data), "--split", "all", "--out", str(out),
+                     "--n-boot", str(N_BOOT), "--no-diagnose")
 
     assert result.returncode == 0, result.stderr
     seen = _paths(tiny_run, "train", "val")
@@ -211,11 +208,12 @@ def test_split_all_says_what_it_leaves_out_and_scores_every_image_it_has_not_see
     assert set(pred["path"]) == _paths(tiny_run, "test") | {str(new / f"img{i:03d}.png") for i in range(10)}
 
 
+@pytest.mark.slow
 def test_split_all_on_another_data_set_scores_every_image_through_the_cli(tiny_run, other_data, tmp_path):
     out = tmp_path / "external"
 
-    result = _cli("evaluate", str(tiny_run), "--data", str(other_data), "--split", "all", "--out", str(out),
-                  "--n-boot", str(N_BOOT), "--no-diagnose")
+    result = run_cli("evaluate", str(tiny_run), "--data", str(other_data), "--split", "all", "--out", str(out),
+                     "--n-boot", str(N_BOOT), "--no-diagnose")
 
     assert result.returncode == 0, result.stderr
     assert "left out" not in result.stderr

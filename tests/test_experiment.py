@@ -54,6 +54,7 @@ def test_tiny_data_has_one_external_fold_per_source(tiny_data):
     assert external_folds(ImageCache(tiny_data).manifest(), "covid-vs-normal") == [["a"], ["b"]]
 
 
+@pytest.mark.slow
 def test_grid_writes_results_summary_and_figure(grid, tiny_data):
     _, out, summary = grid
     results = pd.read_csv(out / "results.csv")
@@ -84,6 +85,7 @@ def test_grid_writes_results_summary_and_figure(grid, tiny_data):
     assert yaml.safe_load((out / "experiment.yaml").read_text()) == saved  # the same, as input the command takes
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_rows_and_redoes_only_missing_ones(grid, monkeypatch):
     config, out, _ = grid
     before = pd.read_csv(out / "results.csv")
@@ -102,6 +104,7 @@ def test_rerun_skips_finished_rows_and_redoes_only_missing_ones(grid, monkeypatc
     assert redone["auc"].iloc[0] == pytest.approx(before.loc[dropped, "auc"].iloc[0])  # same finished checkpoint
 
 
+@pytest.mark.slow
 def test_rerun_with_changed_settings_is_refused_before_training(grid, tiny_data, tmp_path, monkeypatch):
     _, out, _ = grid
     calls = _count_training(monkeypatch)
@@ -133,7 +136,8 @@ def test_bad_grid_through_the_cli_is_one_line(tiny_data, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "learning_rate" in err and "typo" in err
 
 
-def _manifest(counts: dict[str, tuple[int, int]], extra_labels: dict[str, tuple[str, int]] | None = None) -> pd.DataFrame:
+def _manifest(counts: dict[str, tuple[int, int]],
+              extra_labels: dict[str, tuple[str, int]] | None = None) -> pd.DataFrame:
     """Manifest rows: per source (covid count, normal count), plus optional (label, count) of another label."""
     rows = [(src, label) for src, (pos, neg) in counts.items() for label, n in (("covid", pos), ("normal", neg))
             for _ in range(n)]
@@ -164,8 +168,9 @@ def test_external_folds_break_ties_by_name_and_follow_the_task():
 def _metrics(y: np.ndarray, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     score = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.2, len(y)), 0, 1)
-    df = pd.DataFrame({"path": [f"{i}.png" for i in range(len(y))], "source": "s", "patient_id": [str(i) for i in range(len(y))],
-                       "label": np.where(y == 1, "covid", "normal"), "y": y, "score": score})
+    df = pd.DataFrame({"path": [f"{i}.png" for i in range(len(y))], "source": "s",
+                       "patient_id": [str(i) for i in range(len(y))], "label": np.where(y == 1, "covid", "normal"),
+                       "y": y, "score": score})
     return evaluate_predictions(df, 0.5, "youden", n_boot=100, positive_label="covid")
 
 

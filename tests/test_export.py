@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import CLI_TIMEOUT_S, run_cli
 from covidcxr.data.reader import read_image
 from covidcxr.deploy.export import TOLERANCE, ExportParityError, check_parity, runner, synthetic_images
 from covidcxr.model.checkpoint import load_checkpoint, save_checkpoint
@@ -26,9 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "examples" / "onnx_client.py"
 SHAPES = ((300, 200), (200, 333), (256, 256), (97, 131), (640, 480))
 
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "covidcxr.cli", *map(str, args)], capture_output=True, text=True)
+pytestmark = pytest.mark.slow  # exports, and `covidcxr export` and `covidcxr predict` in subprocesses
 
 
 def _with_meta(run: Path, out: Path, head_scale: float = 1.0, **augment) -> Path:
@@ -67,13 +66,13 @@ def shaped_images(tmp_path_factory) -> list[Path]:
 
 
 def _predict(run: Path, paths: list[Path]) -> dict[str, float]:
-    done = _cli("predict", run, *paths, "--format", "json")
+    done = run_cli("predict", run, *paths, "--format", "json")
     assert done.returncode == 0, done.stderr
     return {Path(r["path"]).name: r["probability"] for r in json.loads(done.stdout)}
 
 
 def _export(run: Path, fmt: str, out: Path) -> subprocess.CompletedProcess:
-    done = _cli("export", run, "--format", fmt, "--out", out)
+    done = run_cli("export", run, "--format", fmt, "--out", out)
     assert done.returncode == 0, done.stderr
     return done
 
@@ -119,7 +118,7 @@ def test_the_example_client_needs_only_onnxruntime_and_pillow(sharp_run: Path, s
     assert "covidcxr" not in "".join(line for line in CLIENT.read_text().splitlines() if "import" in line)
     out = exported["onnx"][0]
     done = subprocess.run([sys.executable, str(CLIENT), str(out), *map(str, shaped_images[:3])],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, timeout=CLI_TIMEOUT_S)
     scored = {Path(r["path"]).name: r for r in map(json.loads, done.stdout.splitlines())}
     expected = _predict(sharp_run, shaped_images[:3])
     for name, p in expected.items():
@@ -146,7 +145,7 @@ def test_runs_whose_preprocessing_has_no_graph_form_are_refused_in_one_line(
         from covidcxr.lungs.unet import LungUNet
         model = LungUNet((4, 8), 32)
         torch.save({"state_dict": model.state_dict(), "config": {"channels": [4, 8], "size": 32}}, run / "lungs.pt")
-    done = _cli("export", run, "--format", "onnx", "--out", tmp_path / "m.onnx")
+    done = run_cli("export", run, "--format", "onnx", "--out", tmp_path / "m.onnx")
     assert done.returncode == 2 and reason in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
 

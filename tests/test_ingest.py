@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import run_cli
 from covidcxr import cli
 from covidcxr.data import ingest as ingest_mod
 from covidcxr.data.cache import ImageCache, to_square
@@ -20,7 +20,6 @@ from covidcxr.data.ingest import DUPLICATES_FILE, REPORT_FILE, ingest, summarize
 from covidcxr.data.reader import read_image
 
 SIZE = 32
-SRC = Path(__file__).resolve().parents[1] / "src"
 CFG = IngestConfig(size=SIZE, workers=2)
 
 
@@ -277,17 +276,11 @@ def test_another_cache_size_on_existing_data_is_refused(tmp_path, images, capsys
     assert "size=32, asked for 64" in capsys.readouterr().err
 
 
-def _cli(*argv: str) -> subprocess.CompletedProcess:
-    """`covidcxr ...` through the real entry point, in a subprocess, with this checkout's package first."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "covidcxr.cli", *argv], capture_output=True, text=True, timeout=300,
-                          env=env)
-
-
 def _ingest_cli(*argv: str) -> subprocess.CompletedProcess:
-    return _cli("ingest", *argv, "--size", str(SIZE), "--workers", "2")
+    return run_cli("ingest", *argv, "--size", str(SIZE), "--workers", "2")
 
 
+@pytest.mark.slow
 def test_adding_a_second_source_keeps_the_first_without_decoding_it_again(tmp_path, images):
     first = _write_source(tmp_path / "first", images, [1, 2, 3], source="first")
     second = _write_source(tmp_path / "second", images, [4, 5], source="second")
@@ -310,6 +303,7 @@ def test_adding_a_second_source_keeps_the_first_without_decoding_it_again(tmp_pa
     _assert_cache_holds_the_files(out)
 
 
+@pytest.mark.slow
 def test_reingesting_a_changed_source_updates_only_its_rows(tmp_path, images):
     first = _write_source(tmp_path / "first", images, [1, 2, 3, 4], source="first")
     second = _write_source(tmp_path / "second", images, [5, 6], source="second")
@@ -342,6 +336,7 @@ def test_reingesting_a_changed_source_updates_only_its_rows(tmp_path, images):
     _assert_cache_holds_the_files(out)
 
 
+@pytest.mark.slow
 def test_replace_keeps_only_the_given_sources_and_says_what_it_dropped(tmp_path, images):
     first = _write_source(tmp_path / "first", images, [1, 2, 3], source="first")
     second = _write_source(tmp_path / "second", images, [4, 5], source="second")
@@ -362,6 +357,7 @@ def test_replace_keeps_only_the_given_sources_and_says_what_it_dropped(tmp_path,
     _assert_cache_holds_the_files(out)
 
 
+@pytest.mark.slow
 def test_csv_bad_rows_of_three_kinds_are_all_listed_by_line_and_the_rest_ingested(tmp_path, images):
     src = _write_source(tmp_path / "src", images, [1, 2, 3])  # CSV lines 2-4
     images.save(src / "img/odd.png", images.smooth(8))
@@ -415,6 +411,7 @@ def test_broken_symlink_and_unreadable_folder_are_listed_with_the_reason(tmp_pat
     assert sorted(_manifest(out).index) == [str(src / "covid/a.png"), str(src / "normal/b.png")]
 
 
+@pytest.mark.slow
 def test_broken_symlink_is_listed_through_the_cli(tmp_path, images):
     src = tmp_path / "hospital"
     images.save(src / "covid/a.png", images.smooth(1))

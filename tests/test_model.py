@@ -111,7 +111,8 @@ def test_random_first_conv_gets_luminance_normalisation() -> None:
         torch.testing.assert_close(gray(x)[..., interior], expected[..., interior], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a == "densenet121" else a
+                                  for a in ARCHS])  # a DenseNet-121 alone takes seconds to build
 def test_every_arch_builds_with_random_weights(arch: str) -> None:
     model = build_model(arch, 3, "none", num_sources=4).eval()
     x = torch.rand(2, 1, 64, 64)

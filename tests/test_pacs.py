@@ -9,7 +9,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,14 +22,15 @@ from pydicom.uid import (CTImageStorage, ComputedRadiographyImageStorage, Explic
                         SecondaryCaptureImageStorage, generate_uid)
 from pynetdicom import AE
 
-from conftest import xray
+from conftest import run_cli, start_cli, xray
 from covidcxr import cli
 from covidcxr.deploy.predict import Predictor
 from covidcxr.errors import InputError
 from covidcxr.hospital.pacs import TOKEN_ENV, Dicomweb, PacsUnavailable, authorize
 from covidcxr.hospital.state import MAX_ATTEMPTS, State
 from covidcxr.hospital.watch import Watcher, study_date_range
-from orthanc import Orthanc, free_port
+from orthanc import Orthanc
+from servers import free_port
 
 pytestmark = pytest.mark.slow
 SR_MODALITY = "SR"
@@ -65,10 +65,6 @@ def to_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def covidcxr(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "covidcxr.cli", *args], capture_output=True, text=True, timeout=300)
-
-
 class Background:
     """A CLI process left running, its output lines collected as they come."""
 
@@ -76,9 +72,8 @@ class Background:
         self.lines: list[str] = []
         # Ctrl-C's signal as a terminal delivers it: a shell's background job (e.g. a suite run with `&`) starts its
         # children with SIGINT ignored, and Python keeps an ignored SIGINT ignored
-        self.process = subprocess.Popen([sys.executable, "-m", "covidcxr.cli", *args], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True,
-                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.process = start_cli(*args, stderr=subprocess.STDOUT,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         threading.Thread(target=self._collect, daemon=True).start()
 
     def _collect(self) -> None:
@@ -143,11 +138,6 @@ def orthanc(tmp_path):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def predictor(tiny_run) -> Predictor:
-    return Predictor.from_run(tiny_run)
-
-
 def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, predictor, orthanc, tmp_path):
     chest = dicom_image("CR", ComputedRadiographyImageStorage, seed=1, BodyPartExamined="CHEST")
     ct = dicom_image("CT", CTImageStorage, seed=2)
@@ -157,7 +147,7 @@ def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, pr
     state = tmp_path / "state.sqlite"
     watch = ["pacs", "watch", str(tiny_run), "--url", orthanc.dicomweb, "--once", "--state", str(state), "--cam"]
 
-    first = covidcxr(*watch)
+    first = run_cli(*watch)
     assert first.returncode == 1, first.stderr  # the image without pixels could not be scored
     assert "Traceback" not in first.stderr
     assert f"cannot score {blank.SOPInstanceUID}: DICOM file has no pixel data" in first.stderr
@@ -184,7 +174,7 @@ def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, pr
     assert rows[found[0].SOPInstanceUID][0] == "output"
 
     count = requests.get(f"{orthanc.url}/statistics", timeout=10).json()["CountInstances"]
-    second = covidcxr(*watch)
+    second = run_cli(*watch)
     assert second.returncode == 0, second.stderr
     assert "scored" not in second.stderr and "skipped" not in second.stderr and "cannot score" not in second.stderr
     assert requests.get(f"{orthanc.url}/statistics", timeout=10).json()["CountInstances"] == count

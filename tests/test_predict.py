@@ -5,28 +5,20 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from covidcxr import cli
 from covidcxr.model.cam import OVERLAY_MIN_SIDE
 from covidcxr.evaluation.evaluate import predictions
-from covidcxr.deploy.predict import Predictor
 
 GOOD = ("chest_png.png", "chest_jpeg.jpg", "chest_dicom.dcm")
 BROKEN = {"empty.png": "empty file", "notes.png": "not an image", "cut.png": "truncated"}
 MISSING = "no_such_file.png"
-
-
-@pytest.fixture(scope="module")
-def predictor(tiny_run) -> Predictor:
-    return Predictor.from_run(tiny_run)
 
 
 @pytest.fixture
@@ -64,7 +56,8 @@ def _check_rows(rows: dict[str, dict], threshold: float) -> None:
 
 def test_json_output_scores_good_files_lists_broken_ones_and_writes_cams(tiny_run, predictor, mixed, tmp_path, capsys):
     cams = tmp_path / "cams"
-    code, out, err = _predict(capsys, tiny_run, str(mixed), str(mixed / MISSING), "--format", "json", "--cam", str(cams))
+    code, out, err = _predict(capsys, tiny_run, str(mixed), str(mixed / MISSING), "--format", "json",
+                              "--cam", str(cams))
     assert code == 1
     rows = {Path(r["path"]).name: r for r in json.loads(out)}
     _check_rows(rows, predictor.threshold)
@@ -125,15 +118,13 @@ def test_a_file_scores_as_its_cached_copy_does_in_evaluation(tiny_run, tiny_data
     np.testing.assert_allclose([r.probability for r in scored], pred["score"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_broken_symlink_gets_its_own_error_row_through_the_cli(tiny_run, mixed, tmp_path):
     (mixed / "moved.png").symlink_to(tmp_path / "archive/moved.png")
     (mixed / "sub").mkdir()
     (mixed / "sub/gone.dcm").symlink_to("gone-for-good.dcm")
-    src = Path(__file__).resolve().parents[1] / "src"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "covidcxr.cli", "predict", str(tiny_run), str(mixed), "--format", "json"]
 
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    result = run_cli("predict", str(tiny_run), str(mixed), "--format", "json")
 
     assert result.returncode == 1, result.stderr
     rows = {r["path"]: r for r in json.loads(result.stdout)}

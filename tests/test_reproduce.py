@@ -1,12 +1,16 @@
-"""`covidcxr reproduce` end to end on toy data: train, test report, every external fold, the main run's diagnostics, summary."""
+"""`covidcxr reproduce` end to end on toy data: train, test report, every external fold, the main run's diagnostics,
+summary."""
 
 from __future__ import annotations
 
 import json
 
 import pandas as pd
+import pytest
 
 from covidcxr.reproduce import reproduce
+
+pytestmark = pytest.mark.slow  # the whole main job: it trains a run per fold
 
 
 def test_reproduce_writes_every_report_and_the_summary(tiny_data, tmp_path):

@@ -8,13 +8,7 @@ import base64
 import hashlib
 import io
 import json
-import os
 import socket
-import struct
-import subprocess
-import sys
-import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,11 +18,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import CLI_TIMEOUT_S, Images
 from covidcxr.config import ServeConfig
 from covidcxr.deploy.predict import Predictor
 from covidcxr.deploy.serve.app import MULTIPART_SLACK_BYTES, create_app
 from covidcxr.deploy.serve.log import PredictionLog
 from covidcxr.model.cam import OVERLAY_MIN_SIDE
+from servers import free_port, serve_cli, wait_until_up
 
 LIMIT = 50_000
 TOKEN = "s3cret-token-for-tests"
@@ -52,21 +48,6 @@ def _noise_png(side: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _png_claiming_size(width: int, height: int) -> bytes:
-    """A valid PNG header saying width x height, with one tiny data chunk: decodable header, absurd size."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-@pytest.fixture(scope="module")
-def predictor(tiny_run) -> Predictor:
-    return Predictor.from_run(tiny_run)
 
 
 def _direct(predictor: Predictor, data: bytes, name: str = "x.png") -> float:
@@ -147,8 +128,8 @@ def test_content_not_name_decides(client: TestClient, db: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "data", "message"),
     [
-        ("huge.png", _png_claiming_size(12_000, 12_000), "too large"),  # over the reader's pixel limit
-        ("bomb.png", _png_claiming_size(60_000, 60_000), "too large"),  # Pillow's decompression-bomb error
+        ("huge.png", Images.png_claiming_size(12_000, 12_000), "too large"),  # over the reader's pixel limit
+        ("bomb.png", Images.png_claiming_size(60_000, 60_000), "too large"),  # Pillow's decompression-bomb error
         ("cut.png", _image_bytes(100)[:-30], "truncated or corrupt"),
         ("zero.png", b"", "empty file"),
     ],
@@ -266,16 +247,11 @@ def test_token_is_required_and_never_logged(predictor: Predictor, db: Path) -> N
     assert TOKEN.encode() not in b"".join(p.read_bytes() for p in db.parent.iterdir())
 
 
-def _serve_cli(*args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "COVIDCXR_TOKEN"}
-    return subprocess.Popen([sys.executable, "-m", "covidcxr.cli", "serve", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "myhost.example"])
 def test_serving_beyond_loopback_without_a_token_is_refused(tiny_run, tmp_path: Path, host: str) -> None:
-    proc = _serve_cli(str(tiny_run), "--host", host, "--db", str(tmp_path / "log.sqlite"))
-    out, err = proc.communicate(timeout=120)
+    proc = serve_cli(str(tiny_run), "--host", host, "--db", str(tmp_path / "log.sqlite"))
+    out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 2 and out == ""
     [line] = err.splitlines()
     assert line.startswith(f"covidcxr: error: --host {host} is reachable from other machines")
@@ -295,54 +271,39 @@ def test_token_comes_from_the_file_then_the_environment_and_no_auth_lifts_the_re
     assert access_token("::1", None, no_auth=False) is None and access_token("localhost", None, no_auth=False) is None
 
 
+@pytest.mark.slow
 def test_empty_token_file_is_refused(tiny_run, tmp_path: Path) -> None:
     (tmp_path / "token").write_text("\n")
-    proc = _serve_cli(str(tiny_run), "--host", "0.0.0.0", "--token-file", str(tmp_path / "token"))
-    _, err = proc.communicate(timeout=120)
+    proc = serve_cli(str(tiny_run), "--host", "0.0.0.0", "--token-file", str(tmp_path / "token"))
+    _, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 2 and err.strip() == f"covidcxr: error: --token-file {tmp_path / 'token'}: the file is " \
         "empty; put the access token in it"
 
 
+@pytest.mark.slow
 def test_a_busy_port_is_a_one_line_error(tiny_run, tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = _serve_cli(str(tiny_run), "--port", str(port), "--db", str(tmp_path / "log.sqlite"))
-        _, err = proc.communicate(timeout=120)
+        proc = serve_cli(str(tiny_run), "--port", str(port), "--db", str(tmp_path / "log.sqlite"))
+        _, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 2
     [line] = err.splitlines()
     assert line.startswith(f"covidcxr: error: 127.0.0.1:{port} is already in use") and "--port" in line
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_up(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            httpx.get(f"{url}/api/health", timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise AssertionError(f"covidcxr serve did not answer on {url}")
-
-
+@pytest.mark.slow
 def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: Path) -> None:
     """The real `covidcxr serve` process (loopback, token from a file): 401 without it, 200 with it; the token
     appears neither in the server's output nor in the prediction log, nor in the settings saved beside it."""
     (tmp_path / "token").write_text(TOKEN + "\n")
-    port, db = _free_port(), tmp_path / "log.sqlite"
-    proc = _serve_cli(str(tiny_run), "--port", str(port), "--db", str(db), "--token-file", str(tmp_path / "token"),
+    port, db = free_port(), tmp_path / "log.sqlite"
+    proc = serve_cli(str(tiny_run), "--port", str(port), "--db", str(db), "--token-file", str(tmp_path / "token"),
                       "--threads", "1", "--access-log")
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(url, proc)
+        wait_until_up(url, proc)
         data = _image_bytes(60)
         assert httpx.post(f"{url}/api/predict", files={"file": ("a.png", data)}).status_code == 401
         res = httpx.post(f"{url}/api/predict", files={"file": ("a.png", data)},
@@ -350,7 +311,7 @@ def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: P
         assert res.status_code == 200, res.text
     finally:
         proc.terminate()
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert "token required" in err and "POST /api/predict" in out + err  # --access-log: uvicorn's lines
     assert TOKEN not in out + err
     assert [r.filename for r in PredictionLog(db).records()] == ["a.png"]
@@ -360,17 +321,18 @@ def test_cli_server_with_a_token_file_answers_only_with_it(tiny_run, tmp_path: P
     assert settings["port"] == port and settings["access_log"] is True and TOKEN not in json.dumps(settings)
 
 
+@pytest.mark.slow
 def test_cli_server_prints_no_line_per_request_by_default(tiny_run, tmp_path: Path) -> None:
     """Without --access-log the service prints its start-up lines but none per request; the prediction is logged."""
-    port, db = _free_port(), tmp_path / "log.sqlite"
-    proc = _serve_cli(str(tiny_run), "--port", str(port), "--db", str(db), "--threads", "1")
+    port, db = free_port(), tmp_path / "log.sqlite"
+    proc = serve_cli(str(tiny_run), "--port", str(port), "--db", str(db), "--threads", "1")
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(url, proc)
+        wait_until_up(url, proc)
         res = httpx.post(f"{url}/api/predict", files={"file": ("b.png", _image_bytes(60))}, timeout=60)
         assert res.status_code == 200, res.text
     finally:
         proc.terminate()
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert "INFO serving" in err and "/api/" not in out + err
     assert [r.filename for r in PredictionLog(db).records()] == ["b.png"]

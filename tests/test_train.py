@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import CLI_TIMEOUT_S, cli_env, run_cli, start_cli
 from covidcxr.training import trainer as train_mod
 from covidcxr.config import TrainConfig
 from covidcxr.model.checkpoint import load_checkpoint
@@ -28,6 +28,7 @@ def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
     return replace(base, **kw)
 
 
+@pytest.mark.slow
 def test_train_writes_run_files(tiny_data, tmp_path):
     run = train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=2))
     for name in ("config.json", "model.pt", "last.pt", "history.csv", "split.csv", "val_predictions.csv"):
@@ -46,6 +47,7 @@ def test_train_writes_run_files(tiny_data, tmp_path):
         train_mod.Trainer(_cfg(tiny_data, tmp_path / "run", epochs=2))
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     full = train_mod.train(_cfg(tiny_data, tmp_path / "full"), keep_last=True)  # the final weights, to compare
     original = train_mod.Trainer._end_epoch
@@ -69,25 +71,25 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     assert pd.read_csv(resumed / "history.csv")["epoch"].tolist() == [0, 1, 2]
 
 
-def _train_cli(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "covidcxr.cli", "train", str(data), "--out", str(out), "--weights", "none",
-            "--image-size", "64", "--epochs", "4", "--batch-size", "4", "--lr", "0.01", "--device", "cpu",
-            "--seed", "3", "--deterministic", "--keep-last", *extra]
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", str(data), "--out", str(out), "--weights", "none", "--image-size", "64", "--epochs", "4",
+            "--batch-size", "4", "--lr", "0.01", "--device", "cpu", "--seed", "3", "--deterministic", "--keep-last",
+            *extra]
 
 
 def _weights(path: Path) -> dict:
     return load_checkpoint(path)["model"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_data, tmp_path):
     """SIGKILL a training process during its third epoch, resume it: model.pt, last.pt, the threshold and
     history.csv (but its timings) equal those of a run never interrupted."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
-    subprocess.run(_train_cli(tiny_data, full), check=True, capture_output=True, env=env, timeout=600)
+    run_cli(*_train_args(tiny_data, full), env=env).check_returncode()
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cli(tiny_data, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env)
+    proc = start_cli(*_train_args(tiny_data, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not ((killed / "last.pt").exists() and load_checkpoint(killed / "last.pt")["epoch"] >= 1):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
@@ -96,7 +98,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_data, t
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(60) == -signal.SIGKILL
     assert load_checkpoint(killed / "last.pt")["epoch"] in (1, 2)
-    subprocess.run(_train_cli(tiny_data, killed, "--resume"), check=True, capture_output=True, env=env, timeout=600)
+    run_cli(*_train_args(tiny_data, killed, "--resume"), env=env).check_returncode()
     for name in ("model.pt", "last.pt"):
         a, b = _weights(full / name), _weights(killed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -107,12 +109,14 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_data, t
                                   pd.read_csv(killed / "history.csv").drop(columns=timing))
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings(tiny_data, tmp_path):
     train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1))
     with pytest.raises(ValueError, match="settings differ"):
         train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1, lr=0.5), resume=True)
 
 
+@pytest.mark.slow
 def test_holdout_sources_become_the_test_part(tiny_data, tmp_path):
     run = train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1, holdout_sources=["b"]))
     split = pd.read_csv(run / "split.csv")
@@ -120,6 +124,7 @@ def test_holdout_sources_become_the_test_part(tiny_data, tmp_path):
     assert (split.loc[split["source"] == "a", "split"] != "test").all()
 
 
+@pytest.mark.slow
 def test_finetunes_from_torchvision_weights_file(tiny_data, tmp_path):
     import torchvision
     torch.manual_seed(1)
@@ -133,14 +138,15 @@ def test_finetunes_from_torchvision_weights_file(tiny_data, tmp_path):
     assert corr > 0.99
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tiny_data, tmp_path):
     """torchrun with two CPU processes (gloo): one run folder, written by rank 0, with both ranks in step."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "covidcxr.cli", "train", str(tiny_data), "--out", str(out), "--weights", "none",
            "--image-size", "64", "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--seed", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*cmd, "--keep-last"], capture_output=True, text=True, timeout=300, env=env)
+    env = cli_env({"OMP_NUM_THREADS": "1"})
+    result = subprocess.run([*cmd, "--keep-last"], capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     hist = pd.read_csv(out / "history.csv")
     assert hist["epoch"].tolist() == [0, 1]  # one writer: no duplicated rows from rank 1
@@ -163,6 +169,7 @@ def test_source_class_balance_draws_every_group_equally(tiny_data):
     assert not np.allclose(train[["source", "y"]].value_counts(normalize=True).to_numpy(), 0.25, atol=0.03)
 
 
+@pytest.mark.slow
 def test_domain_adversarial_run_trains_and_saves_its_source_head(tiny_data, tmp_path):
     run = train_mod.train(_cfg(tiny_data, tmp_path / "run", epochs=1, domain_adversarial=0.3))
     ckpt = load_checkpoint(run / "model.pt")
@@ -173,7 +180,8 @@ def test_domain_adversarial_run_trains_and_saves_its_source_head(tiny_data, tmp_
 def test_target_sensitivity_flag_sets_the_threshold_method(tiny_data, tmp_path):
     from covidcxr.cli import build_parser
     from covidcxr.cli.train import train_config
-    args = build_parser().parse_args(["train", str(tiny_data), "--out", str(tmp_path / "r"), "--target-sensitivity", "0.9"])
+    args = build_parser().parse_args(["train", str(tiny_data), "--out", str(tmp_path / "r"),
+                                      "--target-sensitivity", "0.9"])
     cfg = train_config(args)
     assert cfg.threshold_method == "sensitivity" and cfg.target_sensitivity == 0.9
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import Images
 from covidcxr.config import AugmentConfig
 from covidcxr.data.cache import ImageCache, to_square
 from covidcxr.lungs.boxes import content_boxes
@@ -18,13 +19,6 @@ from covidcxr.config import TrainConfig
 
 def _levels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).float().unsqueeze(1)
-
-
-def _images(batch: int = 6, size: int = 64, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    return np.stack([np.clip(200 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.05) + rng.normal(30, 10, (size, size)),
-                             0, 255) for cx, cy in rng.uniform(0.2, 0.8, (batch, 2))]).astype(np.uint8)
 
 
 def test_equalization_flattens_a_histogram_and_keeps_a_constant_image() -> None:
@@ -71,7 +65,7 @@ def test_content_boxes_find_the_padding_and_an_all_dark_image_is_whole() -> None
 
 
 def test_the_whole_box_is_the_identity_and_a_half_box_zooms_in() -> None:
-    images = _levels(_images())
+    images = _levels(Images.blobs())
     assert torch.equal(crop_to_boxes(images, torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(6, 4)), images)
     half = crop_to_boxes(images, torch.tensor([[0.25, 0.25, 0.75, 0.75]]).expand(6, 4))
     reference = F.interpolate(images[:, :, 16:48, 16:48], size=64, mode="bilinear", align_corners=False)

@@ -1,10 +1,9 @@
-"""The per-image guard and the shift alarm, on tiny real runs and a site with a planted shift."""
+"""The per-image guard (out-of-distribution flags) and the shift alarm, on tiny real runs and a site with a planted
+shift: in the run folder, in evaluate's report, in `covidcxr predict` and in the service."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from covidcxr.config import IngestConfig, TrainConfig
 from covidcxr.data.ingest import ingest
 from covidcxr.evaluation.evaluate import evaluate
@@ -20,14 +20,6 @@ from covidcxr.training.guarding import attach_guard
 from covidcxr.training.trainer import train
 from covidcxr.trust.guard import fit_guard
 from covidcxr.trust.shift import ShiftMonitor, reference_scores, shift_test
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def cli(*argv: str) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "covidcxr.cli", *argv], capture_output=True, text=True, env=env)
-
 
 def planted_shift(root: Path, xray_source, n: int = 40, marks: bool = True, haze: float = 0.3) -> Path:
     """Toy X-rays of a new 'hospital' whose device leaves a bright haze over both lungs, a grid and strong noise.
@@ -70,6 +62,7 @@ def shifted_site(xray_source, tmp_path_factory) -> Path:
     return data
 
 
+@pytest.mark.slow
 def test_guard_is_stored_with_the_run_and_accepts_most_validation_images(guarded_run):
     meta = json.loads((guarded_run / "guard.json").read_text())
     assert meta["members"] == ["member-0.pt", "member-1.pt"] and meta["density"] is True
@@ -87,6 +80,7 @@ def test_fit_guard_accepts_the_chosen_share_of_its_reference():
     assert guard.in_distribution(guard.ood_scores(scores, members)).mean() == pytest.approx(0.9, abs=0.01)
 
 
+@pytest.mark.slow
 def test_planted_shift_is_flagged_and_the_alarm_fires(guarded_run, shifted_site, tmp_path):
     metrics = evaluate(guarded_run, shifted_site, "all", tmp_path / "report", n_boot=20, diagnostics=False)
     ood = metrics["ood"]
@@ -99,6 +93,7 @@ def test_planted_shift_is_flagged_and_the_alarm_fires(guarded_run, shifted_site,
     assert "Shift alarm" in (tmp_path / "report" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_in_distribution_test_split_is_accepted_and_silent(guarded_run, tiny_data, tmp_path):
     ood = evaluate(guarded_run, tiny_data, "test", tmp_path / "report", n_boot=20, diagnostics=False)["ood"]
     assert ood["coverage"] >= 0.7, ood
@@ -137,6 +132,7 @@ def test_shift_floor_holds_for_both_tests():
     assert small["p_ks"] < 1e-6 and small["ks_statistic"] < small["min_shift"] and not small["alarm"]
 
 
+@pytest.mark.slow
 def test_shift_monitor_over_a_rolling_window(guarded_run):
     reference = reference_scores(guarded_run)
     monitor = ShiftMonitor(np.tile(reference, 10), threshold=0.5, window=50)
@@ -147,26 +143,30 @@ def test_shift_monitor_over_a_rolling_window(guarded_run):
     assert monitor.status()["positive_rate"] == pytest.approx((np.tile(reference, 5)[-50:] >= 0.5).mean())
 
 
+@pytest.mark.slow
 def test_predict_reports_and_can_withhold_out_of_distribution(guarded_run, xray_source, tmp_path):
     planted = planted_shift(tmp_path, xray_source, n=6)
-    out = cli("predict", str(guarded_run), str(planted), "--format", "json")
+    out = run_cli("predict", str(guarded_run), str(planted), "--format", "json")
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     assert all(isinstance(r["in_distribution"], bool) and r["ood_score"] is not None for r in rows)
     assert any(not r["in_distribution"] for r in rows)
-    withheld = json.loads(cli("predict", str(guarded_run), str(planted), "--format", "json", "--reject-ood").stdout)
+    withheld = json.loads(run_cli("predict", str(guarded_run), str(planted), "--format", "json",
+                                  "--reject-ood").stdout)
     for r, w in zip(rows, withheld):
         assert w["probability"] == r["probability"]
         assert w["label"] == (r["label"] if r["in_distribution"] else None)
-    table = cli("predict", str(guarded_run), str(planted), "--reject-ood").stdout
+    table = run_cli("predict", str(guarded_run), str(planted), "--reject-ood").stdout
     assert "withheld: out of distribution" in table
 
 
+@pytest.mark.slow
 def test_predict_without_guard_gives_none(tiny_run, xray_source, tmp_path):
-    out = cli("predict", str(tiny_run), str(xray_source(tmp_path, 2, seed=3)), "--format", "json")
+    out = run_cli("predict", str(tiny_run), str(xray_source(tmp_path, 2, seed=3)), "--format", "json")
     assert [r["in_distribution"] for r in json.loads(out.stdout)] == [None, None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["torch", "onnx"])
 def test_the_service_flags_each_image_and_raises_the_shift_alarm(guarded_run, xray_source, tmp_path, engine):
     """The JSON carries in_distribution and ood_score; --reject-ood withholds the label of flagged images; after a

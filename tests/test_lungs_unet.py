@@ -145,6 +145,7 @@ def test_a_mask_of_another_shape_is_refused(tmp_path):
         train_lung_model(pd.DataFrame(pairs), tmp_path / "m.pt", size=16, epochs=1)
 
 
+@pytest.mark.slow
 def test_unet_learns_toy_lungs(trained):
     metrics = trained[2]["metrics"]
     assert metrics["val_dice"] > 0.8
@@ -152,6 +153,7 @@ def test_unet_learns_toy_lungs(trained):
     assert trained[2]["config"]["size"] == 48
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_reproduces_the_val_dice(trained):
     out, pairs, result = trained
     ckpt = torch.load(out, weights_only=True)
@@ -168,6 +170,7 @@ def test_checkpoint_round_trip_reproduces_the_val_dice(trained):
     assert _dice(segment(untrained, images), masks.bool()).mean() < 0.6
 
 
+@pytest.mark.slow
 def test_segment_returns_masks_at_the_input_size(trained):
     model = load_lung_model(trained[0])
     films = [toy_film(np.random.default_rng(100 + i), 96, 72) for i in range(3)]
@@ -206,6 +209,7 @@ def test_lung_boxes_on_drawn_masks():
     assert torch.allclose(boxes, torch.tensor([[0.16, 0.14, 0.64, 0.86], [0.0, 0.014, 0.66, 1.0]]))
 
 
+@pytest.mark.slow
 def test_cli_lungs_train(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["lungs", "train", "--help"])
@@ -220,6 +224,7 @@ def test_cli_lungs_train(tmp_path, capsys):
     assert "no image of" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lung_crop_boxes_follow_the_lungs_and_report_films_without_them(trained):
     from covidcxr.config import AugmentConfig
     from covidcxr.preprocess.transform import Preprocess, PreprocessSpec
@@ -233,6 +238,7 @@ def test_lung_crop_boxes_follow_the_lungs_and_report_films_without_them(trained)
     assert box.tolist() == [[0.0, 0.0, 1.0, 1.0]]
 
 
+@pytest.mark.slow
 def test_a_lung_cropped_run_keeps_its_lung_model_and_is_scored_and_diagnosed_with_it(trained, tiny_data, tmp_path):
     from covidcxr.evaluation.diagnose import diagnose
     from covidcxr.evaluation.evaluate import evaluate
@@ -259,6 +265,7 @@ def test_a_lung_cropped_run_keeps_its_lung_model_and_is_scored_and_diagnosed_wit
     assert 0.1 < result["lung_masks"]["mean_area_fraction"] < 0.6
 
 
+@pytest.mark.slow
 def test_evaluate_can_take_a_lung_model_for_its_diagnostics(trained, tiny_run, tiny_data, tmp_path):
     out = tmp_path / "report"
     argv = ["evaluate", str(tiny_run), "--data", str(tiny_data), "--out", str(out), "--n-boot", "20",

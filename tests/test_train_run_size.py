@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from conftest import run_cli
 from covidcxr.model.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow  # `covidcxr train` in a subprocess
 
 
 def _train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "covidcxr.cli", "train", str(data), "--out", str(out), "--weights", "none",
-           "--image-size", "64", "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--seed", "0", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return run_cli("train", str(data), "--out", str(out), "--weights", "none", "--image-size", "64", "--epochs", "1",
+                   "--batch-size", "16", "--device", "cpu", "--seed", "0", *extra)
 
 
 def _folder_bytes(folder: Path) -> int:
