@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from covidcxr.evaluation.compare import compare_reports, to_markdown
-from covidcxr.evaluation.metrics import METRIC_NAMES, evaluate_predictions, write_metrics
+from covidcxr.evaluation.metrics import METRIC_NAMES
+from covidcxr.evaluation.metrics_json import evaluate_predictions, write_metrics
 
 
 def _make_report(folder, seed: int, noise: float, negatives_only: bool = False):

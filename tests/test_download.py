@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from covidcxr.data import download as dl
+from covidcxr.data.catalogue import DATABASES, default_sources
 from covidcxr.data.sources import LAYOUTS, load_source
 from test_sources import build_cohen
 
@@ -135,8 +136,8 @@ def test_kept_archive_is_verified_before_reuse(tmp_path, server, cohen_zip):
 
 
 def test_checksum_mismatch_leaves_nothing_complete(tmp_path, server, cohen_zip, monkeypatch):
-    wrong = dataclasses.replace(dl.DATABASES["cohen"], sha256="0" * 64)
-    monkeypatch.setitem(dl.DATABASES, "cohen", wrong)
+    wrong = dataclasses.replace(DATABASES["cohen"], sha256="0" * 64)
+    monkeypatch.setitem(DATABASES, "cohen", wrong)
     to = tmp_path / "data"
     with pytest.raises(dl.DownloadError, match="checksum mismatch for cohen") as err:
         fetch(to, server)
@@ -146,8 +147,8 @@ def test_checksum_mismatch_leaves_nothing_complete(tmp_path, server, cohen_zip, 
 
 
 def test_known_checksum_is_accepted(tmp_path, server, cohen_zip, monkeypatch):
-    right = dataclasses.replace(dl.DATABASES["cohen"], sha256=hashlib.sha256(cohen_zip).hexdigest())
-    monkeypatch.setitem(dl.DATABASES, "cohen", right)
+    right = dataclasses.replace(DATABASES["cohen"], sha256=hashlib.sha256(cohen_zip).hexdigest())
+    monkeypatch.setitem(DATABASES, "cohen", right)
     assert fetch(tmp_path / "data", server) == [tmp_path / "data" / "cohen"]
 
 
@@ -224,8 +225,8 @@ def test_credentials_and_unknown_names_are_refused_before_fetching(tmp_path, ser
 
 
 def test_registry_is_consistent():
-    assert dl.default_sources() == ["cohen", "figure1", "actualmed"]
-    for db in dl.DATABASES.values():
+    assert default_sources() == ["cohen", "figure1", "actualmed"]
+    for db in DATABASES.values():
         assert db.layout in LAYOUTS and db.citation
         assert db.urls or db.needs_credentials
         if db.needs_credentials:

@@ -14,7 +14,9 @@ from PIL import Image
 from conftest import run_cli
 from covidcxr import cli
 from covidcxr.evaluation import evaluate as evaluate_mod
+from covidcxr.evaluation import bootstrap as bootstrap_mod
 from covidcxr.evaluation import metrics as metrics_mod
+from covidcxr.evaluation import metrics_json as metrics_json_mod
 from covidcxr.config import IngestConfig
 from covidcxr.evaluation.evaluate import evaluate
 from covidcxr.data.ingest import ingest
@@ -168,7 +170,7 @@ def test_threshold_does_not_depend_on_test_labels(test_report, tiny_run, tiny_da
     def no_tuning(*args, **kwargs):
         raise AssertionError("evaluation must not choose a threshold")
 
-    for module in (metrics_mod, evaluate_mod, threshold_mod):
+    for module in (metrics_mod, bootstrap_mod, metrics_json_mod, evaluate_mod, threshold_mod):
         monkeypatch.setattr(module, "choose_threshold", no_tuning, raising=False)
     got = evaluate(tiny_run, flipped, "test", tmp_path / "report", n_boot=N_BOOT)
     before = json.loads((test_report / "metrics.json").read_text())

@@ -14,7 +14,7 @@ from covidcxr import cli
 from covidcxr import experiment as ex
 from covidcxr.data.cache import ImageCache
 from covidcxr.config import TrainConfig
-from covidcxr.evaluation.metrics import evaluate_predictions
+from covidcxr.evaluation.metrics_json import evaluate_predictions
 from covidcxr.data.splits import MIN_CLASS, external_folds
 from covidcxr.reproduce import PAPER, write_summary
 

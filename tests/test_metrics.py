@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from covidcxr.evaluation import bootstrap as B
 from covidcxr.evaluation import metrics as M
+from covidcxr.evaluation import metrics_json as MJ
 from covidcxr.model.threshold import choose_threshold
 
 # Ten predictions, positive when score >= 0.5. A positive and a negative tie at 0.6.
@@ -70,7 +72,7 @@ def test_positives_only_get_no_perfect_ppv_or_pr_auc():
     assert only_pos["sensitivity"] == pytest.approx(3 / 4) and only_pos["accuracy"] == pytest.approx(3 / 4)
     for name in ("specificity", "ppv", "npv", "f1", "balanced_accuracy", "auc", "pr_auc"):
         assert math.isnan(only_pos[name]), name
-    ci = M.bootstrap_ci(_frame(y, score), 0.5, n_boot=100)
+    ci = B.bootstrap_ci(_frame(y, score), 0.5, n_boot=100)
     assert all(math.isnan(v) for v in ci["ppv"] + ci["pr_auc"]) and not math.isnan(ci["sensitivity"][0])
 
 
@@ -78,7 +80,7 @@ def test_bootstrap_leaves_one_class_resamples_out_of_ppv():
     """Two patients, one of each class: resamples drawing one patient twice hold one class and give no PPV, so the
     interval is that of the resamples holding both (PPV 1/2 here), not pulled to 1 by positives-only draws."""
     df = _frame([1, 0], [0.9, 0.8])
-    assert M.bootstrap_ci(df, 0.5, n_boot=200)["ppv"] == (0.5, 0.5)
+    assert B.bootstrap_ci(df, 0.5, n_boot=200)["ppv"] == (0.5, 0.5)
 
 
 def test_paired_bootstrap_aucs_match_bootstrap_ci_and_pair_the_replicates():
@@ -87,13 +89,13 @@ def test_paired_bootstrap_aucs_match_bootstrap_ci_and_pair_the_replicates():
     score = 1 / (1 + np.exp(-(y * 1.5 + rng.normal(0, 1, 80))))
     close = score + rng.normal(0, 0.02, 80)  # nearly the same ranking
     df = _frame(y, score)
-    reps = M.bootstrap_aucs(y, [score, close], M.patient_codes(df), n_boot=300, seed=4)
+    reps = B.bootstrap_aucs(y, [score, close], B.patient_codes(df), n_boot=300, seed=4)
     assert reps.shape == (300, 2)
-    assert M.percentile_interval(reps[:, 0]) == pytest.approx(M.bootstrap_ci(df, 0.5, n_boot=300, seed=4)["auc"])
-    lo, hi = M.percentile_interval(reps[:, 0])
-    d_lo, d_hi = M.percentile_interval(reps[:, 0] - reps[:, 1])
+    assert B.percentile_interval(reps[:, 0]) == pytest.approx(B.bootstrap_ci(df, 0.5, n_boot=300, seed=4)["auc"])
+    lo, hi = B.percentile_interval(reps[:, 0])
+    d_lo, d_hi = B.percentile_interval(reps[:, 0] - reps[:, 1])
     assert d_hi - d_lo < (hi - lo) / 4  # paired: the difference varies far less than either AUC
-    one_class = M.bootstrap_aucs(np.ones(80, int), [score], np.arange(80), n_boot=20)
+    one_class = B.bootstrap_aucs(np.ones(80, int), [score], np.arange(80), n_boot=20)
     assert np.isnan(one_class).all()
 
 
@@ -151,7 +153,7 @@ def test_weighted_rank_metrics_match_sklearn_sample_weight():
     y = rng.integers(0, 2, 60)
     score = np.round(rng.random(60), 1)  # many ties
     w = rng.integers(0, 4, (6, 60)).astype(float)
-    got = M._weighted_metrics(y, score, 0.5, w)
+    got = M.weighted_metrics(y, score, 0.5, w)
     for i in range(6):
         assert got["auc"][i] == pytest.approx(roc_auc_score(y, score, sample_weight=w[i]))
         assert got["pr_auc"][i] == pytest.approx(average_precision_score(y, score, sample_weight=w[i]))
@@ -176,22 +178,22 @@ def _paired_patients(n: int, with_ids: bool) -> pd.DataFrame:
 
 
 def test_bootstrap_moves_a_patients_images_together():
-    ci = M.bootstrap_ci(_paired_patients(30, with_ids=True), 0.5, n_boot=300, seed=1)
+    ci = B.bootstrap_ci(_paired_patients(30, with_ids=True), 0.5, n_boot=300, seed=1)
     assert ci["sensitivity"] == ci["specificity"] == ci["accuracy"] == ci["ppv"]
     assert ci["sensitivity"][0] < ci["sensitivity"][1]
 
 
 def test_images_without_patient_id_are_their_own_patients():
     df = _paired_patients(30, with_ids=False)
-    assert int(M.patient_codes(df).max()) + 1 == len(df)
-    ci = M.bootstrap_ci(df, 0.5, n_boot=300, seed=1)
+    assert int(B.patient_codes(df).max()) + 1 == len(df)
+    ci = B.bootstrap_ci(df, 0.5, n_boot=300, seed=1)
     assert ci["sensitivity"] != ci["specificity"]
 
 
 def test_patient_ids_are_scoped_by_source():
     df = _frame([1, 0, 1, 0], [0.9, 0.2, 0.8, 0.1], patient_id=["1", "1", "1", "2"])
     df["source"] = ["a", "a", "b", "b"]
-    assert len(set(M.patient_codes(df))) == 3
+    assert len(set(B.patient_codes(df))) == 3
 
 
 def test_bootstrap_contains_estimate_and_is_deterministic_for_a_seed():
@@ -201,14 +203,14 @@ def test_bootstrap_contains_estimate_and_is_deterministic_for_a_seed():
     y = (pid % 2).astype(int)
     score = 1 / (1 + np.exp(-(2.0 * (2 * y - 1) + rng.normal(0, 1.5, pid.size))))
     df = _frame(y, score, patient_id=pid.astype(str))
-    ci = M.bootstrap_ci(df, 0.5, n_boot=400, seed=7)
+    ci = B.bootstrap_ci(df, 0.5, n_boot=400, seed=7)
     point = M.binary_metrics(y, score, 0.5)
     for name in M.METRIC_NAMES:
         lo, hi = ci[name]
         assert lo < point[name] < hi, name
         assert hi - lo < 0.25, name
-    assert M.bootstrap_ci(df, 0.5, n_boot=400, seed=7) == ci
-    assert M.bootstrap_ci(df, 0.5, n_boot=400, seed=8) != ci
+    assert B.bootstrap_ci(df, 0.5, n_boot=400, seed=7) == ci
+    assert B.bootstrap_ci(df, 0.5, n_boot=400, seed=8) != ci
 
 
 def _mixed_sources() -> pd.DataFrame:
@@ -222,7 +224,7 @@ def _mixed_sources() -> pd.DataFrame:
 def test_evaluate_predictions_builds_the_design_structure(tmp_path):
     df = _mixed_sources()
     prov = {"config_hash": "abc", "manifest_hash": "def", "split": "test"}
-    out = M.evaluate_predictions(df, 0.5, "youden", n_boot=200, seed=0, provenance=prov)
+    out = MJ.evaluate_predictions(df, 0.5, "youden", n_boot=200, seed=0, provenance=prov)
     for name in M.METRIC_NAMES:
         assert set(out[name]) == {"value", "ci95"} and len(out[name]["ci95"]) == 2
     assert out["threshold"] == 0.5 and out["threshold_method"] == "youden"
@@ -241,15 +243,15 @@ def test_evaluate_predictions_builds_the_design_structure(tmp_path):
         assert negs[name] == {"value": None, "ci95": [None, None]}, name
     assert out["ppv"]["value"] == pytest.approx(3 / 6)  # overall both classes are present
 
-    path = M.write_metrics(out, tmp_path / "metrics.json")
+    path = MJ.write_metrics(out, tmp_path / "metrics.json")
     text = path.read_text()
     assert "NaN" not in text and '"value": null' in text
     assert json.loads(text) == out
-    assert M.read_metrics(path) == out
+    assert MJ.read_metrics(path) == out
 
 
 def test_write_metrics_turns_nan_into_null(tmp_path):
-    path = M.write_metrics({"auc": {"value": float("nan"), "ci95": (np.float64(0.5), np.nan)}, "n": np.int64(3)},
+    path = MJ.write_metrics({"auc": {"value": float("nan"), "ci95": (np.float64(0.5), np.nan)}, "n": np.int64(3)},
                            tmp_path / "m.json")
     assert json.loads(path.read_text()) == {"auc": {"value": None, "ci95": [0.5, None]}, "n": 3}
 
@@ -257,8 +259,8 @@ def test_write_metrics_turns_nan_into_null(tmp_path):
 def test_positive_label_must_be_clear():
     df = _frame([0, 0], [0.1, 0.2])
     with pytest.raises(ValueError, match="positive label"):
-        M.evaluate_predictions(df, 0.5, "youden", n_boot=10)
-    out = M.evaluate_predictions(df, 0.5, "youden", n_boot=10, positive_label="covid")
+        MJ.evaluate_predictions(df, 0.5, "youden", n_boot=10)
+    out = MJ.evaluate_predictions(df, 0.5, "youden", n_boot=10, positive_label="covid")
     assert out["positive_label"] == "covid" and "negatives only" in out["note"]
 
 
@@ -266,7 +268,7 @@ def test_read_metrics_names_the_bad_file(tmp_path):
     bad = tmp_path / "metrics.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="metrics.json: cannot read"):
-        M.read_metrics(bad)
+        MJ.read_metrics(bad)
     bad.write_text('{"auc": 1}')
     with pytest.raises(ValueError, match="not a covidcxr metrics.json"):
-        M.read_metrics(bad)
+        MJ.read_metrics(bad)

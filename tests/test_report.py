@@ -16,7 +16,8 @@ from conftest import run_cli
 from covidcxr.config import IngestConfig
 from covidcxr.data.ingest import ingest
 from covidcxr.evaluation import plots
-from covidcxr.evaluation.metrics import METRIC_NAMES, evaluate_predictions
+from covidcxr.evaluation.metrics import METRIC_NAMES
+from covidcxr.evaluation.metrics_json import evaluate_predictions
 from covidcxr.evaluation.report import FIGURES, write_report
 
 

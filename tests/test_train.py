@@ -17,6 +17,9 @@ import torch
 
 from conftest import CLI_TIMEOUT_S, cli_env, run_cli, start_cli
 from covidcxr.training import trainer as train_mod
+from covidcxr.training.distributed import Dist, weights_digest
+from covidcxr.training.rundata import load_data
+from covidcxr.training.schedule import epoch_order
 from covidcxr.config import TrainConfig
 from covidcxr.model.checkpoint import load_checkpoint
 from covidcxr.data.splits import assert_patient_disjoint
@@ -156,14 +159,14 @@ def test_ddp_two_processes_gloo(tiny_data, tmp_path):
     assert ranks["world"] == 2 and ranks["ranks_agree"] is True  # both ranks ended with identical weights...
     model = train_mod.build_model("alexnet", 2, "none")
     model.load_state_dict(last["model"])
-    assert ranks["weights_sha256"] == [train_mod.weights_digest(model)] * 2  # ...which are the saved ones
+    assert ranks["weights_sha256"] == [weights_digest(model)] * 2  # ...which are the saved ones
 
 
 def test_source_class_balance_draws_every_group_equally(tiny_data):
     cfg = _cfg(tiny_data, Path("unused"), balance="source-class")
-    _, df = train_mod.load_data(cfg)
+    _, df = load_data(cfg)
     train = df[df["split"] == "train"].reset_index(drop=True)
-    drawn = torch.cat([train_mod.epoch_order(train, cfg, epoch, train_mod.Dist()) for epoch in range(20)])
+    drawn = torch.cat([epoch_order(train, cfg, epoch, Dist()) for epoch in range(20)])
     groups = train.loc[drawn.numpy(), ["source", "y"]].value_counts(normalize=True)
     assert len(groups) == 4 and np.allclose(groups.to_numpy(), 0.25, atol=0.03)  # raw shares are about 1/3 : 2/3
     assert not np.allclose(train[["source", "y"]].value_counts(normalize=True).to_numpy(), 0.25, atol=0.03)

@@ -8,7 +8,9 @@ import torch
 
 from covidcxr.config import TrainConfig
 from covidcxr.model.network import build_model
-from covidcxr.training.trainer import Dist, Trainer, batches_per_epoch, epoch_order
+from covidcxr.training.distributed import Dist
+from covidcxr.training.schedule import batches_per_epoch, epoch_order
+from covidcxr.training.trainer import Trainer
 
 
 @pytest.mark.parametrize("n, batch, world, batchnorm, batches", [

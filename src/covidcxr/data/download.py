@@ -2,7 +2,8 @@
 
 Streams with urllib (resumable through HTTP Range on a .part file), checks sha256, unpacks zip/tar with the
 single top-level folder of GitHub archives stripped, and skips databases already present. Kaggle-hosted
-databases need the user's own credentials: for those the registry says how to fetch them by hand.
+databases need the user's own credentials: for those the catalogue (`covidcxr.data.catalogue`) says how to fetch
+them by hand.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from covidcxr.data.catalogue import DATABASES, Database, default_sources
 from covidcxr.data.sources import LAYOUTS
 from covidcxr.errors import CovidcxrError
 
@@ -31,125 +32,10 @@ CHUNK = 1 << 20
 TIMEOUT_S = 30
 DOWNLOADS = ".downloads"  # archives, .part files and .sha256 records, under DIR
 
-_COVIDNET = (
-    "research use, no licence file (COVID-Net / Figure 1 COVID-19 Chest X-ray Dataset Initiative); cite "
-    "L. Wang, Z. Q. Lin, A. Wong, COVID-Net, Scientific Reports 10:19549 (2020)"
-)
-_NLM_TB = (
-    "public NLM data set; cite S. Jaeger et al., Two public chest X-ray datasets for computer-aided "
-    "screening of pulmonary diseases, Quant Imaging Med Surg 4(6):475-477 (2014)"
-)
-_NLM_TB_BY_HAND = (
-    "the openi.nlm.nih.gov link is the one the literature gives and was not checked from here; if it fails, "
-    "get the set from https://data.lhncbc.nlm.nih.gov/public/Tuberculosis-Chest-X-ray-Datasets/ and copy "
-    "CXR_png/ and ClinicalReadings/ into {dest}"
-)
-
 
 class DownloadError(CovidcxrError, OSError):
     """A database could not be fetched; the message is one line saying why and what to do (an OSError too, as
     before it was a CovidcxrError)."""
-
-
-@dataclass(frozen=True)
-class Database:
-    """One downloadable database and what is known about getting it."""
-
-    name: str
-    layout: str  # the sources adapter that reads DIR/<name>
-    citation: str  # licence and how to cite
-    urls: tuple[str, ...] = ()  # mirrors, tried in order; empty when it cannot be fetched without credentials
-    archive: str = "zip"  # zip | tar | tar.gz
-    sha256: str | None = None  # None: a moving archive; its digest is recorded after download
-    needs_credentials: bool = False
-    instructions: str = ""  # how to get it by hand; {dest} is replaced by DIR/<name>
-    url_confirmed: bool = True  # False: URL taken from the literature, not checked from here
-
-
-def _kaggle(arguments: str) -> str:
-    """How to fetch a Kaggle-hosted database with the user's own token."""
-    return (
-        "install the kaggle client (pip install kaggle), put your API token in ~/.kaggle/kaggle.json, "
-        f"run `kaggle {arguments} -p {{dest}}`"
-    )
-
-
-def _github(repo: str) -> tuple[str, ...]:
-    return (f"https://github.com/{repo}/archive/refs/heads/master.zip",)
-
-
-DATABASES: dict[str, Database] = {
-    db.name: db
-    for db in (
-        Database(
-            "cohen",
-            "cohen",
-            "per image (license column of metadata.csv: CC BY, CC BY-NC-SA, Apache 2.0, ...); cite "
-            "J. P. Cohen et al., COVID-19 Image Data Collection: Prospective Predictions Are the Future, "
-            "MELBA 2020",
-            _github("ieee8023/covid-chestxray-dataset"),
-        ),
-        Database("figure1", "figure1", _COVIDNET, _github("agchung/Figure1-COVID-chestxray-dataset")),
-        Database("actualmed", "actualmed", _COVIDNET, _github("agchung/Actualmed-COVID-chestxray-dataset")),
-        Database(
-            "montgomery",
-            "montgomery_shenzhen",
-            _NLM_TB,
-            ("https://openi.nlm.nih.gov/imgs/collections/NLM-MontgomeryCXRSet.zip",),
-            instructions=_NLM_TB_BY_HAND,
-            url_confirmed=False,
-        ),
-        Database(
-            "shenzhen",
-            "montgomery_shenzhen",
-            _NLM_TB,
-            ("https://openi.nlm.nih.gov/imgs/collections/ChinaSet_AllFiles.zip",),
-            instructions=_NLM_TB_BY_HAND,
-            url_confirmed=False,
-        ),
-        Database(
-            "radiography",
-            "radiography",
-            "COVID-19 Radiography Database (Qatar University, Kaggle); cite M. E. H. Chowdhury et al., IEEE "
-            "Access 8:132665 (2020) and T. Rahman et al., Comput Biol Med 132:104319 (2021)",
-            needs_credentials=True,
-            instructions=_kaggle("datasets download -d tawsifurrahman/covid19-radiography-database --unzip")
-            + ", then ingest the folder that holds COVID/ Normal/ ...",
-        ),
-        Database(
-            "rsna",
-            "rsna",
-            "RSNA Pneumonia Detection Challenge terms; cite G. Shih et al., Radiology: Artificial "
-            "Intelligence 1(1):e180041 (2019)",
-            needs_credentials=True,
-            instructions=_kaggle("competitions download -c rsna-pneumonia-detection-challenge")
-            + " after accepting the competition rules on kaggle.com, then unzip it there",
-        ),
-        Database(
-            "kermany",
-            "kermany",
-            "CC BY 4.0; cite D. S. Kermany et al., Cell 172(5):1122-1131 (2018), "
-            "data doi:10.17632/rscbjbr9sj.2",
-            needs_credentials=True,
-            instructions=_kaggle("datasets download -d paultimothymooney/chest-xray-pneumonia --unzip"),
-        ),
-        Database(
-            "nih",
-            "nih",
-            "NIH ChestX-ray14, no restrictions on use, acknowledge the NIH Clinical Center; cite "
-            "X. Wang et al., ChestX-ray8, CVPR 2017",
-            needs_credentials=True,
-            instructions=_kaggle("datasets download -d nih-chest-xrays/data --unzip")
-            + " (or fetch it by hand from https://nihcc.app.box.com/v/ChestXray-NIHCC)",
-        ),
-    )
-}
-
-
-def default_sources() -> list[str]:
-    """What `covidcxr data download` fetches when no --sources are given: public, no credentials,
-    confirmed URL."""
-    return [db.name for db in DATABASES.values() if db.urls and not db.needs_credentials and db.url_confirmed]
 
 
 def download(
@@ -157,7 +43,7 @@ def download(
 ) -> list[Path]:
     """Fetch each named database (default: default_sources()) into to/<name>/ and return those folders.
 
-    base_url_override maps a database name to a URL used instead of the registry's (a mirror, a test
+    base_url_override maps a database name to a URL used instead of the catalogue's (a mirror, a test
     server). A database whose folder already exists is skipped. Raises DownloadError (one line) for an
     unknown name, a database that needs credentials, an unreachable host or a checksum mismatch.
     """
@@ -184,6 +70,7 @@ def _check_requestable(name: str, to: Path, overrides: dict[str, str]) -> None:
 
 
 def _download_one(db: Database, to: Path, url_override: str | None) -> Path:
+    """One database into to/<name>, re-using an archive kept from an earlier run when its digest still holds."""
     dest = to / db.name
     if dest.exists():
         log.info("skipping %s: %s already exists", db.name, dest)
@@ -200,10 +87,12 @@ def _download_one(db: Database, to: Path, url_override: str | None) -> Path:
 
 
 def _sidecar(archive: Path) -> Path:
+    """Where an archive's digest is recorded, so a kept archive can be checked before it is re-used."""
     return archive.with_name(archive.name + ".sha256")
 
 
 def sha256_of(path: Path) -> str:
+    """The file's SHA-256, read in chunks: archives are too large to hold in memory."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
@@ -251,6 +140,7 @@ def _verify_kept(archive: Path, db: Database) -> None:
 
 
 def _unreachable(name: str, url: str, reason: object, to: Path) -> DownloadError:
+    """The one-line error for a host that does not answer, with the way round it (copying by hand)."""
     host = urllib.parse.urlsplit(url).netloc
     return DownloadError(
         f"cannot reach {host} for {name}: {reason}; covidcxr data download needs internet access "
@@ -291,7 +181,9 @@ def _range_total(content_range: str) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
-def _stream(response, part: Path, offset: int, total: int | None, name: str, url: str) -> None:
+def _stream(response: http.client.HTTPResponse, part: Path, offset: int, total: int | None, name: str,
+            url: str) -> None:
+    """Append the response to part with a progress bar; a connection that breaks leaves part for the next run."""
     with open(part, "ab" if offset else "wb") as fh, tqdm(
         total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=None
     ) as bar:

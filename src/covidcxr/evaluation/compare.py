@@ -12,7 +12,8 @@ from typing import Any
 import pandas as pd
 
 from covidcxr.errors import InputError
-from covidcxr.evaluation.metrics import METRIC_NAMES, read_metrics
+from covidcxr.evaluation.metrics import METRIC_NAMES
+from covidcxr.evaluation.metrics_json import read_metrics
 from covidcxr.evaluation.plots import plot_roc_overlay
 from covidcxr.formatting import markdown_table, number, value_ci
 

@@ -17,7 +17,7 @@ from covidcxr.data import tasks
 from covidcxr.data.cache import ImageCache
 from covidcxr.data.manifest import manifest_hash
 from covidcxr.errors import InputError
-from covidcxr.evaluation.metrics import evaluate_predictions
+from covidcxr.evaluation.metrics_json import evaluate_predictions
 from covidcxr.scoring import Scorer
 from covidcxr.evaluation.report import write_report
 from covidcxr.evaluation.selection import select_images

@@ -19,7 +19,8 @@ import pandas as pd
 
 from covidcxr import __version__
 from covidcxr.evaluation import plots
-from covidcxr.evaluation.metrics import METRIC_NAMES, write_metrics
+from covidcxr.evaluation.metrics import METRIC_NAMES
+from covidcxr.evaluation.metrics_json import write_metrics
 from covidcxr.formatting import interval, number
 
 METRIC_LABELS = {

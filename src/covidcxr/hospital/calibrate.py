@@ -31,7 +31,7 @@ from covidcxr.model.network import unwrap
 from covidcxr.preprocess.augment import augment_batch
 from covidcxr.scoring import Scorer
 from covidcxr.training.guarding import attach_guard, run_data, squares_for
-from covidcxr.training.trainer import class_weights
+from covidcxr.training.schedule import class_weights
 from covidcxr.trust.guard import GUARD_DIR, Guard
 
 MIN_PER_CLASS = 3  # calibration images of each class, at least

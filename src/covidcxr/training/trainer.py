@@ -2,73 +2,52 @@
 
 Launched as a plain process (one device) or by torchrun (DDP across GPUs/nodes; gloo on CPUs). Rank 0 alone writes
 files and prints; every rank sees the same epoch order (a DistributedSampler seeded by the run's seed and the epoch),
-so an interrupted run resumed from its last checkpoint ends with the same weights as an uninterrupted one.
+so an interrupted run resumed from its last checkpoint ends with the same weights as an uninterrupted one. Beside
+the loop: `distributed` (the job), `rundata` (the images and their split), `schedule` (the order, weighting and
+learning rate of the steps), `runfiles` (what the run folder holds).
 """
 
 from __future__ import annotations
 
-import logging
-import csv
-import hashlib
 import json
-import math
-import os
-import shutil
+import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
-from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from covidcxr.config import AUTO, TrainConfig, config_hash, to_dict
 from covidcxr.data import tasks
-from covidcxr.errors import InputError, MissingInputError, RunExistsError
+from covidcxr.data.manifest import manifest_hash
+from covidcxr.device import autocast, resolve_device
+from covidcxr.errors import RunExistsError
+from covidcxr.model.network import build_model, forward_with_features, parameter_groups, source_logits
+from covidcxr.model.threshold import choose_threshold
+from covidcxr.model.weights import resolve_weights
 from covidcxr.preprocess.augment import augment_batch
 from covidcxr.preprocess.transform import Preprocess, PreprocessSpec
-from covidcxr.data.cache import ImageCache
-from covidcxr.config import AUTO, TrainConfig, config_hash, save_json, to_dict
-from covidcxr.data.manifest import manifest_hash
-from covidcxr.model.threshold import choose_threshold
-from covidcxr.model.checkpoint import LUNG_MODEL, load_checkpoint, save_checkpoint
-from covidcxr.model.network import build_model, forward_with_features, parameter_groups, source_logits, unwrap
-from covidcxr.model.weights import resolve_weights
-from covidcxr.device import autocast, resolve_device
 from covidcxr.scoring import predict_probs
-from covidcxr.data.splits import leave_sources_out, patient_split
+from covidcxr.training.distributed import check_ranks_agree, init_distributed
+from covidcxr.training.rundata import load_data
+from covidcxr.training.runfiles import (
+    cut_history,
+    record_epoch,
+    resume_checkpoint,
+    save_best,
+    save_last,
+    tensorboard_writer,
+    write_run_files,
+)
+from covidcxr.training.schedule import batches_per_epoch, class_weights, epoch_order, lr_lambda, seed_everything
 
 log = logging.getLogger(__name__)
 
 AUTO_IMAGE_SIZE = {"cuda": 224, "cpu": 112}  # the paper's resolution where a GPU makes it affordable
-HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "images_per_s", "seconds"]
-
-
-@dataclass
-class Dist:
-    """Where this process sits in a (possibly single-process) job."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_type: str) -> Dist:
-    """Join the torchrun job when launched by torchrun (NCCL on CUDA, gloo on CPUs); otherwise a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend)
-    return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def resolve_image_size(image_size: int | str, device: torch.device) -> int:
@@ -76,104 +55,18 @@ def resolve_image_size(image_size: int | str, device: torch.device) -> int:
     return AUTO_IMAGE_SIZE.get(device.type, AUTO_IMAGE_SIZE["cpu"]) if image_size == AUTO else int(image_size)
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-
-
-def make_split(df: pd.DataFrame, cfg: TrainConfig) -> pd.Series:
-    """Patient-level split, or held-out sources as the test part (external validation)."""
-    if cfg.holdout_sources:
-        val_frac = cfg.split_fractions[1] / (cfg.split_fractions[0] + cfg.split_fractions[1])
-        return leave_sources_out(df, cfg.holdout_sources, (1 - val_frac, val_frac), cfg.seed)
-    return patient_split(df, cfg.split_fractions, cfg.seed)
-
-
-def load_data(cfg: TrainConfig) -> tuple[ImageCache, pd.DataFrame]:
-    """The task's images with their split; training rows optionally subsampled (seeded) for quick grids."""
-    cache = ImageCache(cfg.data)
-    df = cache.manifest()
-    df["y"] = tasks.encode(df["label"], cfg.task)
-    df = df[df["y"] >= 0].reset_index(drop=True)
-    df["split"] = make_split(df, cfg)
-    if cfg.max_train_images and (df["split"] == "train").sum() > cfg.max_train_images:
-        train = df.index[df["split"] == "train"]
-        drop = np.random.default_rng(cfg.seed).permutation(train)[cfg.max_train_images:]
-        df.loc[drop, "split"] = "unused"
-    for part in ("train", "val"):
-        if df.loc[df["split"] == part, "y"].nunique() < 2:
-            raise InputError(f"{cfg.data}: the {part} part of the split has fewer than two classes for task {cfg.task}")
-    return cache, df
-
-
-def class_weights(y: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency loss weights (mean 1): every class counts the same however rare it is."""
-    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
-    w = counts.sum() / np.maximum(counts, 1) / num_classes
-    return torch.tensor(w, dtype=torch.float32)
-
-
-def epoch_order(train: pd.DataFrame, cfg: TrainConfig, epoch: int, d: Dist) -> torch.Tensor:
-    """This rank's image order for one epoch, a function of (seed, epoch) only."""
-    if cfg.balance == "source-class":  # every (source, class) group drawn equally often
-        groups = train.groupby(["source", "y"])["y"].transform("size").to_numpy()
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        per_rank = math.ceil(len(train) / d.world)
-        drawn = torch.multinomial(torch.tensor(1.0 / groups), per_rank * d.world, replacement=True, generator=gen)
-        return drawn[d.rank * per_rank:(d.rank + 1) * per_rank]
-    sampler = DistributedSampler(range(len(train)), d.world, d.rank, shuffle=True, seed=cfg.seed)  # pads, drops none
-    sampler.set_epoch(epoch)
-    return torch.tensor(list(iter(sampler)))
-
-
-def batches_per_epoch(n_images: int, batch_size: int, world: int, batchnorm: bool) -> int:
-    """One rank's batches per epoch, the last partial one included (dropping it cost small sets up to a third of
-    their images every epoch); only a last batch of one image is dropped for BatchNorm models, which cannot train
-    on it."""
-    full, rest = divmod(math.ceil(n_images / world), batch_size)
-    return max(1, full + int(rest > 1 or (rest == 1 and not batchnorm)))
-
-
-def lr_lambda(total_steps: int, warmup: int):
-    """Linear warm-up, then cosine decay to zero: the new head starts gently on pretrained features."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-    return f
-
-
 def positive_auc(y: np.ndarray, probs: np.ndarray) -> float:
     """AUC of COVID-19 (class 1) against everything else; NaN when only one class is present."""
     positive = (y == tasks.POSITIVE_INDEX).astype(int)
-    return float(roc_auc_score(positive, probs[:, tasks.POSITIVE_INDEX])) if positive.min() != positive.max() else float("nan")
-
-
-def _tensorboard(log_dir: Path):
-    """A TensorBoard writer when tensorboard is installed (optional); history.csv is written either way."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(log_dir))
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's parameters and buffers, in state-dict order: equal weights, equal digest."""
-    digest = hashlib.sha256()
-    for value in unwrap(model).state_dict().values():
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    if positive.min() == positive.max():
+        return float("nan")
+    return float(roc_auc_score(positive, probs[:, tasks.POSITIVE_INDEX]))
 
 
 class Trainer:
     """One training run; `fit()` runs (or resumes) it to the end."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, keep_last: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, keep_last: bool = False) -> None:
         self.cfg, self.out, self.keep_last = cfg, Path(cfg.out), keep_last
         self.d = init_distributed(resolve_device(cfg.device).type)
         self.device = resolve_device(cfg.device, self.d.local_rank)
@@ -189,7 +82,8 @@ class Trainer:
         self.preprocess = Preprocess(PreprocessSpec(self.cache.square, self.cache.size, self.image_size, cfg.augment))
         self.train_x = self.preprocess.normalise_u8(self.cache.load(train["cache_index"]).to(self.device))
         self.train_y = torch.tensor(train["y"].to_numpy()).to(self.device)
-        self.train_src = torch.tensor(train["source"].map({s: i for i, s in enumerate(self.sources)}).to_numpy()).to(self.device)
+        source_index = train["source"].map({s: i for i, s in enumerate(self.sources)})
+        self.train_src = torch.tensor(source_index.to_numpy()).to(self.device)
         val = self.df[self.df["split"] == "val"].reset_index(drop=True)
         self.val_df = val
         self.val_x = self.preprocess.normalise_u8(self.cache.load(val["cache_index"]))
@@ -208,7 +102,8 @@ class Trainer:
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             if not resume and (self.out / "last.pt").exists():
-                raise RunExistsError(f"{self.out} already holds a run; add --resume to continue it or choose a new --out")
+                raise RunExistsError(
+                    f"{self.out} already holds a run; add --resume to continue it or choose a new --out")
         if resume:
             self._resume()
         elif self.d.main:
@@ -218,7 +113,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.step_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
-        self.tensorboard = _tensorboard(self.out / "tensorboard") if self.d.main else None
+        self.tensorboard = tensorboard_writer(self.out / "tensorboard") if self.d.main else None
 
     def _resolve_auto(self, resume: bool) -> tuple[str, int]:
         """(weights, image size) for "auto" settings: a resumed run keeps the ones it started with."""
@@ -234,39 +129,30 @@ class Trainer:
         return weights, size
 
     def _build_model(self) -> torch.nn.Module:
+        """The classifier (with a source head for domain-adversarial runs), channels-last for faster convolutions."""
         n_sources = len(self.sources) if self.cfg.domain_adversarial > 0 else 0
         model = build_model(self.cfg.arch, len(self.classes), self.weights, num_sources=n_sources).to(self.device)
         return model.to(memory_format=torch.channels_last)
 
     def meta(self, epoch: int, val_auc: float, threshold: float | None = None) -> dict:
+        """What a checkpoint says about its model, enough for every later stage to score with it."""
         cfg = self.cfg
         return {"arch": cfg.arch, "task": cfg.task, "classes": self.classes, "positive_index": tasks.POSITIVE_INDEX,
                 "image_size": self.image_size, "weights_used": self.weights, "cache_size": self.cache.size,
                 "square": self.cache.square,
                 "augment": to_dict(cfg.augment), "num_sources": len(self.sources) if cfg.domain_adversarial > 0 else 0,
-                "threshold": threshold, "threshold_method": cfg.threshold_method, "amp": cfg.amp, "epoch": epoch, "val_auc": val_auc,
-                "config_hash": config_hash(cfg), "manifest_hash": self.manifest_hash}
+                "threshold": threshold, "threshold_method": cfg.threshold_method, "amp": cfg.amp, "epoch": epoch,
+                "val_auc": val_auc, "config_hash": config_hash(cfg), "manifest_hash": self.manifest_hash}
 
     def _write_run_files(self) -> None:
-        if self.cfg.augment.crop == "lungs":  # the run needs its lung model to score anything: it keeps a copy
-            shutil.copyfile(self.cfg.augment.lung_model, self.out / LUNG_MODEL)
-        save_json({**to_dict(self.cfg), "weights_used": self.weights, "image_size_used": self.image_size,
-                   "manifest_hash": self.manifest_hash, "config_hash": config_hash(self.cfg),
-                   "train_sources": self.sources, "torch": torch.__version__}, self.out / "config.json")
-        cols = ["path", "source", "patient_id", "label", "split"]
-        self.df[cols].to_csv(self.out / "split.csv", index=False)
-        with open(self.out / "history.csv", "w", newline="") as fh:
-            csv.writer(fh).writerow(HISTORY_FIELDS)
+        """A new run's files, with what its "auto" settings resolved to, so a resume keeps them."""
+        write_run_files(self.out, self.cfg, self.df, {
+            "weights_used": self.weights, "image_size_used": self.image_size, "manifest_hash": self.manifest_hash,
+            "config_hash": config_hash(self.cfg), "train_sources": self.sources, "torch": torch.__version__})
 
     def _resume(self) -> None:
         """Continue from last.pt: model, optimizer, schedule, early-stopping state; history cut back to match."""
-        path = self.out / "last.pt"
-        if not path.exists():
-            raise MissingInputError(f"{path}: nothing to resume (no checkpoint yet); run without --resume")
-        saved = json.loads((self.out / "config.json").read_text())
-        if saved.get("config_hash") != config_hash(self.cfg):
-            raise InputError(f"{self.out}: settings differ from the run being resumed; use the same options or a new --out")
-        ckpt = load_checkpoint(path)
+        ckpt = resume_checkpoint(self.out, self.cfg)
         if ckpt.get("finished"):  # early-stopped or complete: nothing left to do
             self.start_epoch = self.cfg.epochs
             if self.d.main:
@@ -277,8 +163,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.start_epoch, self.best_auc, self.bad_epochs = ckpt["epoch"] + 1, ckpt["best_auc"], ckpt["bad_epochs"]
         if self.d.main:
-            hist = pd.read_csv(self.out / "history.csv")
-            hist[hist["epoch"] <= ckpt["epoch"]].to_csv(self.out / "history.csv", index=False)
+            cut_history(self.out, ckpt["epoch"])
             log.info("resuming %s after epoch %d (best val AUC %.4f)", self.out, ckpt["epoch"], self.best_auc)
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
@@ -308,7 +193,8 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         return losses.item() / self.steps_per_epoch, seen * self.d.world / (time.perf_counter() - start)
 
-    def _loss(self, model, x: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+    def _loss(self, model: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Class-weighted cross-entropy, plus the source head's loss for domain-adversarial runs."""
         with autocast(self.device, self.cfg.amp):
             if self.cfg.domain_adversarial > 0:
                 logits, feats = forward_with_features(model, x)
@@ -319,12 +205,14 @@ class Trainer:
             return F.cross_entropy(logits.float(), self.train_y[idx], weight=self.loss_weights) + src_loss
 
     def validate(self) -> tuple[float, float, np.ndarray]:
+        """(loss, AUC, probabilities) on the validation images, scored as every later stage scores them."""
         probs = predict_probs(self.model, self.val_x, self.preprocess, self.device)
         y = self.val_df["y"].to_numpy()
         loss = F.nll_loss(torch.log(probs.clamp_min(1e-7)), torch.tensor(y)).item()
         return loss, positive_auc(y, probs.numpy()), probs.numpy()
 
     def fit(self) -> Path:
+        """Train from start_epoch to the end or to early stopping; rank 0 decides when to stop, every rank stops."""
         cfg = self.cfg
         for epoch in range(self.start_epoch, cfg.epochs):
             start = time.perf_counter()
@@ -337,32 +225,15 @@ class Trainer:
             if stop.item():
                 break
         if self.d.world > 1:
-            self._check_ranks_agree()
+            check_ranks_agree(self.model, self.d, self.out)
         return self.out
-
-    def _check_ranks_agree(self) -> None:
-        """DDP keeps every rank's weights identical; a rank that drifted (a desync bug) would make the saved model one
-        rank's view only. Every rank's weight digest goes into RUN/ddp.json, and a mismatch stops the run."""
-        digests: list[str | None] = [None] * self.d.world
-        dist.all_gather_object(digests, weights_digest(self.model))
-        if self.d.main:
-            save_json({"world": self.d.world, "ranks_agree": len(set(digests)) == 1, "weights_sha256": digests},
-                      self.out / "ddp.json")
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
 
     def _end_epoch(self, epoch: int, train_loss: float, speed: float, seconds: float) -> bool:
         """Validate, log, keep the best weights (by validation AUC), checkpoint; True when early stopping says stop."""
         val_loss, val_auc, probs = self.validate()
-        lr = self.optimizer.param_groups[0]["lr"]
-        with open(self.out / "history.csv", "a", newline="") as fh:
-            csv.writer(fh).writerow([epoch, f"{train_loss:.5f}", f"{val_loss:.5f}", f"{val_auc:.5f}", f"{lr:.6g}",
-                                     f"{speed:.1f}", f"{seconds:.1f}"])
-        if self.tensorboard:
-            for key, value in {"loss/train": train_loss, "loss/val": val_loss, "auc/val": val_auc, "lr": lr,
-                               "images_per_s": speed}.items():
-                self.tensorboard.add_scalar(key, value, epoch)
-            self.tensorboard.flush()
+        record_epoch(self.out, self.tensorboard, epoch, {
+            "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc,
+            "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": speed, "seconds": seconds})
         improved = val_auc > self.best_auc or (np.isnan(self.best_auc) and not np.isnan(val_auc))
         if improved:
             self.best_auc, self.bad_epochs = val_auc, 0
@@ -393,15 +264,13 @@ class Trainer:
         (a finished AlexNet run is model.pt's ~228 MB instead of ~684 MB); `keep_last` keeps the whole of it."""
         if self.best_dirty:
             state, meta, score = self.best
-            save_checkpoint(self.out / "model.pt", self.model, meta, state_dict=state)
-            self.val_df.assign(score=score)[["path", "source", "patient_id", "label", "score"]].to_csv(
-                self.out / "val_predictions.csv", index=False)
+            save_best(self.out, self.model, state, meta, self.val_df, score)
             self.best_dirty = False
         progress = {"epoch": epoch, "best_auc": self.best_auc, "bad_epochs": self.bad_epochs, "finished": finished}
-        resumable = not finished or self.keep_last
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()} if resumable else {}
-        save_checkpoint(self.out / "last.pt", self.model, self.meta(epoch, val_auc), {**state, **progress},
-                        state_dict=None if resumable else {})
+        training = None  # a finished run keeps no optimizer state, unless keep_last
+        if not finished or self.keep_last:
+            training = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        save_last(self.out, self.model, self.meta(epoch, val_auc), progress, training)
 
 
 def train(cfg: TrainConfig, resume: bool = False, keep_last: bool = False) -> Path:

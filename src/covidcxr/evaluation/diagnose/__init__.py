@@ -33,7 +33,8 @@ from covidcxr.data import tasks
 from covidcxr.data.cache import ImageCache
 from covidcxr.evaluation.selection import select_images
 from covidcxr.lungs.segment import MIN_LUNG_AREA, load_lung_model, segment
-from covidcxr.evaluation.metrics import patient_codes, write_metrics
+from covidcxr.evaluation.bootstrap import patient_codes
+from covidcxr.evaluation.metrics_json import write_metrics
 from covidcxr.model.checkpoint import LUNG_MODEL
 from covidcxr.scoring import Scorer
 from covidcxr.evaluation.diagnose.attribution import cam_lung_share, lung_share, sample_cams

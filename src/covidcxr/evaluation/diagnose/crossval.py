@@ -17,7 +17,7 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from covidcxr.evaluation.metrics import patient_bootstrap_weights, percentile_interval
+from covidcxr.evaluation.bootstrap import patient_bootstrap_weights, percentile_interval
 
 MIN_PER_CLASS = 5  # fewer images of a class than this: too few to cross-validate (the check is inconclusive)
 SMALL_SAMPLE = 200  # below this many images: repeated splits (and, for the image statistics, a linear model)

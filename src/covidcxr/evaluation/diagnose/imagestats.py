@@ -18,8 +18,8 @@ from sklearn.base import ClassifierMixin
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+from covidcxr.evaluation.bootstrap import bootstrap_aucs, percentile_interval
 from covidcxr.evaluation.diagnose.crossval import MIN_PER_CLASS, SMALL_SAMPLE, oof_proba, small_sample_classifier
-from covidcxr.evaluation.metrics import bootstrap_aucs, percentile_interval
 from covidcxr.lungs.boxes import content_box
 
 HIST_BINS = 16

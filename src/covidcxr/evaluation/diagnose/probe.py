@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
+from covidcxr.evaluation.bootstrap import patient_codes
 from covidcxr.evaluation.diagnose.crossval import MIN_PER_CLASS, balanced_accuracy_ci, oof_proba
-from covidcxr.evaluation.metrics import patient_codes
 from covidcxr.formatting import number, value_ci
 
 
