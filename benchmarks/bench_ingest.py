@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from covidcxr.data.cache import ImageCache
 from covidcxr.config import IngestConfig
+from covidcxr.data.cache import ImageCache
 from covidcxr.data.ingest import ingest
 from covidcxr.data.manifest import find_duplicates
 

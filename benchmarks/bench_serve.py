@@ -39,16 +39,17 @@ SHARED_NOTE = ("The load average in the first line was read before the run: abov
                "and the figures are pessimistic.")
 
 
-def write_random_run(run_dir: Path, image_size: int | None = None, cache_size: int | None = None, seed: int = 0) -> Path:
+def write_random_run(run_dir: Path, image_size: int | None = None, cache_size: int | None = None,
+                     seed: int = 0) -> Path:
     """A run folder holding a random-weights gray AlexNet with the meta a Predictor needs (tests and benchmarks);
     input side and cache size default to `covidcxr train`'s on a CPU and `covidcxr ingest`'s."""
     import torch
 
     from covidcxr.config import AugmentConfig, IngestConfig, to_dict
-    from covidcxr.training.trainer import AUTO_IMAGE_SIZE
     from covidcxr.data.tasks import POSITIVE_INDEX, class_names
     from covidcxr.model.checkpoint import save_checkpoint
     from covidcxr.model.network import build_model
+    from covidcxr.training.trainer import AUTO_IMAGE_SIZE
 
     torch.manual_seed(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, db: Path, port: int, threads: int, engine: str, timeout_s: float = 300.0) -> subprocess.Popen:
+def start_server(run: Path, db: Path, port: int, threads: int, engine: str,
+                 timeout_s: float = 300.0) -> subprocess.Popen:
     """`covidcxr serve` on loopback in its own process, returned once /api/health answers."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("COVIDCXR_TOKEN", None)
@@ -203,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="load runs per setting on the same server; the median run is reported (default 3)")
     parser.add_argument("--cam", action="store_true", help="ask for a Grad-CAM overlay with every prediction")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="time limit per setting (default 120)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "bench_serve.txt", help="report file (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_serve.txt",
+                        help="report file (default %(default)s)")
     args = parser.parse_args(argv)
 
     lines = [machine()]

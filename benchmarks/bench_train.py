@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from covidcxr.config import TrainConfig
-from covidcxr.model.network import build_model, parameter_groups
 from covidcxr.device import autocast, resolve_device
+from covidcxr.model.network import build_model, parameter_groups
 from covidcxr.training.trainer import Trainer
 
 
@@ -33,7 +33,8 @@ def model_only(cfg: TrainConfig, device: torch.device, steps: int) -> float:
     model = build_model(cfg.arch, 2, "none").to(device).to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model
     opt = torch.optim.SGD(parameter_groups(model, cfg.lr, 1.0), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    x = torch.rand(cfg.batch_size, 1, cfg.image_size, cfg.image_size, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(cfg.batch_size, 1, cfg.image_size, cfg.image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (cfg.batch_size,), device=device)
 
     def step() -> None:
@@ -78,15 +79,18 @@ def main() -> None:
     args = ap.parse_args()
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(data=args.data, out=tmp, weights="none", device=str(device.type), batch_size=args.batch_size,
-                          image_size=args.image_size, epochs=args.epochs + 1, compile=args.compile, task="covid-vs-rest")
+        cfg = TrainConfig(data=args.data, out=tmp, weights="none", device=str(device.type),
+                          batch_size=args.batch_size, image_size=args.image_size, epochs=args.epochs + 1,
+                          compile=args.compile, task="covid-vs-rest")
         loop, n = full_loop(cfg, args.epochs)
         ceiling = model_only(replace(cfg, out=tmp), device, args.steps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; batch {args.batch_size}; input {args.image_size}px; compile {args.compile}; torch {torch.__version__}")
+    print(f"device: {name}; batch {args.batch_size}; input {args.image_size}px; compile {args.compile}; "
+          f"torch {torch.__version__}")
     print(f"model only : {ceiling:10,.0f} images/s")
     print(f"full loop  : {loop:10,.0f} images/s  ({n} images: cache -> augment -> step)")
-    print(f"loop / model-only = {loop / ceiling:.1%}  (data feeding costs {max(0.0, 1 - loop / ceiling):.1%} of the step)")
+    feeding = max(0.0, 1 - loop / ceiling)
+    print(f"loop / model-only = {loop / ceiling:.1%}  (data feeding costs {feeding:.1%} of the step)")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.encaps import encapsulate
 from pydicom.pixels import convert_color_space
-from pydicom.uid import (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, UID,
-                         ExplicitVRBigEndian)
+from pydicom.uid import UID, ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1
 
 JPEG_PROCESSES = (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1)
 

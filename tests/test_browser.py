@@ -15,13 +15,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from servers import background_server, bench_serve
 
-from covidcxr.deploy.predict import Predictor
 from covidcxr.config import ServeConfig
+from covidcxr.deploy.predict import Predictor
 from covidcxr.deploy.serve.app import create_app
 from covidcxr.deploy.serve.log import PredictionLog
 from covidcxr.model.cam import OVERLAY_MIN_SIDE
+from servers import background_server, bench_serve
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # a real server and a headless Chromium
 

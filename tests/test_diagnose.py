@@ -16,17 +16,17 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from test_lungs_heuristic import TOY_LUNGS, toy_xray
 
+from covidcxr.config import AugmentConfig, IngestConfig, TrainConfig, to_dict
+from covidcxr.data.cache import to_square
+from covidcxr.data.ingest import ingest
 from covidcxr.evaluation import diagnose as dg
 from covidcxr.evaluation.diagnose.probe import source_probe
 from covidcxr.lungs import heuristic as lungs
-from covidcxr.data.cache import to_square
 from covidcxr.preprocess.transform import PreprocessSpec
 from covidcxr.scoring import RunSpec, Scorer
-from covidcxr.config import AugmentConfig, IngestConfig, TrainConfig, to_dict
-from covidcxr.data.ingest import ingest
 from covidcxr.training.trainer import train
+from test_lungs_heuristic import TOY_LUNGS, toy_xray
 
 SIZE = 64
 META = {"augment": to_dict(AugmentConfig()), "image_size": SIZE, "positive_index": 1, "threshold": 0.5}

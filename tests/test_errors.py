@@ -8,8 +8,18 @@ import dataclasses
 import pytest
 
 from covidcxr.config import AugmentConfig, CalibrateSettings, IngestConfig, TrainConfig
-from covidcxr.errors import (CovidcxrError, ExportParityError, ImageReadError, InputError, LeakageError,
-                             MissingInputError, PortInUseError, RunExistsError, WeightsUnavailableError, one_line)
+from covidcxr.errors import (
+    CovidcxrError,
+    ExportParityError,
+    ImageReadError,
+    InputError,
+    LeakageError,
+    MissingInputError,
+    PortInUseError,
+    RunExistsError,
+    WeightsUnavailableError,
+    one_line,
+)
 
 
 @pytest.mark.parametrize("cls, builtin", [

@@ -13,17 +13,17 @@ from PIL import Image
 
 from conftest import run_cli
 from covidcxr import cli
-from covidcxr.evaluation import evaluate as evaluate_mod
+from covidcxr.config import IngestConfig
+from covidcxr.data.ingest import ingest
 from covidcxr.evaluation import bootstrap as bootstrap_mod
+from covidcxr.evaluation import evaluate as evaluate_mod
 from covidcxr.evaluation import metrics as metrics_mod
 from covidcxr.evaluation import metrics_json as metrics_json_mod
-from covidcxr.config import IngestConfig
 from covidcxr.evaluation.evaluate import evaluate
-from covidcxr.data.ingest import ingest
 from covidcxr.evaluation.metrics import METRIC_NAMES
 from covidcxr.model import threshold as threshold_mod
-from covidcxr.model.threshold import choose_threshold
 from covidcxr.model.checkpoint import load_checkpoint
+from covidcxr.model.threshold import choose_threshold
 
 N_BOOT = 50  # enough to exercise the bootstrap; the intervals' accuracy is test_metrics' business
 

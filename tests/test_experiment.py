@@ -12,10 +12,10 @@ from PIL import Image
 
 from covidcxr import cli
 from covidcxr import experiment as ex
-from covidcxr.data.cache import ImageCache
 from covidcxr.config import TrainConfig
-from covidcxr.evaluation.metrics_json import evaluate_predictions
+from covidcxr.data.cache import ImageCache
 from covidcxr.data.splits import MIN_CLASS, external_folds
+from covidcxr.evaluation.metrics_json import evaluate_predictions
 from covidcxr.reproduce import PAPER, write_summary
 
 SETTINGS = {"plain": {}, "no-equalize": {"augment": {"equalize": False}}}

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import run_cli
 from covidcxr import cli
+from covidcxr.config import IngestConfig
 from covidcxr.data import ingest as ingest_mod
 from covidcxr.data.cache import ImageCache, to_square
-from covidcxr.config import IngestConfig
 from covidcxr.data.ingest import DUPLICATES_FILE, REPORT_FILE, ingest, summarize
 from covidcxr.data.reader import read_image
 

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from covidcxr.lungs import heuristic as lungs
 from covidcxr.data.cache import to_square
 from covidcxr.data.reader import read_image
+from covidcxr.lungs import heuristic as lungs
 
 # the toy's lungs: (centre row, centre column, semi-axis rows, semi-axis columns) as fractions of the film
 TOY_LUNGS = ((0.45, 0.30, 0.30, 0.16), (0.47, 0.70, 0.31, 0.16))

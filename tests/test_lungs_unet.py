@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from covidcxr.cli import main
+from covidcxr.data.download import DownloadError
 from covidcxr.lungs.fetch import MASK_FOLDER, MASKS_ZIP, fetch_masks, paired_images
 from covidcxr.lungs.segment import load_lung_model, lung_boxes, segment, two_largest_parts
 from covidcxr.lungs.train import _dice, _load_pairs, train_lung_model
 from covidcxr.lungs.unet import LungUNet
-from covidcxr.cli import main
-from covidcxr.data.download import DownloadError
 
 
 def build_wheel(folder: Path, masks: dict[str, np.ndarray] | None) -> Path:
@@ -240,10 +240,10 @@ def test_lung_crop_boxes_follow_the_lungs_and_report_films_without_them(trained)
 
 @pytest.mark.slow
 def test_a_lung_cropped_run_keeps_its_lung_model_and_is_scored_and_diagnosed_with_it(trained, tiny_data, tmp_path):
+    from covidcxr.deploy.predict import Predictor
     from covidcxr.evaluation.diagnose import diagnose
     from covidcxr.evaluation.evaluate import evaluate
     from covidcxr.model.checkpoint import LUNG_MODEL, load_run
-    from covidcxr.deploy.predict import Predictor
     from covidcxr.training.trainer import TrainConfig, train
     lung_copy = tmp_path / "my-lungs.pt"
     lung_copy.write_bytes(trained[0].read_bytes())

@@ -18,8 +18,13 @@ import pydicom
 import pytest
 import requests
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (CTImageStorage, ComputedRadiographyImageStorage, ExplicitVRLittleEndian,
-                        SecondaryCaptureImageStorage, generate_uid)
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from pynetdicom import AE
 
 from conftest import run_cli, start_cli, xray
@@ -152,7 +157,8 @@ def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, pr
     assert "Traceback" not in first.stderr
     assert f"cannot score {blank.SOPInstanceUID}: DICOM file has no pixel data" in first.stderr
     assert f"scored {chest.SOPInstanceUID}" in first.stderr and f"skipped {ct.SOPInstanceUID}" in first.stderr
-    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO scored ", first.stderr, re.M)  # a daemon's timestamped log
+    daemon_line = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO scored "  # a daemon's log lines carry a timestamp
+    assert re.search(daemon_line, first.stderr, re.M)
 
     found = reports(orthanc, chest.StudyInstanceUID)
     assert len(found) == 1

@@ -13,8 +13,8 @@ from PIL import Image
 
 from conftest import run_cli
 from covidcxr import cli
-from covidcxr.model.cam import OVERLAY_MIN_SIDE
 from covidcxr.evaluation.evaluate import predictions
+from covidcxr.model.cam import OVERLAY_MIN_SIDE
 
 GOOD = ("chest_png.png", "chest_jpeg.jpg", "chest_dicom.dcm")
 BROKEN = {"empty.png": "empty file", "notes.png": "not an image", "cut.png": "truncated"}

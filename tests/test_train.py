@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from conftest import CLI_TIMEOUT_S, cli_env, run_cli, start_cli
+from covidcxr.config import TrainConfig
+from covidcxr.data.splits import assert_patient_disjoint
+from covidcxr.model.checkpoint import load_checkpoint
 from covidcxr.training import trainer as train_mod
 from covidcxr.training.distributed import Dist, weights_digest
 from covidcxr.training.rundata import load_data
 from covidcxr.training.schedule import epoch_order
-from covidcxr.config import TrainConfig
-from covidcxr.model.checkpoint import load_checkpoint
-from covidcxr.data.splits import assert_patient_disjoint
 
 
 def _cfg(data: Path, out: Path, **kw) -> TrainConfig:

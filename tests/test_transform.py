@@ -8,13 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import Images
-from covidcxr.config import AugmentConfig
+from covidcxr.config import AugmentConfig, TrainConfig
 from covidcxr.data.cache import ImageCache, to_square
 from covidcxr.lungs.boxes import content_boxes
 from covidcxr.preprocess.transform import Preprocess, PreprocessSpec, clahe, crop_to_boxes, equalize
 from covidcxr.scoring import Scorer
 from covidcxr.training.trainer import Trainer
-from covidcxr.config import TrainConfig
 
 
 def _levels(images: np.ndarray) -> torch.Tensor:

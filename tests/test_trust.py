@@ -21,6 +21,7 @@ from covidcxr.training.trainer import train
 from covidcxr.trust.guard import fit_guard
 from covidcxr.trust.shift import ShiftMonitor, reference_scores, shift_test
 
+
 def planted_shift(root: Path, xray_source, n: int = 40, marks: bool = True, haze: float = 0.3) -> Path:
     """Toy X-rays of a new 'hospital' whose device leaves a bright haze over both lungs, a grid and strong noise.
 
