@@ -41,8 +41,9 @@ def calibrated(base_run, xray_source, tmp_path_factory) -> Path:
 
 
 @pytest.mark.xfail(strict=True, reason="calibrate fine-tunes and re-thresholds on this toy site's 46 calibration "
-                   "images without checking that it helps: held-back AUC falls 0.60 -> 0.45 (balanced accuracy 0.56 -> 0.56). "
-                   "Known limitation until calibrate adapts only when patient-grouped cross-validation shows a gain")
+                   "images without checking that it helps: held-back AUC falls 0.60 -> 0.45 (balanced accuracy "
+                   "0.56 -> 0.56). Known limitation until calibrate adapts only when patient-grouped "
+                   "cross-validation shows a gain")
 def test_calibrate_improves_a_shifted_site(calibrated):
     before = json.loads((calibrated / "before" / "metrics.json").read_text())
     after = json.loads((calibrated / "after" / "metrics.json").read_text())
