@@ -31,7 +31,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     for name, value in data.items():
         default = hints[name].default_factory if hints[name].default_factory is not dataclasses.MISSING else None
         if default is not None and dataclasses.is_dataclass(default) and isinstance(value, dict):
-            value = from_dict(default, value)  # type: ignore[arg-type]
+            value = from_dict(default, value)
         elif isinstance(value, list) and isinstance(hints[name].default, tuple):
             value = tuple(value)
         kwargs[name] = value
