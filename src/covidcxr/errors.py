@@ -56,6 +56,6 @@ class PortInUseError(CovidcxrError, OSError):
     """The address to serve on is taken by another process."""
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception's message folded onto one line (some library messages span several)."""
+def one_line(exc: BaseException | str) -> str:
+    """An exception's (or a warning's) message folded onto one line (some library messages span several)."""
     return " ".join(str(exc).split()) or type(exc).__name__

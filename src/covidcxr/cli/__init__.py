@@ -46,7 +46,7 @@ def _one_line_warnings(default: Callable[..., None]) -> Callable[..., None]:
     """A warnings.showwarning that prints covidcxr's own warnings as one line on stderr, others as `default` does."""
     def show(message: Warning | str, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
         if issubclass(category, CovidcxrWarning):
-            print(f"covidcxr: warning: {one_line(message)}", file=sys.stderr)  # type: ignore[arg-type]
+            print(f"covidcxr: warning: {one_line(message)}", file=sys.stderr)
         else:
             default(message, category, *rest, **kwargs)
     return show

@@ -7,13 +7,16 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from covidcxr.errors import InputError, MissingInputError
 
-T = TypeVar("T")
+if TYPE_CHECKING:  # typeshed's protocol of dataclasses: stubs only, not importable at run time
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -23,7 +26,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build a dataclass from a dict, recursing into nested dataclasses; unknown keys are an error."""
-    hints = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(hints)
     if unknown:
         raise InputError(f"unknown {cls.__name__} setting(s): {', '.join(sorted(unknown))}")
@@ -31,7 +34,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     for name, value in data.items():
         default = hints[name].default_factory if hints[name].default_factory is not dataclasses.MISSING else None
         if default is not None and dataclasses.is_dataclass(default) and isinstance(value, dict):
-            value = from_dict(default, value)  # type: ignore[arg-type]
+            value = from_dict(default, value)
         elif isinstance(value, list) and isinstance(hints[name].default, tuple):
             value = tuple(value)
         kwargs[name] = value

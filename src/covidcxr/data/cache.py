@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -37,7 +38,7 @@ def make_square(image: torch.Tensor, mode: str) -> torch.Tensor:
         if torch.jit.is_scripting():
             side = max(h, w)
         else:  # torch.export (the ONNX exporter) keeps H and W symbolic only through sym_max
-            side = torch.sym_max(h, w)
+            side = cast(int, torch.sym_max(h, w))  # a SymInt while exporting, typed int as torch types shapes
         top, left = (side - h) // 2, (side - w) // 2
         return F.pad(image, [left, side - w - left, top, side - h - top])
     if mode == "crop":
@@ -72,7 +73,7 @@ def to_square(img: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
 class ImageCache:
     """The uint8 image array of a data folder plus its manifest; grows in place when ingest adds images."""
 
-    def __init__(self, data_dir: str | Path, size: int | None = None, mode: str = "r",
+    def __init__(self, data_dir: str | Path, size: int | None = None, mode: Literal["r", "r+"] = "r",
                  square: str | None = None) -> None:
         """Open an ingested folder (`size`/`square` must then match it), or start a new cache when `size` is given."""
         self.dir = Path(data_dir)

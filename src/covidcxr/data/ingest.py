@@ -171,14 +171,14 @@ def ingest(roots: list[str | Path], out: str | Path, cfg: IngestConfig | None = 
     out = Path(out)
     start = time.time()
     report = IngestReport(config=to_dict(cfg))
-    roots = [Path(r).resolve() for r in roots]
-    rows = _stat(_list_rows(roots, cfg.layout, report), report)
+    resolved = [Path(r).resolve() for r in roots]
+    rows = _stat(_list_rows(resolved, cfg.layout, report), report)
     report.listed = len(rows) + len(report.unreadable) + len(report.bad_rows)
     out.mkdir(parents=True, exist_ok=True)  # only once the sources are known to be usable
 
     cache = ImageCache(out, size=cfg.size, mode="r+", square=cfg.square)
     prev = _previous(out)
-    plan = _plan(rows, [str(r) for r in roots], prev, replace, report)
+    plan = _plan(rows, [str(r) for r in resolved], prev, replace, report)
     slots = plan.todo["cache_index"]
     cache.reserve(max(int(slots.max()) if len(slots) else -1, int(prev["cache_index"].max()) if len(prev) else -1) + 1)
     cache.write_meta()

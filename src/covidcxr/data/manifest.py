@@ -36,7 +36,7 @@ THUMB = 32  # side of the aspect-ignoring thumbnail used to find near-duplicates
 def thumbnail(img: np.ndarray) -> bytes:
     """32x32 uint8 thumbnail, aspect ratio ignored, so squashed or resized copies of an image still line up."""
     pil = Image.fromarray(np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8), mode="L")
-    return np.asarray(pil.resize((THUMB, THUMB), Image.BOX)).tobytes()
+    return np.asarray(pil.resize((THUMB, THUMB), Image.Resampling.BOX)).tobytes()
 
 
 def _unit_vectors(thumbs: pd.Series) -> np.ndarray:

@@ -58,7 +58,7 @@ def _is_dicom(data: bytes, label: str) -> bool:
 
 def _read_pillow(data: bytes, label: str) -> np.ndarray:
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageReadError(label, "not an image (unrecognised content)") from None
     except Image.DecompressionBombError as exc:  # Pillow's own guard fires first for headers above ~179 megapixels

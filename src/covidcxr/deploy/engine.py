@@ -20,6 +20,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from covidcxr.data.square import to_square_np
 from covidcxr.errors import InputError
 from covidcxr.model.spec import RunSpec, file_sha256
 from covidcxr.trust.guard import GUARD_FILE, Guard
+
+if TYPE_CHECKING:  # torch: imported at run time only once a heatmap is asked for
+    from covidcxr.deploy.predict import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +124,7 @@ class EnginePredictor:
         self.scorer, self.spec, self.threads = scorer, scorer.spec, threads
         self.model_id, self.threshold = scorer.spec.model_id, scorer.spec.threshold
         self.positive_label = scorer.spec.positive_label
-        self._explainer = None  # the torch Predictor, loaded by the first Grad-CAM request
+        self._explainer: Predictor | None = None  # the torch Predictor, loaded by the first Grad-CAM request
 
     @classmethod
     def from_run(cls, run_dir: str | Path, threads: int = 1) -> "EnginePredictor":

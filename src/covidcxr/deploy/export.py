@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from torch import nn
 
 from covidcxr.deploy.engine import ENGINE_FILE, SCORE_GRAPH, OnnxScorer, fingerprint
 from covidcxr.errors import ExportParityError, InputError
+from covidcxr.model.network import GrayClassifier
 from covidcxr.preprocess.transform import Preprocess
 from covidcxr.scoring import Scorer
 
@@ -67,16 +68,21 @@ class ScoreGraph(nn.Module):
 
     def forward(self, squares: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         levels = squares.unsqueeze(1).float()
-        columns, run_features = [], None
+        columns: list[torch.Tensor] = []
+        run_features: torch.Tensor | None = None
         for preprocess, net, positive in zip(self.preprocesses, self.nets, self.positive):
+            # what __init__ put in the ModuleLists, whose items torch types as plain nn.Module
+            assert isinstance(preprocess, Preprocess) and isinstance(net, GrayClassifier)
             feats = net.features(preprocess.to_model(preprocess.normalise(levels)))
             run_features = feats if run_features is None else run_features
             columns.append(torch.softmax(net.head(feats), dim=1)[:, positive])
         probabilities = torch.stack(columns, dim=1)
+        assert run_features is not None  # the run's own network comes first, so there is always one
         return (probabilities, run_features) if self.features else probabilities
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path, check_images: list[np.ndarray] = ()) -> dict[str, Any]:
+def export_run(run_dir: str | Path, fmt: str, out: str | Path,
+               check_images: Sequence[np.ndarray] = ()) -> dict[str, Any]:
     """Export a run's best model with its whole preprocessing to `out`, then check it against the run's `Scorer` on
     images of several sizes and aspect ratios (`check_images`, decoded, plus synthetic ones).
 
@@ -105,7 +111,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, check_images: lis
             "contract": contract}
 
 
-def export_serving(scorer: Scorer, out: Path, check_images: list[np.ndarray] = ()) -> dict[str, Any]:
+def export_serving(scorer: Scorer, out: Path, check_images: Sequence[np.ndarray] = ()) -> dict[str, Any]:
     """The service's engine folder (`covidcxr.deploy.engine`): score.onnx and engine.json, written to a temporary
     folder that replaces `out` only once the engine (its numpy cache square included) matches the run's `Scorer`."""
     run_dir = scorer.spec.run_dir

@@ -107,8 +107,8 @@ def fold_temperature(scorer: Scorer, temperature: float) -> None:
     """Divide the head by T: the saved model itself gives calibrated probabilities (evaluate, serve, export)."""
     head = unwrap(scorer.model).head
     with torch.no_grad():
-        head.weight /= temperature
-        head.bias /= temperature
+        head.weight.div_(temperature)
+        head.bias.div_(temperature)
 
 
 def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings: CalibrateSettings | None = None,

@@ -17,7 +17,11 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage, Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom makes them at import (globals())
+    ComprehensiveSRStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
 
 from covidcxr.deploy.predict import Predictor
 from covidcxr.errors import InputError, one_line
@@ -115,8 +119,12 @@ def run_listen(run: str, port: int, ae_title: str, host: str = "127.0.0.1", stor
     if (store_to is None) == (url is None):
         raise InputError("pacs listen: give where the reports go, either --store-to AET@HOST:PORT or --url "
                          "DICOMWEB_ROOT")
-    sender = CStoreSender(store_to, ae_title, retries, backoff_s) if store_to else \
-        Dicomweb(url, Path(credentials) if credentials else None, retries, backoff_s)
+    sender: CStoreSender | Dicomweb
+    if store_to:
+        sender = CStoreSender(store_to, ae_title, retries, backoff_s)
+    else:
+        assert url is not None  # checked above: exactly one of store_to and url is given
+        sender = Dicomweb(url, Path(credentials) if credentials else None, retries, backoff_s)
     predictor = Predictor.from_run(run)
     state = State(state_path)
     spool = Path(f"{state_path}.spool")
@@ -138,6 +146,7 @@ def start_server(ae_title: str, host: str, port: int, spool: Path):
     """The C-STORE SCP (every storage SOP class, every transfer syntax; C-ECHO too), in background threads."""
     ae = AE(ae_title=ae_title)
     for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None  # pynetdicom's storage contexts each name their SOP class
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
     try:

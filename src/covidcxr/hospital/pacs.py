@@ -56,8 +56,8 @@ def authorize(session: requests.Session, credentials: Path | None = None) -> Non
         "password": os.environ.get(PASSWORD_ENV, "")}
     if found.get("token"):
         session.headers["Authorization"] = f"Bearer {found['token']}"
-    elif found.get("username"):
-        session.auth = requests.auth.HTTPBasicAuth(found["username"], found.get("password") or "")
+    elif username := found.get("username"):
+        session.auth = requests.auth.HTTPBasicAuth(username, found.get("password") or "")
 
 
 def _read_credentials(path: Path) -> dict:
@@ -80,7 +80,7 @@ def connect(url: str, credentials: Path | None = None, timeout_s: float = 30) ->
     return client
 
 
-def outage(exc: Exception) -> str | None:
+def outage(exc: requests.RequestException | ConnectionError) -> str | None:
     """Why `exc` means the PACS is unreachable (a short phrase), or None when the PACS answered and refused."""
     if isinstance(exc, ConnectionError):  # raised by the C-STORE sender: no association
         return str(exc) or "no connection"
@@ -135,8 +135,10 @@ class Dicomweb:
         return self.call(lambda: self.client.search_for_instances(
             fields=fields, search_filters=filters, offset=offset, limit=limit), "the search")
 
-    def retrieve(self, study: str, series: str, uid: str) -> Dataset:
-        return self.call(lambda: self.client.retrieve_instance(study, series, uid), f"retrieving {uid}")
+    def retrieve(self, study: str | None, series: str | None, uid: str) -> Dataset:
+        """A missing study or series UID (a PACS's search answer without it) is dicomweb-client's ValueError."""
+        return self.call(lambda: self.client.retrieve_instance(
+            study, series, uid), f"retrieving {uid}")  # type: ignore[arg-type]  # typed str, raises ValueError on None
 
     def store(self, outputs: list[Dataset], study: str | None) -> None:
         """STOW-RS into the scored image's study; an HTTP refusal or a failed SOP in the answer is StoreRefused."""

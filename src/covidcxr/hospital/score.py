@@ -94,7 +94,7 @@ class Screener:
             if prediction.error:
                 return Result("failed", prediction.error, prediction)
             try:
-                outputs = [structured_report(ds, prediction, self.predictor.model_id)]
+                outputs: list[Dataset] = [structured_report(ds, prediction, self.predictor.model_id)]
                 if self.cam:
                     outputs.append(cam_capture(ds, self._overlay(path), self.predictor.model_id))
             except (ValueError, TypeError, AttributeError) as exc:  # highdicom refuses unusable patient/study data
@@ -109,6 +109,7 @@ class Screener:
         """One log line per instance: scored and skipped as info, postponements as warnings, failures as errors."""
         if result.status == "scored":
             p = result.prediction
+            assert p is not None  # assess gives every scored result its prediction
             log.info("scored %s: P(covid) %.3f, %s (threshold %.3f); report %s", uid, p.probability,
                      finding(p).meaning, p.threshold, result.outputs[0].SOPInstanceUID)
         elif result.status == "skipped":

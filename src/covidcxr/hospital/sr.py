@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 from highdicom.sc import SCImage
 from highdicom.sr import (AlgorithmIdentification, CodeContentItem, CodedConcept, ComprehensiveSR,
-                          ContainerContentItem, ContentSequence, ImageContentItem, NumContentItem, TextContentItem)
+                          ContainerContentItem, ContentItem, ContentSequence, ImageContentItem, NumContentItem,
+                          TextContentItem)
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -59,6 +60,7 @@ def header(source: Dataset) -> Dataset:
 
 def structured_report(source: Dataset, prediction: Prediction, model_id: str) -> ComprehensiveSR:
     """The screening result for one scored radiograph, in the radiograph's study."""
+    assert prediction.probability is not None  # only a prediction without an error is reported
     source = header(source)
     items = [
         CodeContentItem(QUALITATIVE, finding(prediction), relationship_type="CONTAINS"),
@@ -81,16 +83,18 @@ def structured_report(source: Dataset, prediction: Prediction, model_id: str) ->
 
 def finding(prediction: Prediction) -> CodedConcept:
     """The qualitative evaluation: suspected at or above the run's threshold (as `covidcxr predict` labels it)."""
+    assert prediction.probability is not None  # only a prediction without an error is reported
     return SUSPECTED if prediction.probability >= prediction.threshold else NOT_SUSPECTED
 
 
-def _distribution_items(prediction: Prediction) -> list:
+def _distribution_items(prediction: Prediction) -> list[ContentItem]:
     """The out-of-distribution flag and score, for models that have a guard (others leave in_distribution None)."""
     in_distribution = getattr(prediction, "in_distribution", None)
     if in_distribution is None:
         return []
-    items = [CodeContentItem(OUT_OF_DISTRIBUTION, codes.SCT.No if in_distribution else codes.SCT.Yes,
-                             relationship_type="CONTAINS")]
+    items: list[ContentItem] = [
+        CodeContentItem(OUT_OF_DISTRIBUTION, codes.SCT.No if in_distribution else codes.SCT.Yes,
+                        relationship_type="CONTAINS")]
     score = getattr(prediction, "ood_score", None)
     if score is not None:
         items.append(NumContentItem(OOD_SCORE, float(score), UNITLESS, relationship_type="CONTAINS"))

@@ -46,7 +46,7 @@ class Watcher:
 
     def poll(self) -> list[Result]:
         """Handle every instance not yet handled; the results of this poll, in the PACS's order."""
-        todo = [i for i in self.search() if not self.state.is_final(_value(i, SOP_UID))]
+        todo = [i for i in self.search() if not self.state.is_final(_sop_uid(i))]
         return [self.handle(item) for item in todo]
 
     def search(self) -> list[dict]:
@@ -64,7 +64,7 @@ class Watcher:
                 return found
 
     def handle(self, item: dict) -> Result:
-        uid, study, series = _value(item, SOP_UID), _value(item, STUDY_UID), _value(item, SERIES_UID)
+        uid, study, series = _sop_uid(item), _value(item, STUDY_UID), _value(item, SERIES_UID)
         modality = _value(item, MODALITY)
         reason = not_chest(modality) if modality else None  # a PACS that leaves Modality out: checked on the file
         if reason:
@@ -81,6 +81,13 @@ class Watcher:
 def _value(item: dict, tag: str) -> str | None:
     """One attribute of a QIDO-RS (DICOM JSON) answer."""
     return (item.get(tag, {}).get("Value") or [None])[0]
+
+
+def _sop_uid(item: dict) -> str:
+    """The SOP Instance UID, which every QIDO-RS instance answer carries (PS3.18) and the state is keyed by."""
+    uid = _value(item, SOP_UID)
+    assert uid is not None, "a QIDO-RS instance answer without a SOP Instance UID"
+    return uid
 
 
 def run_watch(run: str, url: str, once: bool = False, interval_s: float = 60, state_path: str = "pacs-state.sqlite",

@@ -64,6 +64,7 @@ def lung_mask(image: np.ndarray) -> tuple[np.ndarray, int]:
     halves = np.zeros_like(search)
     halves[0, :, :midline], halves[1, :, midline:] = True, True
     mask, refined = prior.any(axis=0), 0
+    assert isinstance(mask, np.ndarray)  # prior is (2, H, W): any over axis 0 is an (H, W) array, not a scalar
     for side in range(2):
         lung = _side_component(dark & search[side] & halves[side], prior[side], search[side])
         if lung is not None:

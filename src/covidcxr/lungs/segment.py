@@ -14,7 +14,7 @@ from covidcxr.lungs.unet import LungUNet, resize
 MIN_LUNG_AREA = 0.02  # a mask smaller than this share of the image counts as no lungs found
 
 
-def load_lung_model(path: Path) -> LungUNet:
+def load_lung_model(path: str | Path) -> LungUNet:
     """The LungUNet saved by train_lung_model, on the CPU, in eval mode, with its training `size`."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model = LungUNet(tuple(ckpt["config"]["channels"]), int(ckpt["config"]["size"]))
@@ -28,7 +28,7 @@ def segment(model: LungUNet, images: torch.Tensor) -> torch.Tensor:
     predicted at the model's size, the probabilities resized back to H x W, only the two largest parts kept."""
     device = next(model.parameters()).device
     prob = torch.sigmoid(model(resize(images.to(device, torch.float32), model.size)))
-    return two_largest_parts(resize(prob, tuple(images.shape[-2:])) > 0.5).to(images.device)
+    return two_largest_parts(resize(prob, (images.shape[-2], images.shape[-1])) > 0.5).to(images.device)
 
 
 def two_largest_parts(masks: torch.Tensor) -> torch.Tensor:

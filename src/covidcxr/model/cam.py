@@ -39,7 +39,7 @@ def cam_overlay(scorer, square: np.ndarray) -> Image.Image:
     heatmap = grad_cam(scorer.model, x, scorer.spec.positive_index)[0]
     image = Image.fromarray(overlay(x[0, 0].detach().cpu().numpy(), heatmap))
     scale = -(-OVERLAY_MIN_SIDE // image.width)  # ceil: whole-number enlargement keeps the map aligned
-    return image.resize((image.width * scale, image.height * scale), Image.BICUBIC) if scale > 1 else image
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC) if scale > 1 else image
 
 
 def cam_overlay_png(scorer, square: np.ndarray) -> bytes:

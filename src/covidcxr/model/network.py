@@ -111,7 +111,9 @@ class GrayClassifier(nn.Module):
 def unwrap(model: nn.Module) -> GrayClassifier:
     """The GrayClassifier inside DistributedDataParallel and/or torch.compile wrappers."""
     while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+        assert isinstance(inner, nn.Module)  # what a wrapper holds (torch types a module's attributes Tensor | Module)
+        model = inner
     if not isinstance(model, GrayClassifier):
         raise TypeError(f"expected a GrayClassifier, got {type(model).__name__}")
     return model
@@ -128,7 +130,7 @@ def source_logits(model: nn.Module, features: torch.Tensor, lambd: float) -> tor
 
 
 @torch.no_grad()
-def fold_pooling(model: GrayClassifier, image_size: int) -> GrayClassifier:
+def fold_pooling(model: nn.Module, image_size: int) -> nn.Module:
     """For scoring at one input side: AlexNet with its adaptive average pool folded into the first linear layer.
 
     At 112 px the last feature map is 2 x 2, which the pool only replicates to 6 x 6 before a 9216 x 4096 layer; the
@@ -139,6 +141,7 @@ def fold_pooling(model: GrayClassifier, image_size: int) -> GrayClassifier:
     if not isinstance(model, GrayClassifier) or model.arch != "alexnet":
         return model
     net = model.backbone
+    assert isinstance(net, torchvision.models.AlexNet)  # what build_model makes for arch "alexnet"
     channels, h, w = net.features(torch.zeros(1, 1, image_size, image_size)).shape[1:]
     if h * w >= 36:
         return model
@@ -240,8 +243,10 @@ def _to_gray(
     """Put a 1-channel conv with `mean`/`std` folded in where the first conv was, and split off the head."""
     spec = _SPECS[arch]
     norm = tv.get_submodule(spec.first_norm) if spec.first_norm else None
+    assert norm is None or isinstance(norm, nn.BatchNorm2d)  # every _SPECS first_norm names a BatchNorm2d
     tv.set_submodule(spec.first_conv, fold_normalisation(conv, mean, std, norm))
     old_head = tv.get_submodule(spec.head)
+    assert isinstance(old_head, nn.Linear)  # every _SPECS head names the model's last Linear
     head = old_head if old_head.out_features == num_classes else nn.Linear(old_head.in_features, num_classes)
     tv.set_submodule(spec.head, nn.Identity())
     return GrayClassifier(arch, tv, head, num_sources)

@@ -14,7 +14,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import torch
@@ -110,8 +110,10 @@ def fold_normalisation(
     gray = conv_like(conv, in_channels=1)
     gray.weight.copy_((weight / std_t).sum(dim=1, keepdim=True))
     if conv.bias is not None:
+        assert gray.bias is not None  # conv_like gives `gray` a bias exactly when `conv` has one
         gray.bias.copy_(conv.bias - shift)
     elif norm is not None:
+        assert norm.running_mean is not None  # the BatchNorms of torchvision's models track running statistics
         norm.running_mean += shift
     else:
         raise ValueError("first conv has neither a bias nor a following BatchNorm to absorb the normalisation")
@@ -120,13 +122,14 @@ def fold_normalisation(
 
 def conv_like(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """A fresh conv shaped like `conv` but for `in_channels` inputs: the gray first layer's frame."""
+    # torch types a conv's settings tuple[int, ...] for every dimension count; a Conv2d's hold two
     return nn.Conv2d(
         in_channels,
         conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
+        cast("tuple[int, int]", conv.kernel_size),
+        stride=cast("tuple[int, int]", conv.stride),
+        padding=cast("str | tuple[int, int]", conv.padding),
+        dilation=cast("tuple[int, int]", conv.dilation),
         bias=conv.bias is not None,
     )
 

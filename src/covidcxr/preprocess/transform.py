@@ -16,6 +16,7 @@ copy scored through `normalise_u8` + `to_model` give the model bit-identical inp
 
 import functools
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from torch import nn
 from covidcxr.data.cache import to_cache_levels, to_levels, resize
 from covidcxr.lungs.boxes import content_boxes
 from covidcxr.preprocess.spec import PreprocessSpec
+
+if TYPE_CHECKING:  # imported where used: the lung model's module is only needed for crop="lungs"
+    from covidcxr.lungs.unet import LungUNet
 
 LUNG_MARGIN = 0.1  # crop="lungs": the lung box grown by this fraction of its size on each side (costophrenic angles)
 NORMALISE_CHUNK = 256  # images normalised at once: bounds the memory of CLAHE and the lung model
@@ -75,7 +79,7 @@ def crop_to_boxes(levels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def _lung_model(path: str) -> nn.Module:
+def _lung_model(path: str) -> "LungUNet":
     """The lung model, loaded once per process (prediction calls this for every image)."""
     from covidcxr.lungs.segment import load_lung_model
     return load_lung_model(path)
@@ -119,6 +123,7 @@ class Preprocess(nn.Module):
     def lung_boxes(self, levels: torch.Tensor) -> torch.Tensor:
         """(B, 4) lung boxes from the run's lung model; an image without lungs found is kept whole, with a warning."""
         from covidcxr.lungs.segment import lung_boxes, segment
+        assert self.lungs is not None  # normalise asks for lung boxes only with crop="lungs", which loads the model
         boxes, fell_back = lung_boxes(segment(self.lungs.to(levels.device), levels / 255), margin=LUNG_MARGIN)
         if fell_back.any():
             warnings.warn(f"lung crop: {int(fell_back.sum())} of {len(levels)} images have no lung mask from "

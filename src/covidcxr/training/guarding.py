@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def squares_for(data: str | Path, paths: pd.Series) -> np.ndarray:
     return cache.load(index.loc[paths].to_numpy()).numpy()
 
 
-def attach_guard(run: str | Path, members: list[str | Path], data: str | Path | None = None,
+def attach_guard(run: str | Path, members: Sequence[str | Path], data: str | Path | None = None,
                  paths: pd.Series | None = None, density: bool = False, coverage: float = COVERAGE,
                  squares: np.ndarray | None = None) -> dict:
     """Store the `members` checkpoints (e.g. other runs' model.pt) in bf16 in RUN/guard/ and fit the guard on the run's validation images; returns guard.json.

@@ -67,7 +67,8 @@ class Guard:
         meta = {k: v for k, v in asdict(self).items() if k != "density"}
         meta["density"] = self.density is not None
         if self.density is not None:
-            np.savez(run_dir / DENSITY_FILE, **self.density)
+            np.savez(run_dir / DENSITY_FILE,
+                     **self.density)  # type: ignore[arg-type]  # mypy: a ** dict may fill savez's allow_pickle: bool
         (run_dir / GUARD_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return run_dir / GUARD_FILE
 

@@ -56,7 +56,9 @@ def _reading(image: Path) -> tuple[str, str, str]:
 def rows(root: Path) -> pd.DataFrame:
     records = []
     for path in _images(root):
-        prefix, _, tb = _FILE.match(path.name).groups()
+        match = _FILE.match(path.name)
+        assert match is not None  # _images lists only the names _FILE matches
+        prefix, _, tb = match.groups()
         source = SOURCES[prefix.upper()]
         sex_text, age_text, finding = _reading(path)
         records.append(

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from importlib.resources import files
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
@@ -36,6 +36,7 @@ from covidcxr.errors import InputError
 from covidcxr.trust.shift import ShiftMonitor, reference_scores
 
 if TYPE_CHECKING:  # torch's Predictor or the engine's EnginePredictor: the same interface
+    from covidcxr.deploy.engine import EnginePredictor
     from covidcxr.deploy.predict import Predictor
 
 MULTIPART_SLACK_BYTES = 64 * 1024  # form framing around the file; the file itself is checked exactly
@@ -98,7 +99,8 @@ def _read_upload(file: UploadFile, filename: str, limit: int) -> bytes:
     return data
 
 
-def _decode_upload(predictor: Predictor, file: UploadFile, filename: str, limit: int) -> tuple[str, np.ndarray]:
+def _decode_upload(predictor: Predictor | EnginePredictor, file: UploadFile, filename: str,
+                   limit: int) -> tuple[str, np.ndarray]:
     """(SHA-256, cache square) of an upload: everything before the model, run on a request thread."""
     data = _read_upload(file, filename, limit)
     _require_image_content(data, filename)
@@ -109,7 +111,7 @@ def _decode_upload(predictor: Predictor, file: UploadFile, filename: str, limit:
     return hashlib.sha256(data).hexdigest(), square
 
 
-def shift_monitor(predictor: Predictor, window: int) -> ShiftMonitor | None:
+def shift_monitor(predictor: Predictor | EnginePredictor, window: int) -> ShiftMonitor | None:
     """The rolling shift alarm against the run's validation scores; None for a run without them (e.g. a random one)."""
     try:
         reference = reference_scores(predictor.spec.run_dir)
@@ -123,14 +125,15 @@ def _data_url(png: bytes | None) -> str | None:
     return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-ERRORS = {  # the answers the OpenAPI docs list beside 200 and 422
+ERRORS: dict[int | str, dict[str, Any]] = {  # the answers the OpenAPI docs list beside 200 and 422
     401: {"model": Problem, "description": "missing or wrong access token (only when the service has one)"},
     413: {"model": Problem, "description": "file too large (text/plain when the whole body is over the limit)"},
     415: {"model": Problem, "description": f"not an image, or not {ACCEPTED}"},
 }
 
 
-def create_app(predictor: Predictor, cfg: ServeConfig | None = None, token: str | None = None) -> FastAPI:
+def create_app(predictor: Predictor | EnginePredictor, cfg: ServeConfig | None = None,
+               token: str | None = None) -> FastAPI:
     """Build the service around one loaded predictor; every successful prediction is logged to the SQLite file
     `cfg.log_path` names (by default in the predictor's run folder).
 
@@ -168,7 +171,7 @@ def create_app(predictor: Predictor, cfg: ServeConfig | None = None, token: str 
     return app
 
 
-def _api(predictor: Predictor, cfg: ServeConfig, batcher: Batcher, log: PredictionLog,
+def _api(predictor: Predictor | EnginePredictor, cfg: ServeConfig, batcher: Batcher, log: PredictionLog,
          token: str | None) -> APIRouter:
     """The /api routes: health and predict, behind the bearer token when there is one."""
     monitor = shift_monitor(predictor, cfg.shift_window)

@@ -19,6 +19,7 @@ import numpy as np
 from covidcxr.config import MAX_BATCH, MAX_WAIT_MS
 
 if TYPE_CHECKING:  # torch's Predictor or the engine's EnginePredictor: the same interface
+    from covidcxr.deploy.engine import EnginePredictor
     from covidcxr.deploy.predict import Predictor
 
 
@@ -33,7 +34,8 @@ class BatchStats:
 class Batcher:
     """Queue of cache squares, scored in batches of up to `max_batch`; start() and stop() inside the event loop."""
 
-    def __init__(self, predictor: Predictor, max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS) -> None:
+    def __init__(self, predictor: Predictor | EnginePredictor, max_batch: int = MAX_BATCH,
+                 max_wait_ms: float = MAX_WAIT_MS) -> None:
         """Nothing runs until start(): the queue and the model's thread belong to the server's event loop."""
         self.predictor, self.max_batch, self.max_wait_s = predictor, max_batch, max_wait_ms / 1000
         self.stats = BatchStats()
@@ -49,6 +51,7 @@ class Batcher:
 
     async def stop(self) -> None:
         """Stop batching and let the model's thread finish what it runs, so the process exits cleanly."""
+        assert self._worker is not None and self._model_thread is not None  # set by start()
         self._worker.cancel()
         await asyncio.gather(self._worker, return_exceptions=True)
         self._model_thread.shutdown(wait=True)
@@ -57,6 +60,7 @@ class Batcher:
         """(probability of the positive class, ood_score, in_distribution) for one cache square, scored in a batch
         with whatever else is waiting; the last two are None when the run has no guard."""
         future = asyncio.get_running_loop().create_future()
+        assert self._queue is not None  # set by start()
         await self._queue.put((square, future))
         return await future
 
@@ -66,6 +70,7 @@ class Batcher:
 
     async def _next_batch(self) -> list[tuple[np.ndarray, asyncio.Future]]:
         """The first waiting request, plus those that arrive within max_wait of it, up to max_batch."""
+        assert self._queue is not None  # set by start(), which starts the task that calls this
         batch = [await self._queue.get()]
         with anyio.move_on_after(self.max_wait_s):  # cancels only at an await: no item is ever lost
             while len(batch) < self.max_batch:
@@ -84,7 +89,7 @@ class Batcher:
                 scores, ood, accepted = await loop.run_in_executor(self._model_thread, self.predictor.scorer.assess,
                                                                    squares)
             except Exception as exc:  # noqa: BLE001 - a failed pass is every waiting request's error, not the worker's
-                outcomes = [exc] * len(batch)
+                outcomes: list[Exception | tuple[float, float | None, bool | None]] = [exc] * len(batch)
             else:
                 outcomes = [(float(p), None if ood is None else float(ood[i]),
                              None if accepted is None else bool(accepted[i])) for i, p in enumerate(scores)]

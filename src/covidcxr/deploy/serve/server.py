@@ -16,6 +16,7 @@ from covidcxr.errors import InputError, PortInUseError
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch's Predictor or the engine's EnginePredictor: the same interface
+    from covidcxr.deploy.engine import EnginePredictor
     from covidcxr.deploy.predict import Predictor
 
 SETTINGS_SUFFIX = ".serve.json"  # the settings beside the log: RUN/predictions.sqlite -> RUN/predictions.serve.json
@@ -36,7 +37,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_predictor(run_dir: str | Path, engine: str, threads: int) -> Predictor:
+def load_predictor(run_dir: str | Path, engine: str, threads: int) -> Predictor | EnginePredictor:
     """The run's predictor on onnxruntime (`deploy/engine.py`: torch stays out of the process) or on torch."""
     if engine == "onnx":
         from covidcxr.deploy.engine import EnginePredictor

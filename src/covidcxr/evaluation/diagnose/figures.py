@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib
@@ -65,7 +66,7 @@ def _plot_occlusion(occ: dict, y: np.ndarray, threshold: float, labels: tuple[st
     _savefig(fig, path)
 
 
-def _grid(n: int, cols: int) -> tuple[plt.Figure, np.ndarray]:
+def _grid(n: int, cols: int) -> tuple[plt.Figure, Iterable[plt.Axes]]:
     """A grid of blank axes for `n` thumbnails, `cols` per row."""
     rows = max(1, math.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)

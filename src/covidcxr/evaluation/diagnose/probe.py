@@ -6,6 +6,8 @@ predict (far above chance), even among images of the same label, show that the a
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
@@ -34,7 +36,7 @@ def _probe(features: np.ndarray, target: pd.Series, groups: pd.Series, seed: int
 def source_probe(features: np.ndarray, rows: pd.DataFrame, seed: int = 0) -> dict:
     """Source predictability overall and within each label (where a label spans several sources)."""
     rows = rows.reset_index(drop=True).assign(patient=patient_codes(rows))  # an image without an id: its own patient
-    result = {"overall": _probe(features, rows["source"], rows["patient"], seed), "within_label": {}}
+    result: dict[str, Any] = {"overall": _probe(features, rows["source"], rows["patient"], seed), "within_label": {}}
     for label, sub in rows.groupby("label"):
         probe = _probe(features[sub.index.to_numpy()], sub["source"], sub["patient"], seed)
         if probe:
