@@ -46,7 +46,12 @@ class Watcher:
 
     def poll(self) -> list[Result]:
         """Handle every instance not yet handled; the results of this poll, in the PACS's order."""
-        todo = [i for i in self.search() if not self.state.is_final(_sop_uid(i))]
+        listed = self.search()
+        named = [i for i in listed if _value(i, SOP_UID) is not None]
+        if len(named) < len(listed):  # the state is keyed by the UID: such an answer cannot be tracked
+            log.warning("%d instance(s) listed without a SOP Instance UID (the PACS breaks PS3.18): left out",
+                        len(listed) - len(named))
+        todo = [i for i in named if not self.state.is_final(_sop_uid(i))]
         return [self.handle(item) for item in todo]
 
     def search(self) -> list[dict]:
@@ -84,7 +89,7 @@ def _value(item: dict, tag: str) -> str | None:
 
 
 def _sop_uid(item: dict) -> str:
-    """The SOP Instance UID, which every QIDO-RS instance answer carries (PS3.18) and the state is keyed by."""
+    """The SOP Instance UID of an answer `poll` kept (those without one are left out there)."""
     uid = _value(item, SOP_UID)
     assert uid is not None, "a QIDO-RS instance answer without a SOP Instance UID"
     return uid
