@@ -195,7 +195,8 @@ def test_watch_of_a_dead_pacs_retries_then_exits_2_in_one_line_without_the_token
     out, err = capsys.readouterr()
     assert code == 2 and "s3cret" not in out + err
     lines = err.strip().splitlines()
-    assert [re.search(r"retry (\d)/2 in ", line)[1] for line in lines[:-1]] == ["1", "2"]
+    assert "INFO watching " in lines[0]  # the daemon's log, timestamped
+    assert [re.search(r"WARNING PACS at .* retry (\d)/2 in ", line)[1] for line in lines[1:-1]] == ["1", "2"]
     assert lines[-1].startswith(f"covidcxr: error: PACS at {url} unreachable (no connection)")
 
 

@@ -12,7 +12,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -63,12 +63,25 @@ class _PlainFormatter(logging.Formatter):
         return message if record.levelno < logging.WARNING else f"covidcxr: {record.levelname.lower()}: {message}"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment, as logging's last-resort handler does: a caller that swaps it (a test
+    capturing output, then closing it) never leaves the handler writing to a closed stream."""
+
+    @property  # type: ignore[override]  # a read-only view of sys.stderr where StreamHandler has an attribute
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        """StreamHandler.__init__ sets the stream; this handler always follows sys.stderr instead."""
+
+
 def configure_logging(command: str, quiet: bool, verbose: bool) -> None:
     """One stderr handler on the package's logger: plain lines for commands, timestamped ones for the daemons."""
     logger = logging.getLogger("covidcxr")
     for handler in [h for h in logger.handlers if getattr(h, "covidcxr_cli", False)]:
         logger.removeHandler(handler)  # main() called again in one process (tests): one handler, today's stderr
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.covidcxr_cli = True  # type: ignore[attr-defined]  # marks the handler this function owns
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s") if command in DAEMONS
                          else _PlainFormatter("%(message)s"))
