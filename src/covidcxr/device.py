@@ -27,7 +27,8 @@ def bf16_supported(device: torch.device) -> bool:
     """bf16 matrix units: CUDA tensor cores, or AVX512-BF16/AMX CPUs (oneDNN)."""
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def autocast(device: torch.device, amp: bool) -> AbstractContextManager:

@@ -21,13 +21,13 @@ import yaml  # noqa: E402
 from scipy import stats  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
+from covidcxr.config import ExperimentConfig, TrainConfig, config_hash, read_yaml, save_json, to_dict  # noqa: E402
 from covidcxr.data import tasks  # noqa: E402
 from covidcxr.data.cache import ImageCache  # noqa: E402
-from covidcxr.config import ExperimentConfig, TrainConfig, config_hash, read_yaml, save_json, to_dict  # noqa: E402
-from covidcxr.errors import InputError  # noqa: E402
-from covidcxr.formatting import markdown_table, value_ci  # noqa: E402
-from covidcxr.evaluation.evaluate import predictions  # noqa: E402
 from covidcxr.data.splits import external_folds  # noqa: E402
+from covidcxr.errors import InputError  # noqa: E402
+from covidcxr.evaluation.evaluate import predictions  # noqa: E402
+from covidcxr.formatting import markdown_table, value_ci  # noqa: E402
 from covidcxr.training.trainer import train  # noqa: E402
 
 FIXED_SENSITIVITY = 0.9

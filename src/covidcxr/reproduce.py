@@ -6,19 +6,19 @@ out of training) -> shortcut probe -> summary.md with the paper's table beside o
 
 from __future__ import annotations
 
-import logging
 import html
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
-from covidcxr.data.cache import CACHE_META, ImageCache
-from covidcxr.data.splits import MIN_CLASS, external_folds
 from covidcxr.config import IngestConfig, TrainConfig, save_json, to_dict
+from covidcxr.data.cache import CACHE_META, ImageCache
+from covidcxr.data.ingest import ingest
+from covidcxr.data.splits import MIN_CLASS, external_folds
 from covidcxr.errors import MissingInputError
 from covidcxr.evaluation.evaluate import evaluate
 from covidcxr.formatting import markdown_table, number, value_ci
-from covidcxr.data.ingest import ingest
 from covidcxr.hospital.crosssite import calibrate_rows, guard_fold, measure_fold, nested_members, write_trust
 from covidcxr.model.weights import resolve_weights
 from covidcxr.training.guarding import attach_guard
@@ -40,7 +40,8 @@ def prepare_data(data: str | Path, out: Path) -> Path:
                                 f"(covidcxr data download --to {data} fetches the public ones)")
     report = ingest([data], out / "data", IngestConfig())
     if report.unreadable:
-        log.warning("%d unreadable file(s) skipped; see %s", len(report.unreadable), out / "data" / "ingest_report.json")
+        log.warning("%d unreadable file(s) skipped; see %s", len(report.unreadable),
+                    out / "data" / "ingest_report.json")
     return out / "data"
 
 

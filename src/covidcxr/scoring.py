@@ -48,7 +48,8 @@ class Scorer:
         self.model, self.spec, self.device = model.to(device).eval(), spec, device
         self.meta = meta or {}  # the checkpoint's meta as saved: provenance (epoch, hashes) for reports
         self.preprocess = Preprocess(spec.preprocess)
-        self.guard, self.members = guard, members or []  # the per-image guard (trust/guard.py), None if the run has none
+        # the per-image guard (trust/guard.py), None if the run has none
+        self.guard, self.members = guard, members or []
         self.refresh()
 
     def refresh(self) -> None:

@@ -56,7 +56,8 @@ def add_ingest(sub: Commands) -> None:
 
 def add_data(sub: Commands) -> None:
     """`covidcxr data summary|download`."""
-    data = sub.add_parser("data", help="data set utilities").add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    data = sub.add_parser("data", help="data set utilities").add_subparsers(dest="data_command", required=True,
+                                                                             metavar="COMMAND")
     p = data.add_parser("summary", help="counts label x source, patients, duplicates, unreadable files")
     p.add_argument("data", help="ingested data folder (covidcxr ingest --out)")
     p.set_defaults(func=_summary)

@@ -2,15 +2,42 @@
 traced back to the settings that made it. One module per command's settings; the rules and the I/O are shared."""
 
 from covidcxr.config._io import config_hash, from_dict, read_yaml, save_json, to_dict
-from covidcxr.config._rules import (AUTO, COUNT, FRACTION, IMAGE_SIZE, NON_NEGATIVE, OPEN_FRACTION, PORT, POSITIVE,
-                                    POSITIVE_INT, SENSITIVITY, Rule)
+from covidcxr.config._rules import (
+                                    AUTO,
+                                    COUNT,
+                                    FRACTION,
+                                    IMAGE_SIZE,
+                                    NON_NEGATIVE,
+                                    OPEN_FRACTION,
+                                    PORT,
+                                    POSITIVE,
+                                    POSITIVE_INT,
+                                    SENSITIVITY,
+                                    Rule,
+)
 from covidcxr.config.calibrate import LAYER_CHOICES, CalibrateSettings
 from covidcxr.config.experiment import ExperimentConfig
 from covidcxr.config.ingest import SQUARE_CHOICES, IngestConfig
-from covidcxr.config.serve import (ENGINES, MAX_BATCH, MAX_UPLOAD_BYTES, MAX_WAIT_MS, REQUEST_THREADS,
-                                   SERVE_THREADS, SHIFT_WINDOW, ServeConfig)
-from covidcxr.config.train import (ARCH_CHOICES, BALANCE_CHOICES, CROP_CHOICES, DEVICE_PATTERN, EQUALIZE_CHOICES,
-                                   THRESHOLD_CHOICES, AugmentConfig, TrainConfig)
+from covidcxr.config.serve import (
+                                    ENGINES,
+                                    MAX_BATCH,
+                                    MAX_UPLOAD_BYTES,
+                                    MAX_WAIT_MS,
+                                    REQUEST_THREADS,
+                                    SERVE_THREADS,
+                                    SHIFT_WINDOW,
+                                    ServeConfig,
+)
+from covidcxr.config.train import (
+                                    ARCH_CHOICES,
+                                    BALANCE_CHOICES,
+                                    CROP_CHOICES,
+                                    DEVICE_PATTERN,
+                                    EQUALIZE_CHOICES,
+                                    THRESHOLD_CHOICES,
+                                    AugmentConfig,
+                                    TrainConfig,
+)
 
 __all__ = [
     # settings

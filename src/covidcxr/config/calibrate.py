@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from covidcxr.config._rules import (COUNT, OPEN_FRACTION, POSITIVE, POSITIVE_INT, SENSITIVITY, Rule, check_choice,
-                                    check_rules, optional)
+from covidcxr.config._rules import (
+    COUNT,
+    OPEN_FRACTION,
+    POSITIVE,
+    POSITIVE_INT,
+    SENSITIVITY,
+    Rule,
+    check_choice,
+    check_rules,
+    optional,
+)
 
 LAYER_CHOICES = ("head", "all")  # which layers fine-tuning changes
 

@@ -5,8 +5,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from covidcxr.config._rules import (AUTO, COUNT, FRACTION, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, POSITIVE_INT,
-                                    SENSITIVITY, Rule, is_number, check_choice, check_rules)
+from covidcxr.config._rules import (
+    AUTO,
+    COUNT,
+    FRACTION,
+    IMAGE_SIZE,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SENSITIVITY,
+    Rule,
+    check_choice,
+    check_rules,
+    is_number,
+)
 from covidcxr.errors import InputError
 
 EQUALIZE_CHOICES = ("none", "global", "clahe")

@@ -8,8 +8,8 @@ keep evaluating. `replace` rebuilds from the given folders alone (still reusing 
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -22,10 +22,17 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from covidcxr.config import IngestConfig, save_json, to_dict
 from covidcxr.data import sources
 from covidcxr.data.cache import MANIFEST_FILE, ImageCache, to_square
-from covidcxr.config import IngestConfig, save_json, to_dict
-from covidcxr.data.manifest import MANIFEST_COLUMNS, content_hash, find_duplicates, manifest_hash, perceptual_hash, thumbnail
+from covidcxr.data.manifest import (
+    MANIFEST_COLUMNS,
+    content_hash,
+    find_duplicates,
+    manifest_hash,
+    perceptual_hash,
+    thumbnail,
+)
 from covidcxr.data.reader import ImageReadError, read_image
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ own plugins, so pydicom still decodes 8-bit files as before. pydicom's plugin co
 from __future__ import annotations
 
 import imagecodecs
-import numpy as np
 from pydicom import uid
 from pydicom.pixels.decoders.base import DecodeRunner
 

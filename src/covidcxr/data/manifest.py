@@ -76,7 +76,8 @@ def find_duplicates(df: pd.DataFrame, same_label: float = 0.95, other_label: flo
     for i in range(len(df)):
         match, corr = by_sha.get(shas[i]), 1.0
         if match is None:
-            hits = [(c, j) for j, c in pairs[i] if kept[j] and c >= (same_label if labels[j] == labels[i] else other_label)]
+            hits = [(c, j) for j, c in pairs[i]
+                    if kept[j] and c >= (same_label if labels[j] == labels[i] else other_label)]
             if hits:
                 corr, match = max(hits)
         if match is None:
@@ -86,7 +87,8 @@ def find_duplicates(df: pd.DataFrame, same_label: float = 0.95, other_label: flo
         records.append({"path": paths[i], "duplicate_of": paths[match], "correlation": round(corr, 4),
                         "label": labels[i], "kept_label": labels[match],
                         "label_conflict": bool(labels[i] != labels[match])})
-    return pd.DataFrame(records, columns=["path", "duplicate_of", "correlation", "label", "kept_label", "label_conflict"])
+    return pd.DataFrame(records, columns=["path", "duplicate_of", "correlation", "label", "kept_label",
+                                          "label_conflict"])
 
 
 def manifest_hash(df: pd.DataFrame) -> str:

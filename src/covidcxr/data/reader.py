@@ -23,8 +23,6 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import JPEGExtended12Bit
 
-from covidcxr.errors import InputError
-
 from covidcxr.errors import ImageReadError
 
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: no chest X-ray has 100 megapixels

@@ -8,7 +8,8 @@ normalised per output pixel, in float32), the width pass before the height pass,
 tap with a fused multiply-add (emulated exactly in float64; torch's compiled kernel contracts `output += t * w`),
 then rounding half to even. On 400 real X-rays every pixel of every square matched torch's; on noise, a few pixels in
 a million land one gray level apart (a float32 tie broken differently). `tests/test_cache.py` checks it against torch
-on X-rays, every square mode and odd sizes. It takes about twice torch's time (~3 ms for 512 px, ~0.1 s for 3000 x 2500 on one core).
+on X-rays, every square mode and odd sizes. It takes about twice torch's time (~3 ms for 512 px, ~0.1 s for
+3000 x 2500 on one core).
 """
 
 from __future__ import annotations

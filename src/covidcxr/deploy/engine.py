@@ -15,8 +15,8 @@ for a heatmap loads the torch model beside the engine (and the process grows by 
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +64,8 @@ def ensure_engine(run_dir: str | Path) -> Path:
     if is_current(engine_dir, run_dir):
         return engine_dir
     log.info("exporting %s to %s for onnxruntime (once per model) ...", run_dir, engine_dir)
-    cmd = [sys.executable, "-m", "covidcxr.cli", "export", str(run_dir), "--format", "serving", "--out", str(engine_dir)]
+    cmd = [sys.executable, "-m", "covidcxr.cli", "export", str(run_dir), "--format", "serving",
+           "--out", str(engine_dir)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import html
 import json
+import logging
 from collections.abc import Collection
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,10 +18,10 @@ from covidcxr.data.cache import ImageCache
 from covidcxr.data.manifest import manifest_hash
 from covidcxr.errors import InputError
 from covidcxr.evaluation.metrics_json import evaluate_predictions
-from covidcxr.scoring import Scorer
 from covidcxr.evaluation.report import write_report
 from covidcxr.evaluation.selection import select_images
 from covidcxr.evaluation.trust import ood_summary, trust_html
+from covidcxr.scoring import Scorer
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from covidcxr.data.splits import patient_uniform
 from covidcxr.errors import InputError
 from covidcxr.evaluation.evaluate import evaluate
 from covidcxr.formatting import number
-from covidcxr.model.threshold import choose_threshold
 from covidcxr.model.checkpoint import save_checkpoint
 from covidcxr.model.network import unwrap
+from covidcxr.model.threshold import choose_threshold
 from covidcxr.preprocess.augment import augment_batch
 from covidcxr.scoring import Scorer
 from covidcxr.training.guarding import attach_guard, run_data, squares_for

@@ -9,8 +9,8 @@ user information.
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import time
 from collections.abc import Callable

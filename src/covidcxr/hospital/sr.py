@@ -12,9 +12,18 @@ from __future__ import annotations
 
 import numpy as np
 from highdicom.sc import SCImage
-from highdicom.sr import (AlgorithmIdentification, CodeContentItem, CodedConcept, ComprehensiveSR,
-                          ContainerContentItem, ContentItem, ContentSequence, ImageContentItem, NumContentItem,
-                          TextContentItem)
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
+    CodedConcept,
+    ComprehensiveSR,
+    ContainerContentItem,
+    ContentItem,
+    ContentSequence,
+    ImageContentItem,
+    NumContentItem,
+    TextContentItem,
+)
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid

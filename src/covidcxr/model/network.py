@@ -20,8 +20,18 @@ from torch import nn
 
 from covidcxr.config import ARCH_CHOICES
 from covidcxr.errors import InputError
-from covidcxr.model.weights import (IMAGENET_MEAN, IMAGENET_STD, LUMA_MEAN, LUMA_STD, conv_like, fold_normalisation,
-                                    imagenet_state_dict, is_checkpoint, load_file, short_error)
+from covidcxr.model.weights import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LUMA_MEAN,
+    LUMA_STD,
+    conv_like,
+    fold_normalisation,
+    imagenet_state_dict,
+    is_checkpoint,
+    load_file,
+    short_error,
+)
 
 ARCHS = ARCH_CHOICES
 

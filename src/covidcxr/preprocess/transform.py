@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covidcxr.data.cache import to_cache_levels, to_levels, resize
+from covidcxr.data.cache import resize, to_cache_levels, to_levels
 from covidcxr.lungs.boxes import content_boxes
 from covidcxr.preprocess.spec import PreprocessSpec
 

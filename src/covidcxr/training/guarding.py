@@ -42,7 +42,8 @@ def squares_for(data: str | Path, paths: pd.Series) -> np.ndarray:
 def attach_guard(run: str | Path, members: Sequence[str | Path], data: str | Path | None = None,
                  paths: pd.Series | None = None, density: bool = False, coverage: float = COVERAGE,
                  squares: np.ndarray | None = None) -> dict:
-    """Store the `members` checkpoints (e.g. other runs' model.pt) in bf16 in RUN/guard/ and fit the guard on the run's validation images; returns guard.json.
+    """Store the `members` checkpoints (e.g. other runs' model.pt) in bf16 in RUN/guard/ and fit the guard on the
+    run's validation images; returns guard.json.
 
     `paths` restricts the validation images used (e.g. half of them, to measure coverage on the other half);
     `squares` gives the reference images directly (calibrate: validation plus a site's images)."""

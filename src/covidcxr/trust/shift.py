@@ -32,7 +32,8 @@ def reference_scores(run_dir: str | Path) -> np.ndarray:
     """The run's validation scores, the reference every batch is compared with."""
     path = Path(run_dir) / "val_predictions.csv"
     if not path.is_file():
-        raise InputError(f"{path}: missing; the shift alarm needs the run's validation scores (covidcxr train writes them)")
+        raise InputError(f"{path}: missing; the shift alarm needs the run's validation scores "
+                         "(covidcxr train writes them)")
     return pd.read_csv(path)["score"].to_numpy(dtype=float)
 
 
@@ -66,7 +67,8 @@ class ShiftMonitor:
 
     def __init__(self, reference_scores: np.ndarray, threshold: float, window: int = 200,
                  positive_label: str = "positive"):
-        self.reference, self.threshold, self.positive_label = np.asarray(reference_scores, float), threshold, positive_label
+        self.reference = np.asarray(reference_scores, float)
+        self.threshold, self.positive_label = threshold, positive_label
         self.scores: deque[float] = deque(maxlen=window)
 
     def add(self, scores) -> None:

@@ -13,7 +13,18 @@ from types import ModuleType
 
 import pandas as pd
 
-from covidcxr.data.sources import actualmed, cohen, csv, figure1, folders, kermany, montgomery_shenzhen, nih, radiography, rsna
+from covidcxr.data.sources import (
+    actualmed,
+    cohen,
+    csv,
+    figure1,
+    folders,
+    kermany,
+    montgomery_shenzhen,
+    nih,
+    radiography,
+    rsna,
+)
 from covidcxr.data.sources._common import COLUMNS, IMAGE_SUFFIXES, LABELS, file_problem, image_files
 from covidcxr.errors import InputError
 

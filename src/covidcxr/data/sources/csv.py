@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from covidcxr.data.sources._common import LABELS, abspath, frame, patient, read_csv, read_header, require_columns, sex, view
+from covidcxr.data.sources._common import (
+    LABELS,
+    abspath,
+    frame,
+    patient,
+    read_csv,
+    read_header,
+    require_columns,
+    sex,
+    view,
+)
 from covidcxr.errors import InputError
 
 NAME = "csv"

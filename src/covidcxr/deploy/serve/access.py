@@ -39,7 +39,8 @@ def read_token(token_file: str | Path | None) -> str | None:
     try:
         token = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--token-file {path}: cannot read it ({type(exc).__name__}); give a readable text file") from None
+        raise InputError(f"--token-file {path}: cannot read it ({type(exc).__name__}); "
+                         "give a readable text file") from None
     if not token:
         raise InputError(f"--token-file {path}: the file is empty; put the access token in it")
     return token

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import errno
+import logging
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING

@@ -6,18 +6,20 @@ Four checks, on the run's test images (or on all unseen images of another ingest
    the blanked regions are filled, and why);
 3. image statistics: how well a classifier on non-anatomical features alone (size and aspect before resizing,
    padding and border, intensity histogram, sharpness and noise) predicts the label, cross-validated by patient
-   (regularised logistic regression below 200 images, gradient boosting from there). High means the data itself carries a shortcut, whatever the model does;
+   (regularised logistic regression below 200 images, gradient boosting from there). High means the data itself
+   carries a shortcut, whatever the model does;
 4. Grad-CAM lung share: the share of the COVID-19 attribution that falls inside the lung fields, beside the
    share of the image the lungs cover (what an attribution spread evenly would give).
-Lung fields come from a learned lung model (lungs/unet.py) when one is given or the run has one, else from `lungs/heuristic.py`
-(a documented heuristic); diagnose.json names which. Each check has its module in this package (probe.py holds the
-source probe); everything is written to one folder: diagnose.json, figures, diagnose.html and verdict.md.
+Lung fields come from a learned lung model (lungs/unet.py) when one is given or the run has one, else from
+`lungs/heuristic.py` (a documented heuristic); diagnose.json names which. Each check has its module in this package
+(probe.py holds the source probe); everything is written to one folder: diagnose.json, figures, diagnose.html
+and verdict.md.
 """
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +28,23 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
-from covidcxr.errors import InputError
-from covidcxr.lungs import heuristic as lungs
-from covidcxr.evaluation.diagnose import probe
 from covidcxr.data import tasks
 from covidcxr.data.cache import ImageCache
-from covidcxr.evaluation.selection import select_images
-from covidcxr.lungs.segment import MIN_LUNG_AREA, load_lung_model, segment
+from covidcxr.errors import InputError
 from covidcxr.evaluation.bootstrap import patient_codes
-from covidcxr.evaluation.metrics_json import write_metrics
-from covidcxr.model.checkpoint import LUNG_MODEL
-from covidcxr.scoring import Scorer
+from covidcxr.evaluation.diagnose import probe
 from covidcxr.evaluation.diagnose.attribution import cam_lung_share, lung_share, sample_cams
 from covidcxr.evaluation.diagnose.figures import FIGURES, write_figures
 from covidcxr.evaluation.diagnose.imagestats import FEATURE_GROUPS, image_features, image_stats_check
 from covidcxr.evaluation.diagnose.occlusion import CONDITIONS, fill_level, occlude, occlusion_test
 from covidcxr.evaluation.diagnose.page import diagnostics_html, page
 from covidcxr.evaluation.diagnose.verdict import flags, verdict
+from covidcxr.evaluation.metrics_json import write_metrics
+from covidcxr.evaluation.selection import select_images
+from covidcxr.lungs import heuristic as lungs
+from covidcxr.lungs.segment import MIN_LUNG_AREA, load_lung_model, segment
+from covidcxr.model.checkpoint import LUNG_MODEL
+from covidcxr.scoring import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,8 @@ def lung_fields(images: np.ndarray, lung_model: str | Path | None, device: torch
     """(N, S, S) bool lung masks and how they were made: the learned model when given, else the heuristic."""
     if lung_model is None:
         masks, refined = lungs.lung_masks(images)
-        return masks, {"method": "heuristic (lungs/heuristic.py: anatomical template united with the dark lung regions)",
+        method = "heuristic (lungs/heuristic.py: anatomical template united with the dark lung regions)"
+        return masks, {"method": method,
                        "sides_refined": float(refined.mean() / 2)}
     model = load_lung_model(lung_model).to(device)
     def masks_of(batch: np.ndarray) -> np.ndarray:

@@ -14,11 +14,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from covidcxr.model.cam import overlay  # noqa: E402
-from covidcxr.scoring import Scorer  # noqa: E402
 from covidcxr.evaluation.diagnose.attribution import lung_share, spread_sample  # noqa: E402
 from covidcxr.evaluation.diagnose.occlusion import CONDITIONS  # noqa: E402
 from covidcxr.formatting import is_defined, number, percent  # noqa: E402
+from covidcxr.model.cam import overlay  # noqa: E402
+from covidcxr.scoring import Scorer  # noqa: E402
 
 FIGURES = {"occlusion.png": "Scores per class, intact and occluded", "masks.png": "Lung masks",
            "cam_lungs.png": "Grad-CAM with lung outlines", "imagestats.png": "Image-statistics shortcut check"}

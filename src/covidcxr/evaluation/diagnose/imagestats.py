@@ -1,6 +1,6 @@
 """Image-statistics check: how well non-anatomical features alone (size and aspect before resizing, padding and
-border, intensity histogram, sharpness and noise) predict the label, cross-validated by patient (crossval.py), with a patient-bootstrap interval. High means the data
-itself carries a shortcut, whatever the model does.
+border, intensity histogram, sharpness and noise) predict the label, cross-validated by patient (crossval.py),
+with a patient-bootstrap interval. High means the data itself carries a shortcut, whatever the model does.
 
 The classifier fits the sample: below crossval.SMALL_SAMPLE images a regularised logistic regression, from there
 gradient boosting, which also finds shortcuts no linear score shows (each source's own film sizes: on 304 real films

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidcxr.lungs.boxes import content_box
 from covidcxr.evaluation.bootstrap import bootstrap_aucs, patient_codes, percentile_interval
 from covidcxr.evaluation.metrics import binary_metrics
+from covidcxr.lungs.boxes import content_box
 from covidcxr.scoring import Scorer
 
 CONDITIONS = ("intact", "lungs blanked", "lungs only")
