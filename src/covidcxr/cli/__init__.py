@@ -67,7 +67,7 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to the sys.stderr of the moment, as logging's last-resort handler does: a caller that swaps it (a test
     capturing output, then closing it) never leaves the handler writing to a closed stream."""
 
-    @property  # type: ignore[override]  # a read-only view of sys.stderr where StreamHandler has an attribute
+    @property  # a view of sys.stderr where StreamHandler has an attribute
     def stream(self) -> TextIO:
         return sys.stderr
 

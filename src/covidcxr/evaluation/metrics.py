@@ -52,13 +52,16 @@ def as_arrays(y: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
     return y_arr.astype(np.int64), s_arr
 
 
-def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+Counts = int | float | np.ndarray  # confusion counts: plain, bootstrap-weighted, or one per resample
+
+
+def _safe_div(num: Counts, den: Counts) -> np.ndarray:
     """num / den with NaN where den == 0 (an undefined rate, not zero)."""
     num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     return np.divide(num, den, out=np.full(np.broadcast(num, den).shape, np.nan), where=den > 0)
 
 
-def _rates(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
+def _rates(tp: Counts, fp: Counts, tn: Counts, fn: Counts) -> dict[str, np.ndarray]:
     """Threshold metrics from (possibly weighted, possibly vectorised) confusion counts."""
     sensitivity = _safe_div(tp, tp + fn)
     specificity = _safe_div(tn, tn + fp)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from covidcxr.config import TrainConfig
@@ -45,7 +47,9 @@ def epoch_order(train: pd.DataFrame, cfg: TrainConfig, epoch: int, d: Dist) -> t
         per_rank = math.ceil(len(train) / d.world)
         drawn = torch.multinomial(torch.tensor(1.0 / groups), per_rank * d.world, replacement=True, generator=gen)
         return drawn[d.rank * per_rank:(d.rank + 1) * per_rank]
-    sampler = DistributedSampler(range(len(train)), d.world, d.rank, shuffle=True, seed=cfg.seed)  # pads, drops none
+    indices = cast(Dataset[int], range(len(train)))  # a sampler only takes len() of its data set
+    sampler: DistributedSampler[int] = DistributedSampler(indices, d.world, d.rank, shuffle=True,
+                                                          seed=cfg.seed)  # pads, drops none
     sampler.set_epoch(epoch)
     return torch.tensor(list(iter(sampler)))
 

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -98,7 +99,8 @@ class Trainer:
             self.optimizer, lr_lambda(total, warmup=max(1, self.steps_per_epoch // 2)))
         self.loss_weights = class_weights(train["y"].to_numpy(), len(self.classes)).to(self.device)
         self.start_epoch, self.best_auc, self.bad_epochs = 0, -1.0, 0
-        self.best, self.best_dirty = None, False
+        self.best: tuple[dict, dict, np.ndarray] | None = None  # (weights, meta, validation scores) not yet saved
+        self.best_dirty = False
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             if not resume and (self.out / "last.pt").exists():
@@ -112,7 +114,8 @@ class Trainer:
         if self.d.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.step_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
+        self.step_model: torch.nn.Module = cast(torch.nn.Module, torch.compile(self.ddp_model)) if cfg.compile \
+            else self.ddp_model  # torch.compile returns an OptimizedModule, typed as a plain callable
         self.tensorboard = tensorboard_writer(self.out / "tensorboard") if self.d.main else None
 
     def _resolve_auto(self, resume: bool) -> tuple[str, int]:
@@ -201,7 +204,7 @@ class Trainer:
                 src_logits = source_logits(model, feats, self.cfg.domain_adversarial)
                 src_loss = F.cross_entropy(src_logits.float(), self.train_src[idx])
             else:
-                logits, src_loss = model(x), 0.0
+                return F.cross_entropy(model(x).float(), self.train_y[idx], weight=self.loss_weights)
             return F.cross_entropy(logits.float(), self.train_y[idx], weight=self.loss_weights) + src_loss
 
     def validate(self) -> tuple[float, float, np.ndarray]:
@@ -263,6 +266,7 @@ class Trainer:
         Once the run is finished nothing can resume it, so last.pt then keeps only the record that it is finished
         (a finished AlexNet run is model.pt's ~228 MB instead of ~684 MB); `keep_last` keeps the whole of it."""
         if self.best_dirty:
+            assert self.best is not None  # set with best_dirty by _keep_best
             state, meta, score = self.best
             save_best(self.out, self.model, state, meta, self.val_df, score)
             self.best_dirty = False
