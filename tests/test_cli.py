@@ -302,6 +302,8 @@ def test_quiet_hides_progress_notes_and_verbose_cannot_go_with_it(tiny_run, tiny
     assert re.search(r"^note: \d+ image\(s\) of .* are left out$", capsys.readouterr().err, re.M)
     assert cli.main(["--quiet", *argv, "--out", str(tmp_path / "quiet")]) == 0
     assert "note:" not in capsys.readouterr().err
+    assert cli.main(["--verbose", *argv, "--out", str(tmp_path / "verbose")]) == 0
+    assert re.search(r"^loaded \S+ \(alexnet, covid-vs-normal; 64 px; threshold ", capsys.readouterr().err, re.M)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--quiet", "--verbose", *argv, "--out", str(tmp_path / "both")])
     assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -11,24 +11,23 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import yaml
+from scipy import stats
+from sklearn.metrics import roc_auc_score, roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-from scipy import stats  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from covidcxr.config import ExperimentConfig, TrainConfig, config_hash, read_yaml, save_json, to_dict
+from covidcxr.data import tasks
+from covidcxr.data.cache import ImageCache
+from covidcxr.data.splits import external_folds
+from covidcxr.errors import InputError
+from covidcxr.evaluation.evaluate import predictions
+from covidcxr.formatting import markdown_table, value_ci
+from covidcxr.training.trainer import train
 
-from covidcxr.config import ExperimentConfig, TrainConfig, config_hash, read_yaml, save_json, to_dict  # noqa: E402
-from covidcxr.data import tasks  # noqa: E402
-from covidcxr.data.cache import ImageCache  # noqa: E402
-from covidcxr.data.splits import external_folds  # noqa: E402
-from covidcxr.errors import InputError  # noqa: E402
-from covidcxr.evaluation.evaluate import predictions  # noqa: E402
-from covidcxr.formatting import markdown_table, value_ci  # noqa: E402
-from covidcxr.training.trainer import train  # noqa: E402
+plt.switch_backend("Agg")  # files only, no display: works wherever the CLI runs
 
 FIXED_SENSITIVITY = 0.9
 

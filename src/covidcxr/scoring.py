@@ -8,6 +8,7 @@ its cache copy, exactly as `ingest` would) or rows of an ingested data folder's 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from covidcxr.model.network import fold_pooling, unwrap
 from covidcxr.model.spec import RunSpec, model_id
 from covidcxr.preprocess.transform import Preprocess
 from covidcxr.trust.guard import GUARD_DIR, Guard
+
+log = logging.getLogger(__name__)
 
 BATCH_SIZE = 256
 
@@ -64,7 +67,11 @@ class Scorer:
         model, meta = load_run(run_dir, which, device=dev)
         guard = Guard.load(run_dir)
         members = [cls.from_run(run_dir / GUARD_DIR, device, m) for m in guard.members] if guard else []
-        return cls(model, RunSpec.from_meta(meta, run_dir, model_id(run_dir, which)), dev, meta, guard, members)
+        spec = RunSpec.from_meta(meta, run_dir, model_id(run_dir, which))
+        log.debug("loaded %s (%s, %s; %d px; threshold %.4f by %s; %d guard members) on %s", spec.model_id,
+                  spec.arch, spec.task, spec.preprocess.image_size, spec.threshold, spec.threshold_method or "?",
+                  len(members), dev)
+        return cls(model, spec, dev, meta, guard, members)
 
     def cache_square(self, image: np.ndarray) -> np.ndarray:
         """A decoded image (H, W) in [0, 1] -> the (S, S) uint8 square the cache would hold for it."""

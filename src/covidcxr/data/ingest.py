@@ -108,6 +108,7 @@ def _list_rows(roots: list[Path], layout: str, report: IngestReport) -> pd.DataF
     for root in roots:
         rows, chosen = sources.load_source(root, layout)
         report.layouts[str(root)] = chosen
+        log.debug("%s: layout %s", root, chosen)
         frames.append(rows.assign(root=str(root)))
     rows = pd.concat(frames, ignore_index=True)
     bad = rows["problem"] != ""

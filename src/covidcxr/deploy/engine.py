@@ -62,6 +62,7 @@ def ensure_engine(run_dir: str | Path) -> Path:
         raise InputError(f"{run_dir}: no model.pt here; pass a run folder (covidcxr train --out)")
     engine_dir = run_dir / ENGINE_DIR
     if is_current(engine_dir, run_dir):
+        log.debug("%s is current for %s: not exported again", engine_dir, run_dir)
         return engine_dir
     log.info("exporting %s to %s for onnxruntime (once per model) ...", run_dir, engine_dir)
     cmd = [sys.executable, "-m", "covidcxr.cli", "export", str(run_dir), "--format", "serving",

@@ -52,6 +52,7 @@ class Watcher:
             log.warning("%d instance(s) listed without a SOP Instance UID (the PACS breaks PS3.18): left out",
                         len(listed) - len(named))
         todo = [i for i in named if not self.state.is_final(_sop_uid(i))]
+        log.debug("poll: %d instance(s) listed, %d not yet handled", len(listed), len(todo))
         return [self.handle(item) for item in todo]
 
     def search(self) -> list[dict]:

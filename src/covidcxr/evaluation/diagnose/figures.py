@@ -6,19 +6,18 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+from covidcxr.evaluation.diagnose.attribution import lung_share, spread_sample
+from covidcxr.evaluation.diagnose.occlusion import CONDITIONS
+from covidcxr.formatting import is_defined, number, percent
+from covidcxr.model.cam import overlay
+from covidcxr.scoring import Scorer
 
-from covidcxr.evaluation.diagnose.attribution import lung_share, spread_sample  # noqa: E402
-from covidcxr.evaluation.diagnose.occlusion import CONDITIONS  # noqa: E402
-from covidcxr.formatting import is_defined, number, percent  # noqa: E402
-from covidcxr.model.cam import overlay  # noqa: E402
-from covidcxr.scoring import Scorer  # noqa: E402
+plt.switch_backend("Agg")  # files only, no display: works wherever the CLI runs
 
 FIGURES = {"occlusion.png": "Scores per class, intact and occluded", "masks.png": "Lung masks",
            "cam_lungs.png": "Grad-CAM with lung outlines", "imagestats.png": "Image-statistics shortcut check"}
