@@ -24,6 +24,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # The one limit on a covidcxr process a test waits for: generous, so that a busy machine only slows a test down, while
 # a command that hangs still fails the test instead of the whole suite.
 CLI_TIMEOUT_S = 600
+# The shared tiny run's gate: a fraction of the default's steps tells toy films from the rest (rotations, inversions,
+# photographs, pages, blank and noise images) and keeps the suite quick; tests/test_gate.py checks what it refuses.
+TINY_GATE_STEPS = 150
 
 
 def cli_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:
@@ -162,11 +165,13 @@ def images() -> type[Images]:
 
 
 def xray(rng: np.random.Generator, covid: bool) -> np.ndarray:
-    """A toy 'X-ray': bright body, two dark lungs; COVID cases get hazy blobs in the lungs."""
+    """A toy 'X-ray': bright body, two dark lungs, a bright abdomen below them (so that it has an up and a down, as a
+    film has); COVID cases get hazy blobs in the lungs."""
     h, w = 72, 64
     yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
-    img = 0.75 - 0.5 * ((((xx - 0.3) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2) < 1)
-    img = img - 0.5 * ((((xx - 0.7) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2) < 1)
+    img = 0.75 - 0.5 * ((((xx - 0.3) / 0.14) ** 2 + ((yy - 0.45) / 0.3) ** 2) < 1)
+    img = img - 0.5 * ((((xx - 0.7) / 0.14) ** 2 + ((yy - 0.45) / 0.3) ** 2) < 1)
+    img = np.where(yy > 0.8, 0.95, img)
     if covid:
         img = img + 0.35 * ((((xx - rng.uniform(0.25, 0.75)) / 0.1) ** 2
                             + ((yy - rng.uniform(0.4, 0.7)) / 0.12) ** 2) < 1)
@@ -205,12 +210,12 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
     """One small training run on tiny_data, shared by every test that only reads a run folder."""
-    from covidcxr.config import TrainConfig
+    from covidcxr.config import GateSettings, TrainConfig
     from covidcxr.training.trainer import train
 
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     return train(TrainConfig(data=str(tiny_data), out=str(out), weights="none", image_size=64, epochs=2,
-                             device="cpu", seed=0, amp=False))
+                             device="cpu", seed=0, amp=False, gate=GateSettings(steps=TINY_GATE_STEPS)))
 
 
 @pytest.fixture(scope="module")

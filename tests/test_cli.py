@@ -93,7 +93,7 @@ def test_unusable_input_exits_2_with_one_line(argv, tmp_path, capsys):
 def test_train_on_missing_data_exits_2_without_traceback(tmp_path):
     """Through the real entry point: stderr is exactly one line, and no run folder is left behind."""
     missing, run = tmp_path / "no-data", tmp_path / "run"
-    result = run_cli("train", str(missing), "--out", str(run), "--weights", "none")
+    result = run_cli("train", "--no-gate", str(missing), "--out", str(run), "--weights", "none")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert str(missing) in result.stderr and "covidcxr ingest" in result.stderr
@@ -151,7 +151,7 @@ def test_train_defaults_work_offline_and_the_report_says_so(tiny_data, tmp_path,
     """Default weights (auto) offline: random init with one warning line, recorded and shown in the report; default
     image size (auto) is 112 on a CPU, printed and recorded."""
     run = tmp_path / "run"
-    result = run_cli("train", str(tiny_data), "--out", str(run), "--epochs", "1", "--device", "cpu",
+    result = run_cli("train", "--no-gate", str(tiny_data), "--out", str(run), "--epochs", "1", "--device", "cpu",
                      env=_offline(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -174,7 +174,7 @@ def test_train_defaults_work_offline_and_the_report_says_so(tiny_data, tmp_path,
 @pytest.mark.slow
 def test_weights_imagenet_offline_is_one_line(tiny_data, tmp_path):
     run = tmp_path / "run"
-    result = run_cli("train", str(tiny_data), "--out", str(run), "--weights", "imagenet", "--epochs", "1",
+    result = run_cli("train", "--no-gate", str(tiny_data), "--out", str(run), "--weights", "imagenet", "--epochs", "1",
                      "--image-size", "64", "--device", "cpu", env=_offline(tmp_path))
     _one_line_error(result, "ImageNet weights for alexnet", "--weights none", "--weights PATH")
     assert not run.exists()
@@ -185,8 +185,8 @@ def test_weights_path_to_a_torchvision_state_dict(tiny_data, tmp_path):
     weights = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), weights)
     run = tmp_path / "run"
-    result = run_cli("train", str(tiny_data), "--out", str(run), "--weights", str(weights), "--epochs", "1",
-                     "--image-size", "64", "--device", "cpu", env=_offline(tmp_path))
+    result = run_cli("train", "--no-gate", str(tiny_data), "--out", str(run), "--weights", str(weights),
+                     "--epochs", "1", "--image-size", "64", "--device", "cpu", env=_offline(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning" not in result.stderr and "image size" not in result.stderr  # nothing was chosen for the user
     assert json.loads((run / "config.json").read_text())["weights_used"] == str(weights)
@@ -196,7 +196,7 @@ def test_weights_path_to_a_torchvision_state_dict(tiny_data, tmp_path):
 def test_weights_path_to_a_text_file_is_one_line_naming_it(tiny_data, tmp_path):
     weights = tmp_path / "notes.txt"
     weights.write_text("these are not weights\n")
-    result = run_cli("train", str(tiny_data), "--out", str(tmp_path / "run"), "--weights", str(weights),
+    result = run_cli("train", "--no-gate", str(tiny_data), "--out", str(tmp_path / "run"), "--weights", str(weights),
                      "--epochs", "1", "--image-size", "64", "--device", "cpu")
     _one_line_error(result, str(weights), "cannot read as PyTorch weights", "not a file torch.save wrote")
 
@@ -205,9 +205,9 @@ def test_weights_path_to_a_text_file_is_one_line_naming_it(tiny_data, tmp_path):
 def test_settings_in_a_config_file_are_validated_too(tiny_data, tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text("batch_size: 0\n")
-    result = run_cli("train", str(tiny_data), "--out", str(tmp_path / "run"), "--config", str(config))
+    result = run_cli("train", "--no-gate", str(tiny_data), "--out", str(tmp_path / "run"), "--config", str(config))
     _one_line_error(result, "batch_size = 0", "an integer >= 1")
-    _one_line_error(run_cli("train", str(tiny_data), "--out", str(tmp_path / "run"), "--config",
+    _one_line_error(run_cli("train", "--no-gate", str(tiny_data), "--out", str(tmp_path / "run"), "--config",
                             str(tmp_path / "missing.yaml")), "missing.yaml", "no such file")
 
 
@@ -219,7 +219,8 @@ def test_patient_leakage_is_one_line(tiny_data, tmp_path):
     first_a = manifest.index[manifest["source"] == "a"][0]
     manifest.loc[manifest.index[manifest["source"] == "b"][0], "patient_id"] = manifest.at[first_a, "patient_id"]
     manifest.to_parquet(data / MANIFEST_FILE)
-    result = run_cli("train", str(data), "--out", str(tmp_path / "run"), "--holdout", "b", "--weights", "none",
+    result = run_cli("train", "--no-gate", str(data), "--out", str(tmp_path / "run"), "--holdout", "b",
+                     "--weights", "none",
                      "--epochs", "1", "--image-size", "64")
     _one_line_error(result, "1 patient(s) in more than one split part", "hold out every source")
 

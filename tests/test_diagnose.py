@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from covidcxr.config import AugmentConfig, IngestConfig, TrainConfig, to_dict
+from covidcxr.config import AugmentConfig, GateSettings, IngestConfig, TrainConfig, to_dict
 from covidcxr.data.cache import to_square
 from covidcxr.data.ingest import ingest
 from covidcxr.evaluation import diagnose as dg
@@ -68,7 +68,7 @@ def shortcut_run(tmp_path_factory) -> tuple[Path, Path]:
     # a ResNet-18 learns the marker in a few small batches; a tiny AlexNet from scratch barely moves in 5 epochs
     run = train(TrainConfig(data=str(data), out=str(tmp_path_factory.mktemp("run")), arch="resnet18", weights="none",
                             image_size=SIZE, epochs=6, batch_size=16, lr=0.01, device="cpu", seed=0, deterministic=True,
-                            amp=False, patience=10, split_fractions=(0.5, 0.2, 0.3)))
+                            amp=False, patience=10, split_fractions=(0.5, 0.2, 0.3), gate=GateSettings(enabled=False)))
     return data, run
 
 

@@ -240,6 +240,7 @@ def test_lung_crop_boxes_follow_the_lungs_and_report_films_without_them(trained)
 
 @pytest.mark.slow
 def test_a_lung_cropped_run_keeps_its_lung_model_and_is_scored_and_diagnosed_with_it(trained, tiny_data, tmp_path):
+    from covidcxr.config import GateSettings
     from covidcxr.deploy.predict import Predictor
     from covidcxr.evaluation.diagnose import diagnose
     from covidcxr.evaluation.evaluate import evaluate
@@ -248,7 +249,7 @@ def test_a_lung_cropped_run_keeps_its_lung_model_and_is_scored_and_diagnosed_wit
     lung_copy = tmp_path / "my-lungs.pt"
     lung_copy.write_bytes(trained[0].read_bytes())
     cfg = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), weights="none", image_size=64, epochs=1,
-                      device="cpu", seed=0, amp=False)
+                      device="cpu", seed=0, amp=False, gate=GateSettings(enabled=False))
     cfg.augment.crop, cfg.augment.lung_model = "lungs", str(lung_copy)
     run = train(cfg)
     assert (run / LUNG_MODEL).read_bytes() == trained[0].read_bytes()

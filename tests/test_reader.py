@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from covidcxr.data import reader
-from covidcxr.data.reader import ImageReadError, read_image
+from covidcxr.data.reader import ImageReadError, ImageRefused, read_image
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -257,12 +257,12 @@ def test_every_fullres_file_reads_like_its_processed_copy(shared_cxr):
     ({"Modality": "CT"}, "not a chest radiograph: Modality CT"),
     ({"Modality": "MR"}, "not a chest radiograph: Modality MR"),
     ({"BodyPartExamined": "KNEE"}, "not a chest radiograph: BodyPartExamined KNEE"),
-    ({"ViewPosition": "LL"}, "lateral view (ViewPosition LL): the model reads frontal films"),
-    ({"ViewPosition": "RL"}, "lateral view (ViewPosition RL): the model reads frontal films"),
-    ({"ViewPosition": "LATERAL"}, "lateral view (ViewPosition LATERAL): the model reads frontal films"),
+    ({"ViewPosition": "LL"}, "a lateral view (ViewPosition LL): only frontal chest radiographs are scored"),
+    ({"ViewPosition": "RL"}, "a lateral view (ViewPosition RL): only frontal chest radiographs are scored"),
+    ({"ViewPosition": "LATERAL"}, "a lateral view (ViewPosition LATERAL): only frontal chest radiographs are scored"),
 ])
 def test_dicom_that_is_not_a_frontal_chest_radiograph_is_refused(images, tags, reason):
-    with pytest.raises(ImageReadError) as err:
+    with pytest.raises(ImageRefused) as err:  # refused (counted by reason), not unreadable
         read_image(images.dicom(None, _dicom_ramp(), **tags), "other.dcm")
     assert err.value.reason == reason
 

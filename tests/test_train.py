@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import CLI_TIMEOUT_S, cli_env, run_cli, start_cli
-from covidcxr.config import TrainConfig
+from covidcxr.config import GateSettings, TrainConfig
 from covidcxr.data.splits import assert_patient_disjoint
 from covidcxr.model.checkpoint import load_checkpoint
 from covidcxr.training import trainer as train_mod
@@ -27,7 +27,8 @@ from covidcxr.training.schedule import epoch_order
 
 def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
     base = TrainConfig(data=str(data), out=str(out), weights="none", image_size=64, epochs=3, batch_size=16, lr=0.01,
-                       device="cpu", seed=3, deterministic=True, patience=10, amp=False)
+                       device="cpu", seed=3, deterministic=True, patience=10, amp=False,
+                       gate=GateSettings(enabled=False))
     return replace(base, **kw)
 
 
@@ -75,7 +76,8 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", str(data), "--out", str(out), "--weights", "none", "--image-size", "64", "--epochs", "4",
+    return ["train", "--no-gate", str(data), "--out", str(out), "--weights", "none", "--image-size", "64",
+            "--epochs", "4",
             "--batch-size", "4", "--lr", "0.01", "--device", "cpu", "--seed", "3", "--deterministic", "--keep-last",
             *extra]
 
@@ -146,7 +148,7 @@ def test_ddp_two_processes_gloo(tiny_data, tmp_path):
     """torchrun with two CPU processes (gloo): one run folder, written by rank 0, with both ranks in step."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "covidcxr.cli", "train", str(tiny_data), "--out", str(out), "--weights", "none",
+           "-m", "covidcxr.cli", "train", "--no-gate", str(tiny_data), "--out", str(out), "--weights", "none",
            "--image-size", "64", "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--seed", "1"]
     env = cli_env({"OMP_NUM_THREADS": "1"})
     result = subprocess.run([*cmd, "--keep-last"], capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=env)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from covidcxr.config import IngestConfig, TrainConfig
+from covidcxr.config import GateSettings, IngestConfig, TrainConfig
 from covidcxr.data.ingest import ingest
 from covidcxr.evaluation.evaluate import evaluate
 from covidcxr.scoring import Scorer
@@ -42,7 +42,8 @@ def planted_shift(root: Path, xray_source, n: int = 40, marks: bool = True, haze
 def tiny_resnet(data: Path, out: Path, seed: int, epochs: int) -> Path:
     """A tiny ResNet-18 run from scratch: unlike a tiny AlexNet it learns in a few small batches."""
     return train(TrainConfig(data=str(data), out=str(out), arch="resnet18", weights="none", image_size=64,
-                             epochs=epochs, batch_size=16, device="cpu", seed=seed, amp=False))
+                             epochs=epochs, batch_size=16, device="cpu", seed=seed, amp=False,
+                             gate=GateSettings(enabled=False)))
 
 
 @pytest.fixture(scope="module")

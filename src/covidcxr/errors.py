@@ -40,6 +40,11 @@ class ImageReadError(InputError):
         super().__init__(f"{self.path}: {self.reason}")
 
 
+class ImageRefused(ImageReadError):
+    """A readable file that is not what the model answers about (a CT by its DICOM tags, a lateral view): refused, not
+    unreadable, so reports count it by its reason."""
+
+
 class WeightsUnavailableError(CovidcxrError, RuntimeError):
     """Pretrained weights are neither cached nor downloadable (e.g. offline)."""
 

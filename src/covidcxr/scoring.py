@@ -1,6 +1,6 @@
 """The one seam from a run folder to scores: `Scorer.from_run(run)` holds the model, its preprocessing, the device,
-the precision, the positive class and the operating threshold, and every consumer (evaluate, predict, serve, the
-diagnostics, the probe, export) builds its model input through it.
+the precision, the positive class, the operating threshold and the run's gate, and every consumer (evaluate,
+predict, serve, the diagnostics, the probe, export) builds its model input through it.
 
 Images reach it in one of two forms, which give the model bit-identical input: a decoded file (`cache_square` makes
 its cache copy, exactly as `ingest` would) or rows of an ingested data folder's uint8 cache.
@@ -21,6 +21,7 @@ from covidcxr.model.checkpoint import load_run
 from covidcxr.model.network import fold_pooling, unwrap
 from covidcxr.model.spec import RunSpec, model_id
 from covidcxr.preprocess.transform import Preprocess
+from covidcxr.trust.gate import Gate, load_gate
 from covidcxr.trust.guard import GUARD_DIR, Guard
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,12 @@ class Scorer:
     """A run's model, preprocessing, device, precision and threshold, loaded once."""
 
     def __init__(self, model: torch.nn.Module, spec: RunSpec, device: torch.device, meta: dict | None = None,
-                 guard: Guard | None = None, members: list["Scorer"] | None = None):
+                 guard: Guard | None = None, members: list["Scorer"] | None = None, gate: Gate | None = None):
         self.model, self.spec, self.device = model.to(device).eval(), spec, device
         self.meta = meta or {}  # the checkpoint's meta as saved: provenance (epoch, hashes) for reports
         self.preprocess = Preprocess(spec.preprocess)
-        # the per-image guard (trust/guard.py), None if the run has none
+        self.gate = gate  # which images it answers about (trust/gate.py); None: every image is scored
+        # the opt-in member guard (trust/guard.py), loaded only when asked for (evaluate measures it)
         self.guard, self.members = guard, members or []
         self.refresh()
 
@@ -62,16 +64,20 @@ class Scorer:
         self.net = fold_pooling(self.model, self.spec.preprocess.image_size)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto", which: str = "model.pt") -> "Scorer":
+    def from_run(cls, run_dir: str | Path, device: str = "auto", which: str = "model.pt", guard: bool = False,
+                 gate: bool = True) -> "Scorer":
+        """A run's scorer with its gate (`gate=False`: without, e.g. for a guard member) and, when `guard`, the
+        run's opt-in member guard if it has one."""
         run_dir, dev = Path(run_dir), resolve_device(device)
         model, meta = load_run(run_dir, which, device=dev)
-        guard = Guard.load(run_dir)
-        members = [cls.from_run(run_dir / GUARD_DIR, device, m) for m in guard.members] if guard else []
+        the_guard = Guard.load(run_dir) if guard else None
+        members = [cls.from_run(run_dir / GUARD_DIR, device, m, gate=False)
+                   for m in the_guard.members] if the_guard else []
         spec = RunSpec.from_meta(meta, run_dir, model_id(run_dir, which))
         log.debug("loaded %s (%s, %s; %d px; threshold %.4f by %s; %d guard members) on %s", spec.model_id,
                   spec.arch, spec.task, spec.preprocess.image_size, spec.threshold, spec.threshold_method or "?",
                   len(members), dev)
-        return cls(model, spec, dev, meta, guard, members)
+        return cls(model, spec, dev, meta, the_guard, members, load_gate(run_dir) if gate else None)
 
     def cache_square(self, image: np.ndarray) -> np.ndarray:
         """A decoded image (H, W) in [0, 1] -> the (S, S) uint8 square the cache would hold for it."""

@@ -8,18 +8,30 @@ from pathlib import Path
 from covidcxr.cli.args import COUNT_ARG, POSITIVE_INT_ARG, Commands
 from covidcxr.config import SQUARE_CHOICES, IngestConfig
 from covidcxr.data.sources import LAYOUTS
+from covidcxr.errors import InputError
 
 
 def _ingest(a: argparse.Namespace) -> int:
     from covidcxr.data.ingest import changes, ingest, summarize
     cfg = IngestConfig(size=a.size, workers=a.workers, layout=a.layout, square=a.square)
-    report = ingest(a.sources, a.out, cfg, replace=a.replace)
+    check = None
+    if a.gate:
+        from covidcxr.trust.gate import Gate
+        gate = Gate.load(a.gate)
+        if gate is None:
+            raise InputError(f"{a.gate}: this run has no gate (RUN/gate.json); fit one with covidcxr train")
+        check = gate.reasons
+    report = ingest(a.sources, a.out, cfg, replace=a.replace, gate=check, keep_refused=a.keep_refused)
     for root, layout in report.layouts.items():
         print(f"{root}: layout {layout}")
     for line in changes(report):
         print(line)
     print(summarize(a.out, limit=None))
-    return 1 if report.unreadable or report.bad_rows else 0
+    if report.refused:
+        kept = sum(r["kept"] for r in report.refused)
+        print(f"refused {len(report.refused)} file(s) as not frontal chest radiographs"
+              + (f" ({kept} kept: --keep-refused)" if kept else "") + f"; listed in {a.out}/ingest_report.json")
+    return 1 if report.unreadable or report.bad_rows or report.refused else 0
 
 
 def _summary(a: argparse.Namespace) -> int:
@@ -50,6 +62,12 @@ def add_ingest(sub: Commands) -> None:
     p.add_argument("--square", default="pad", choices=SQUARE_CHOICES,
                    help="how images are made square (default pad)")
     p.add_argument("--workers", type=COUNT_ARG, default=0, help="decoding processes, 0 = all cores (default 0)")
+    p.add_argument("--gate", metavar="RUN_OR_FILE",
+                   help="a run folder (or its gate.json) whose gate refuses what is not a frontal chest radiograph: "
+                        "refused files are listed in ingest_report.json and left out (default: none; a gate is "
+                        "fitted by train, on frontal films ingested first)")
+    p.add_argument("--keep-refused", dest="keep_refused", action="store_true",
+                   help="with --gate: list refused files but keep them in the manifest (default: leave them out)")
     p.set_defaults(func=_ingest)
 
 

@@ -12,12 +12,13 @@ from covidcxr.cli.args import PORT_ARG, POSITIVE_INT_ARG, Commands
 def _predict(a: argparse.Namespace) -> int:
     from covidcxr.deploy.predict import format_predictions, predict_files, use_threads
     use_threads(a.threads)
-    results = predict_files(a.run, a.inputs, a.cam, a.batch_size, a.reject_ood)
+    results = predict_files(a.run, a.inputs, a.cam, a.batch_size)
     print(format_predictions(results, a.format))
-    failed = [r for r in results if r.error]
-    for r in failed:
-        print(f"covidcxr: cannot score {r.path}: {r.error}", file=sys.stderr)
-    return 1 if failed else 0
+    unscored = [r for r in results if r.status != "scored"]
+    for r in unscored:
+        what = "refused" if r.status == "refused" else "cannot score"
+        print(f"covidcxr: {what} {r.path}: {r.reason}", file=sys.stderr)
+    return 1 if unscored else 0
 
 
 def _serve(a: argparse.Namespace) -> int:
@@ -25,7 +26,7 @@ def _serve(a: argparse.Namespace) -> int:
     from covidcxr.deploy.serve.server import serve
     serve(ServeConfig(run=a.run, host=a.host, port=a.port, db=a.db, token_file=a.token_file, no_auth=a.no_auth,
                       threads=a.threads, request_threads=a.request_threads, engine=a.engine,
-                      reject_ood=a.reject_ood, access_log=a.access_log))
+                      access_log=a.access_log))
     return 0
 
 
@@ -49,9 +50,6 @@ def add_predict(sub: Commands) -> None:
                    help="images scored at once (default 32)")
     p.add_argument("--threads", type=POSITIVE_INT_ARG, default=os.cpu_count() or 1,
                    help=f"CPU threads for the model (default: one per core, {os.cpu_count() or 1} here)")
-    p.add_argument("--reject-ood", dest="reject_ood", action="store_true",
-                   help="withhold the label of images the run's guard calls out of distribution (default: label "
-                        "every image, flag them)")
     p.set_defaults(func=_predict)
 
 
@@ -73,9 +71,6 @@ def add_serve(sub: Commands) -> None:
                    help=f"CPU threads for the model's batched forward passes (default {SERVE_THREADS})")
     p.add_argument("--request-threads", dest="request_threads", type=POSITIVE_INT_ARG, default=REQUEST_THREADS,
                    help=f"threads reading and decoding uploads (default {REQUEST_THREADS})")
-    p.add_argument("--reject-ood", dest="reject_ood", action="store_true",
-                   help="withhold the label of images the run's guard calls out of distribution (default: label "
-                        "every image, flag them)")
     p.add_argument("--access-log", dest="access_log", action="store_true",
                    help="print one line per HTTP request (default off: every prediction is in the SQLite log "
                         "already, and a line per request slows the service)")

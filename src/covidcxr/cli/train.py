@@ -41,6 +41,10 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
         values["threshold_method"] = "sensitivity"
     preprocessing = {"equalize": a.equalize, "crop": a.crop, "lung_model": a.lung_model}
     values["augment"] = {**values["augment"], **{k: v for k, v in preprocessing.items() if v is not None}}
+    if a.no_gate:
+        values["gate"] = {**values["gate"], "enabled": False}
+    if a.gate_negatives:
+        values["gate"] = {**values["gate"], "negatives": a.gate_negatives}
     return from_dict(TrainConfig, values)
 
 
@@ -102,6 +106,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help=f"crop to the content box less its border, or to the lungs (default {aug.crop})")
     p.add_argument("--lung-model", dest="lung_model",
                    help="lung checkpoint for --crop lungs (covidcxr lungs train; default: none)")
+    p.add_argument("--no-gate", dest="no_gate", action="store_true",
+                   help="fit no gate: the run then scores every image, whatever it shows (default: a gate is fitted "
+                        f"after training, {d.gate.steps} steps, and stored as RUN/gate.onnx)")
+    p.add_argument("--gate-negatives", dest="gate_negatives", metavar="DIR",
+                   help="folder of images the gate must refuse, e.g. lateral films and CT slices (metadata.csv with "
+                        "path and kind columns, or sub-folders named lateral, ct, mr, photo, document; default: "
+                        "none, so the gate is shown no lateral films and says so)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (default off)")
     p.add_argument("--keep-last", dest="keep_last", action="store_true",

@@ -36,12 +36,14 @@ from covidcxr.config.train import (
                                     EQUALIZE_CHOICES,
                                     THRESHOLD_CHOICES,
                                     AugmentConfig,
+                                    GateSettings,
                                     TrainConfig,
 )
 
 __all__ = [
     # settings
-    "AugmentConfig", "CalibrateSettings", "ExperimentConfig", "IngestConfig", "ServeConfig", "TrainConfig",
+    "AugmentConfig", "CalibrateSettings", "ExperimentConfig", "GateSettings", "IngestConfig", "ServeConfig",
+    "TrainConfig",
     # in and out
     "config_hash", "from_dict", "read_yaml", "save_json", "to_dict",
     # rules, shared with the CLI's argument types

@@ -34,7 +34,6 @@ class ServeConfig:
     threads: int = SERVE_THREADS  # CPU threads of the model's batched forward passes
     request_threads: int = REQUEST_THREADS
     engine: str = ENGINES[0]  # onnx: the run's exported graphs on onnxruntime; torch: torch itself
-    reject_ood: bool = False  # withhold the label of images the run's guard calls out of distribution
     access_log: bool = False  # uvicorn's line per request (every prediction is in the SQLite log anyway)
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     max_batch: int = MAX_BATCH

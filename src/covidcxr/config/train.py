@@ -77,6 +77,20 @@ _AUGMENT_RULES: dict[str, Rule] = {
 
 
 @dataclass
+class GateSettings:
+    """How a run's gate (covidcxr.trust.gate) is fitted, after training, on the run's own training films."""
+
+    enabled: bool = True  # False (--no-gate): the run scores every image, whatever it shows
+    negatives: str = ""  # a folder of lateral films, CT slices, ... to refuse (metadata.csv `kind`, or sub-folders)
+    steps: int = 600
+    batch_size: int = 96
+    lr: float = 3e-3
+
+    def __post_init__(self) -> None:
+        check_rules(self, {"steps": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE})
+
+
+@dataclass
 class TrainConfig:
     """Everything that determines a training run."""
 
@@ -107,6 +121,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast of training steps where the device has bf16 units; scoring is always float32
     compile: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    gate: GateSettings = field(default_factory=GateSettings)
 
     def __post_init__(self) -> None:
         """Check every setting when made: a bad one is one line, before any epoch runs."""

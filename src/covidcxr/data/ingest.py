@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -33,11 +34,14 @@ from covidcxr.data.manifest import (
     perceptual_hash,
     thumbnail,
 )
-from covidcxr.data.reader import ImageReadError, read_image
+from covidcxr.data.reader import ImageReadError, ImageRefused, read_image
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "ingest_report.json"
+# A gate as ingest sees it: cache squares (N, S, S) uint8 -> each one's refusal reason, or None to accept it. The CLI
+# passes a run's (covidcxr.trust.gate), which this stage cannot import: a gate is fitted on data ingested first.
+RefusalCheck = Callable[[np.ndarray], list[str | None]]
 DUPLICATES_FILE = "duplicates.csv"
 # The manifest as ingest writes it: each row also remembers the source folder that listed it, so that re-ingesting a
 # folder updates exactly its rows and leaves the other folders' rows alone.
@@ -56,6 +60,9 @@ class IngestReport:
     reused: int = 0
     carried_over: int = 0  # rows of source folders not given this time, kept as they were
     unreadable: list[dict] = field(default_factory=list)
+    # files that are not frontal chest radiographs: by their DICOM tags, or by a gate (--gate); left out of the
+    # manifest unless keep_refused
+    refused: list[dict] = field(default_factory=list)
     bad_rows: list[dict] = field(default_factory=list)  # rows a source lists but that cannot be used (e.g. bad label)
     removed: dict[str, int] = field(default_factory=dict)  # per source: rows whose files are gone or now unreadable
     dropped: dict[str, int] = field(default_factory=dict)  # per source: rows of folders that a replace left out
@@ -84,6 +91,8 @@ def _decode(job: tuple[str, int, str]) -> dict:
         img = read_image(path)
         return {"path": path, "sha1": content_hash(path), "phash": perceptual_hash(img), "thumb": thumbnail(img),
                 "orig_height": img.shape[0], "orig_width": img.shape[1], "image": to_square(img, size, square)}
+    except ImageRefused as exc:
+        return {"path": path, "refused": exc.reason}
     except ImageReadError as exc:
         return {"path": path, "error": exc.reason}
     except Exception as exc:  # a decoder bug must not lose the other images; the reason is reported per file
@@ -170,11 +179,13 @@ def _plan(rows: pd.DataFrame, roots: list[str], prev: pd.DataFrame, replace: boo
 
 
 def ingest(roots: list[str | Path], out: str | Path, cfg: IngestConfig | None = None,
-           replace: bool = False) -> IngestReport:
+           replace: bool = False, gate: RefusalCheck | None = None, keep_refused: bool = False) -> IngestReport:
     """Add the given database folders to DATA (or build it); returns the report (also written as ingest_report.json).
 
     A folder ingested before is updated: only its new and changed files are decoded, its vanished files' rows are
-    removed (counted in the report), and other folders' rows stay. `replace` keeps only the given folders' rows."""
+    removed (counted in the report), and other folders' rows stay. `replace` keeps only the given folders' rows.
+    `gate` (a run's, covidcxr.trust.gate) gives each decoded square's refusal reason, or None to accept it: refused
+    files are listed in the report and left out, unless `keep_refused`."""
     cfg = cfg or IngestConfig()
     out = Path(out)
     start = time.time()
@@ -192,7 +203,7 @@ def ingest(roots: list[str | Path], out: str | Path, cfg: IngestConfig | None = 
     cache.write_meta()
 
     try:
-        _decode_all(plan, cache, cfg, report, lambda: _save(out, plan, cache, report, cfg))
+        _decode_all(plan, cache, cfg, report, lambda: _save(out, plan, cache, report, cfg), gate, keep_refused)
     finally:
         report.seconds = round(time.time() - start, 2)
         report.images_per_s = round(report.processed / max(report.seconds, 1e-9), 1)
@@ -200,7 +211,8 @@ def ingest(roots: list[str | Path], out: str | Path, cfg: IngestConfig | None = 
     return report
 
 
-def _decode_all(plan: _Plan, cache: ImageCache, cfg: IngestConfig, report: IngestReport, checkpoint) -> None:
+def _decode_all(plan: _Plan, cache: ImageCache, cfg: IngestConfig, report: IngestReport, checkpoint,
+                gate: RefusalCheck | None = None, keep_refused: bool = False) -> None:
     todo = plan.todo
     slots = dict(zip(todo["path"], todo["cache_index"].astype(int)))
     listed = dict(zip(todo["path"], todo.to_dict("records")))
@@ -216,6 +228,14 @@ def _decode_all(plan: _Plan, cache: ImageCache, cfg: IngestConfig, report: Inges
                 report.unreadable.append(_entry(listed[result["path"]], result["error"]))
                 log.warning("unreadable: %s", describe(report.unreadable[-1]))
                 continue
+            if "refused" in result:  # by its DICOM tags: not decoded, so never kept
+                _refuse(report, _entry(listed[result["path"]], result["refused"]), kept=False)
+                continue
+            reason = gate(result["image"][None])[0] if gate else None
+            if reason:
+                _refuse(report, _entry(listed[result["path"]], reason), kept=keep_refused)
+                if not keep_refused:
+                    continue
             cache.write(slots[result["path"]], result.pop("image"))
             plan.finished.append(result)
             report.processed += 1
@@ -224,6 +244,11 @@ def _decode_all(plan: _Plan, cache: ImageCache, cfg: IngestConfig, report: Inges
                 checkpoint()
                 spent = time.monotonic() - started
                 next_save = time.monotonic() + max(SAVE_INTERVAL_S, spent / SAVE_OVERHEAD)
+
+
+def _refuse(report: IngestReport, entry: dict, kept: bool) -> None:
+    report.refused.append({**entry, "kept": kept})
+    log.warning("refused%s: %s", " (kept: --keep-refused)" if kept else "", describe(entry))
 
 
 def _save(out: Path, plan: _Plan, cache: ImageCache, report: IngestReport, cfg: IngestConfig) -> None:

@@ -23,7 +23,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import JPEGExtended12Bit
 
-from covidcxr.errors import ImageReadError
+from covidcxr.errors import ImageReadError, ImageRefused
 
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: no chest X-ray has 100 megapixels
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, what Pillow's "L" uses
@@ -134,13 +134,13 @@ def _require_chest_radiograph(ds: pydicom.Dataset, label: str) -> None:
     """Refuse films the model was never taught: other modalities, other body parts, lateral views (module docstring)."""
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality and modality not in CHEST_MODALITIES:
-        raise ImageReadError(label, f"not a chest radiograph: Modality {modality}")
+        raise ImageRefused(label, f"not a chest radiograph: Modality {modality}")
     body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
     if body_part and body_part != "CHEST":
-        raise ImageReadError(label, f"not a chest radiograph: BodyPartExamined {body_part}")
+        raise ImageRefused(label, f"not a chest radiograph: BodyPartExamined {body_part}")
     view = str(ds.get("ViewPosition", "") or "").strip().upper()
     if view in LATERAL_VIEWS:
-        raise ImageReadError(label, f"lateral view (ViewPosition {view}): the model reads frontal films")
+        raise ImageRefused(label, f"a lateral view (ViewPosition {view}): only frontal chest radiographs are scored")
 
 
 def _palette_to_rgb(arr: np.ndarray, ds: pydicom.Dataset, label: str) -> np.ndarray:

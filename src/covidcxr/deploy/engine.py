@@ -3,14 +3,13 @@
 torch alone makes a process ~530 MB resident (its CUDA build), more than a small server can spare beside the model,
 so `covidcxr serve` makes each upload's cache square in numpy (`covidcxr.data.square`, torch's arithmetic) and scores
 squares with an ONNX graph exported from the run's own torch code (`export --format serving`, parity-checked there
-against the run's `Scorer`): `score.onnx` takes cache squares (N, S, S) uint8 and gives (N, 1 + members)
-positive-class probabilities of the run and of its guard's members (plus the run's penultimate features when the
-guard has a density term).
+against the run's `Scorer`): `score.onnx` takes cache squares (N, S, S) uint8 and gives (N, 1) positive-class
+probabilities of the run. The run's gate (RUN/gate.onnx, covidcxr.trust.gate) is onnxruntime everywhere already.
 
-It lives in RUN/serving/ beside engine.json, which records the SHA-256 of model.pt and guard.json it was made
-from: a run whose model or guard changed is exported again (in a subprocess, so torch never loads here). The guard
-and the shift alarm are numpy code and run on the engine's outputs. Grad-CAM needs gradients, so the first request
-for a heatmap loads the torch model beside the engine (and the process grows by torch's size).
+It lives in RUN/serving/ beside engine.json, which records the SHA-256 of the model.pt it was made from: a run whose
+model changed is exported again (in a subprocess, so torch never loads here). The shift alarm is numpy code on the
+engine's outputs. Grad-CAM needs gradients, so the first request for a heatmap loads the torch model beside the
+engine (and the process grows by torch's size).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from covidcxr.data.reader import read_image
 from covidcxr.data.square import to_square_np
 from covidcxr.errors import InputError
 from covidcxr.model.spec import RunSpec, file_sha256
-from covidcxr.trust.guard import GUARD_FILE, Guard
+from covidcxr.trust.gate import Gate, Verdict, verdicts
 
 if TYPE_CHECKING:  # torch: imported at run time only once a heatmap is asked for
     from covidcxr.deploy.predict import Predictor
@@ -41,14 +40,12 @@ SCORE_GRAPH = "score.onnx"
 
 
 def fingerprint(run_dir: Path) -> dict[str, str | None]:
-    """What an engine was exported from: the run's model and its guard."""
-    guard = run_dir / GUARD_FILE
-    return {"model_sha256": file_sha256(run_dir / "model.pt"),
-            "guard_sha256": file_sha256(guard) if guard.is_file() else None}
+    """What an engine was exported from: the run's model."""
+    return {"model_sha256": file_sha256(run_dir / "model.pt")}
 
 
 def is_current(engine_dir: Path, run_dir: Path) -> bool:
-    """True when engine_dir holds a graph exported from the run's present model.pt and guard.json."""
+    """True when engine_dir holds a graph exported from the run's present model.pt."""
     path = engine_dir / ENGINE_FILE
     if not (path.is_file() and (engine_dir / SCORE_GRAPH).is_file()):
         return False
@@ -84,37 +81,22 @@ def _session(path: Path, threads: int):
 
 
 class OnnxScorer:
-    """The part of `covidcxr.scoring.Scorer` the service uses, on onnxruntime: cache squares, scores, the guard."""
+    """The part of `covidcxr.scoring.Scorer` the service uses, on onnxruntime: cache squares, the gate, scores."""
 
     def __init__(self, engine_dir: str | Path, run_dir: str | Path, threads: int = 1):
         engine_dir, run_dir = Path(engine_dir), Path(run_dir)
         info = json.loads((engine_dir / ENGINE_FILE).read_text())
         self.spec = RunSpec.from_meta(info["meta"], run_dir, info["model_id"])
-        self.guard = Guard.load(run_dir)
-        self.with_features = bool(info["features"])
+        self.gate = Gate.load(run_dir, threads)
         self._score = _session(engine_dir / SCORE_GRAPH, threads)
 
     def cache_square(self, image: np.ndarray) -> np.ndarray:
         """A decoded image (H, W) in [0, 1] -> the (S, S) uint8 square the cache would hold for it."""
         return to_square_np(image, self.spec.preprocess.cache_size, self.spec.preprocess.square)
 
-    def outputs(self, squares: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """((N, 1 + members) positive-class probabilities, (N, D) features or None) for cache squares."""
-        out = self._score.run(None, {"squares": np.ascontiguousarray(squares, dtype=np.uint8)})
-        return out[0], (out[1] if self.with_features else None)
-
     def scores(self, squares: np.ndarray) -> np.ndarray:
-        """(N,) probability of the positive class."""
-        return self.outputs(squares)[0][:, 0]
-
-    def assess(self, squares: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(scores, ood_scores, in_distribution), as `Scorer.assess`."""
-        probabilities, features = self.outputs(squares)
-        scores = probabilities[:, 0]
-        if self.guard is None:
-            return scores, None, None
-        ood = self.guard.ood_scores(scores, probabilities[:, 1:].T, features)
-        return scores, ood, self.guard.in_distribution(ood)
+        """(N,) probability of the positive class for cache squares."""
+        return self._score.run(None, {"squares": np.ascontiguousarray(squares, dtype=np.uint8)})[0][:, 0]
 
 
 class EnginePredictor:
@@ -135,6 +117,10 @@ class EnginePredictor:
     def read_bytes(self, data: bytes, filename: str) -> np.ndarray:
         """An uploaded file's bytes -> its cache square (raises ImageReadError for bad content)."""
         return self.scorer.cache_square(read_image(data, name=filename))
+
+    def check(self, squares: np.ndarray) -> list[Verdict | None]:
+        """The gate's verdict per cache square (None for each when the run has no gate)."""
+        return verdicts(self.scorer.gate, squares)
 
     def explain(self, square: np.ndarray) -> tuple[float, bytes]:
         """(probability, Grad-CAM overlay PNG): the engine's probability, the torch model's gradients."""

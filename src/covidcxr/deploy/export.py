@@ -8,7 +8,7 @@ threshold, settings, the input contract) travel inside the file: ONNX metadata_p
 TorchScript's extra file `meta.json`.
 
 `serving` writes the service's engine folder instead (`covidcxr.deploy.engine`): the same steps split at the cache
-square into two ONNX graphs, the second scoring a batch and the guard's members with the run.
+square into two ONNX graphs, the second scoring a batch of cache squares.
 
 ONNX uses torch's default (torch.export-based) exporter, which needs `onnxscript`. TorchScript scripts the
 preprocessing (its shapes are data) around the traced model. CLAHE (kornia) and the lung crop (a U-Net with
@@ -32,7 +32,6 @@ from torch import nn
 
 from covidcxr.deploy.engine import ENGINE_FILE, SCORE_GRAPH, OnnxScorer, fingerprint
 from covidcxr.errors import ExportParityError, InputError
-from covidcxr.model.network import GrayClassifier
 from covidcxr.preprocess.transform import Preprocess
 from covidcxr.scoring import Scorer
 
@@ -56,29 +55,17 @@ class ExportGraph(nn.Module):
 
 
 class ScoreGraph(nn.Module):
-    """Cache squares (N, S, S) uint8 -> (N, 1 + members) positive-class probabilities of the run and of each guard
-    member (each with its own preprocessing and folded network), plus the run's features when `features`."""
+    """Cache squares (N, S, S) uint8 -> (N, 1) positive-class probabilities of the run, through its own
+    preprocessing and folded network."""
 
-    def __init__(self, scorers: list[Scorer], features: bool):
+    def __init__(self, scorer: Scorer):
         super().__init__()
-        self.preprocesses = nn.ModuleList(s.preprocess for s in scorers)
-        self.nets = nn.ModuleList(s.net for s in scorers)
-        self.positive = [s.spec.positive_index for s in scorers]
-        self.features = features
+        self.preprocess, self.net, self.positive = scorer.preprocess, scorer.net, scorer.spec.positive_index
 
-    def forward(self, squares: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, squares: torch.Tensor) -> torch.Tensor:
         levels = squares.unsqueeze(1).float()
-        columns: list[torch.Tensor] = []
-        run_features: torch.Tensor | None = None
-        for preprocess, net, positive in zip(self.preprocesses, self.nets, self.positive):
-            # what __init__ put in the ModuleLists, whose items torch types as plain nn.Module
-            assert isinstance(preprocess, Preprocess) and isinstance(net, GrayClassifier)
-            feats = net.features(preprocess.to_model(preprocess.normalise(levels)))
-            run_features = feats if run_features is None else run_features
-            columns.append(torch.softmax(net.head(feats), dim=1)[:, positive])
-        probabilities = torch.stack(columns, dim=1)
-        assert run_features is not None  # the run's own network comes first, so there is always one
-        return (probabilities, run_features) if self.features else probabilities
+        logits = self.net(self.preprocess.to_model(self.preprocess.normalise(levels)))
+        return torch.softmax(logits, dim=1)[:, self.positive:self.positive + 1]
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path,
@@ -89,7 +76,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path,
     Returns {"format", "path", "size_bytes", "max_abs_diff", "contract"}; raises ExportParityError beyond TOLERANCE."""
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    scorer = Scorer.from_run(run_dir, "cpu")
+    scorer = Scorer.from_run(run_dir, "cpu", gate=False)
     _refuse_unexportable(scorer, run_dir)
     if fmt == "serving":
         return export_serving(scorer, Path(out), check_images)
@@ -115,11 +102,9 @@ def export_serving(scorer: Scorer, out: Path, check_images: Sequence[np.ndarray]
     """The service's engine folder (`covidcxr.deploy.engine`): score.onnx and engine.json, written to a temporary
     folder that replaces `out` only once the engine (its numpy cache square included) matches the run's `Scorer`."""
     run_dir = scorer.spec.run_dir
-    features = scorer.guard is not None and scorer.guard.density is not None
     size = scorer.spec.preprocess.cache_size
     contract = (f"score.onnx: `squares` uint8 (N, {size}, {size}), cache squares -> `probabilities` "
-                f"(N, {1 + len(scorer.members)}): the {scorer.spec.positive_label} probability of the run, then of "
-                f"each guard member" + ("; `features`: the run's penultimate features" if features else ""))
+                f"(N, 1): the {scorer.spec.positive_label} probability of the run")
     meta = {"square": scorer.meta.get("square", "pad"), **{k: scorer.meta[k] for k in (
         "arch", "task", "classes", "positive_index", "threshold", "threshold_method", "cache_size", "image_size",
         "augment")}}
@@ -129,11 +114,10 @@ def export_serving(scorer: Scorer, out: Path, check_images: Sequence[np.ndarray]
     example = torch.randint(0, 256, (2, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
-        _onnx_program(ScoreGraph([scorer, *scorer.members], features).eval(), example, "squares",
-                      ["probabilities", "features"] if features else ["probabilities"],
+        _onnx_program(ScoreGraph(scorer).eval(), example, "squares", ["probabilities"],
                       {0: batch}).save(tmp / SCORE_GRAPH, external_data=False)
-    info = {"model_id": scorer.spec.model_id, "meta": meta, "features": features, "members": len(scorer.members),
-            "fingerprint": fingerprint(run_dir), "contract": contract}
+    info = {"model_id": scorer.spec.model_id, "meta": meta, "fingerprint": fingerprint(run_dir),
+            "contract": contract}
     (tmp / ENGINE_FILE).write_text(json.dumps(info, indent=1) + "\n")
     diff = check_engine_parity(scorer, OnnxScorer(tmp, run_dir), [*check_images, *synthetic_images()])
     shutil.rmtree(out, ignore_errors=True)
@@ -156,20 +140,14 @@ def _side_dims() -> dict[int, Any]:
 
 
 def check_engine_parity(scorer: Scorer, engine: OnnxScorer, images: list[np.ndarray]) -> float:
-    """Largest |engine - covidcxr| over the run's and the members' probabilities and the guard's ood scores (relative
-    to 1 + |ood|), on decoded images scored one at a time and as one batch, each through its own cache square (numpy
-    in the engine, torch in covidcxr); raises ExportParityError above TOLERANCE."""
+    """Largest |engine - covidcxr| of the run's probabilities, on decoded images scored one at a time and as one
+    batch, each through its own cache square (numpy in the engine, torch in covidcxr); raises ExportParityError above
+    TOLERANCE."""
     ours = np.stack([engine.cache_square(image) for image in images])
-    theirs = np.stack([scorer.cache_square(image) for image in images])
-    expected = np.column_stack([scorer.scores(theirs), scorer.member_scores(theirs).T])
-    got, _ = engine.outputs(ours)
-    worst = float(np.abs(got - expected).max())
-    one_by_one = np.concatenate([engine.outputs(square[None])[0] for square in ours])
+    expected = scorer.scores(np.stack([scorer.cache_square(image) for image in images]))
+    worst = float(np.abs(engine.scores(ours) - expected).max())
+    one_by_one = np.concatenate([engine.scores(square[None]) for square in ours])
     worst = max(worst, float(np.abs(one_by_one - expected).max()))
-    _, ood, _ = scorer.assess(theirs)
-    if ood is not None:
-        _, engine_ood, _ = engine.assess(ours)
-        worst = max(worst, float((np.abs(engine_ood - ood) / (1 + np.abs(ood))).max()))
     if worst > TOLERANCE:
         raise ExportParityError(f"{engine.spec.run_dir}: the serving engine differs from covidcxr by {worst:.3g} "
                                 f"(max {TOLERANCE}); please report this as a bug")

@@ -17,19 +17,24 @@ import torch
 
 from covidcxr.data.reader import ImageReadError, read_image
 from covidcxr.data.sources import IMAGE_SUFFIXES, file_problem, image_files
-from covidcxr.errors import InputError
+from covidcxr.errors import ImageRefused, InputError
 from covidcxr.scoring import Scorer
+from covidcxr.trust.gate import Verdict, verdicts
+
+SCORED, REFUSED, UNREADABLE = "scored", "refused", "unreadable"
 
 
 @dataclass
 class Prediction:
+    """One file's answer: `status` scored (with probability and label), refused (not a frontal chest radiograph:
+    no probability, since an X-ray model's score on anything else means nothing) or unreadable; `reason` says why."""
+
     path: str
+    status: str
+    reason: str | None
     probability: float | None
     label: str | None
     threshold: float
-    error: str | None = None
-    in_distribution: bool | None = None  # the run's guard accepts the image; None: the run has no guard
-    ood_score: float | None = None  # typicality (higher = less typical); > the guard's threshold = out of distribution
 
 
 class Predictor:
@@ -46,7 +51,7 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> "Predictor":
-        """The predictor of a run folder (model, threshold, guard), the way every entry point loads one."""
+        """The predictor of a run folder (model, threshold, gate), the way every entry point loads one."""
         return cls(Scorer.from_run(run_dir, device))
 
     def square(self, image: np.ndarray) -> np.ndarray:
@@ -54,25 +59,37 @@ class Predictor:
         return self.scorer.cache_square(image)
 
     def read_squares(self, paths: list[Path]) -> tuple[dict[str, np.ndarray], list[Prediction]]:
-        """Decode each file once: {path: cache square} for the readable ones, an error row for each of the rest."""
+        """Decode each file once: {path: cache square} for the readable ones, a refused or unreadable row for each
+        of the rest."""
         squares, failed = {}, []
         for path in paths:
             try:
                 squares[str(path)] = self.square(read_image(path))
             except ImageReadError as exc:
-                failed.append(Prediction(str(path), None, None, self.threshold, exc.reason))
+                failed.append(failed_row(str(path), exc, self.threshold))
         return squares, failed
 
+    def check(self, squares: np.ndarray) -> list[Verdict | None]:
+        """The gate's verdict per cache square; None for each when the run has no gate."""
+        return verdicts(self.scorer.gate, squares)
+
     def predict_squares(self, squares: dict[str, np.ndarray], batch_size: int = 32) -> list[Prediction]:
-        """Score cache squares in batches."""
+        """Gate, then score in batches what the gate accepts."""
         names, results = list(squares), []
         for start in range(0, len(names), batch_size):
             chunk = names[start:start + batch_size]
-            scores, ood, accepted = self.scorer.assess(np.stack([squares[n] for n in chunk]))
-            for i, (name, p) in enumerate(zip(chunk, scores)):
-                results.append(Prediction(name, float(p), self.spec.label_for(float(p)), self.threshold,
-                                          in_distribution=None if accepted is None else bool(accepted[i]),
-                                          ood_score=None if ood is None else float(ood[i])))
+            stack = np.stack([squares[n] for n in chunk])
+            verdicts = self.check(stack)
+            keep = [i for i, v in enumerate(verdicts) if v is None or v.accepted]
+            scores = dict(zip(keep, self.scorer.scores(stack[keep]))) if keep else {}
+            for i, name in enumerate(chunk):
+                verdict = verdicts[i]
+                if i in scores:
+                    p = float(scores[i])
+                    results.append(Prediction(name, SCORED, None, p, self.spec.label_for(p), self.threshold))
+                else:
+                    assert verdict is not None  # only the gate leaves an image unscored
+                    results.append(Prediction(name, REFUSED, verdict.reason, None, None, self.threshold))
         return results
 
     def predict_paths(self, paths: list[Path], batch_size: int = 32) -> list[Prediction]:
@@ -93,6 +110,11 @@ class Predictor:
         return float(self.scorer.scores(square[None])[0]), cam_overlay_png(self.scorer, square)
 
 
+def failed_row(path: str, exc: ImageReadError, threshold: float) -> Prediction:
+    """A file that was not scored: refused by its DICOM tags, or unreadable."""
+    return Prediction(path, REFUSED if isinstance(exc, ImageRefused) else UNREADABLE, exc.reason, None, None, threshold)
+
+
 def use_threads(threads: int) -> None:
     """Torch's intra-op threads for this process (one forward pass spread over them); at least one."""
     if threads < 1:
@@ -108,12 +130,13 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[Prediction]]:
         p = Path(item)
         found = image_files(p) if p.is_dir() else [p]
         if not found:
-            errors.append(Prediction(str(p), None, None, float("nan"),
-                                     f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+            errors.append(Prediction(str(p), UNREADABLE,
+                                     f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})", None, None,
+                                     float("nan")))
         for path in found:
             problem = file_problem(path)
             if problem:
-                errors.append(Prediction(str(path), None, None, float("nan"), problem))
+                errors.append(Prediction(str(path), UNREADABLE, problem, None, None, float("nan")))
             else:
                 paths.append(path)
     return paths, errors
@@ -133,21 +156,17 @@ def format_predictions(results: list[Prediction], fmt: str) -> str:
     width = max([len(r.path) for r in results] + [4])
     lines = [f"{'file':<{width}}  {'P(covid)':>8}  {'label':<10} threshold"]
     for r in results:
-        if r.error:
-            lines.append(f"{r.path:<{width}}  {'-':>8}  {'ERROR':<10} {r.error}")
-        elif r.label is None:
-            lines.append(f"{r.path:<{width}}  {r.probability:>8.3f}  withheld: out of distribution")
+        if r.status == SCORED:
+            lines.append(f"{r.path:<{width}}  {r.probability:>8.3f}  {r.label:<10} {r.threshold:.3f}")
         else:
-            flag = "" if r.in_distribution is None else ("" if r.in_distribution else "  out of distribution")
-            lines.append(f"{r.path:<{width}}  {r.probability:>8.3f}  {r.label:<10} {r.threshold:.3f}{flag}")
+            lines.append(f"{r.path:<{width}}  {'-':>8}  {r.status.upper():<10} {r.reason}")
     return "\n".join(lines)
 
 
 def predict_files(run: str | Path, inputs: list[str], cam_dir: str | Path | None = None,
-                  batch_size: int = 32, reject_ood: bool = False) -> list[Prediction]:
-    """`covidcxr predict`: one Prediction per file (an error row for each file or folder that could not be scored),
-    and a Grad-CAM overlay per scored file in `cam_dir`, from the same decoded image. `reject_ood`: withhold the
-    label (None) of images the run's guard calls out of distribution; their probability is still shown."""
+                  batch_size: int = 32) -> list[Prediction]:
+    """`covidcxr predict`: one Prediction per file (a refused or unreadable row for each file or folder that was not
+    scored), and a Grad-CAM overlay per scored file in `cam_dir`, from the same decoded image."""
     predictor = Predictor.from_run(run)
     paths, missing = expand_inputs(inputs)
     squares, failed = predictor.read_squares(paths)
@@ -156,9 +175,8 @@ def predict_files(run: str | Path, inputs: list[str], cam_dir: str | Path | None
     results = sorted(results, key=lambda r: order[r.path]) + missing
     for r in results:
         r.threshold = predictor.threshold
-        if reject_ood and r.in_distribution is False:
-            r.label = None
     if cam_dir:
         from covidcxr.model.cam import write_cams
-        write_cams(predictor.scorer, [(Path(name), square) for name, square in squares.items()], Path(cam_dir))
+        scored = {r.path for r in results if r.status == SCORED}
+        write_cams(predictor.scorer, [(Path(n), sq) for n, sq in squares.items() if n in scored], Path(cam_dir))
     return results

@@ -22,6 +22,7 @@ from covidcxr.evaluation.report import write_report
 from covidcxr.evaluation.selection import select_images
 from covidcxr.evaluation.trust import ood_summary, trust_html
 from covidcxr.scoring import Scorer
+from covidcxr.trust.gate import verdicts as gate_verdicts
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,16 @@ def weights_shown(config: dict) -> str:
 
 
 def predictions(run: str | Path, data: str | Path, split: str = "test", device: str = "auto",
-                task: str | None = None, images: Collection[str] | None = None) -> tuple[pd.DataFrame, dict, dict]:
-    """(predictions frame with y and score, the run's meta, provenance) for the images the task uses.
+                task: str | None = None, images: Collection[str] | None = None,
+                gate: bool = True) -> tuple[pd.DataFrame, dict, dict]:
+    """(predictions frame with y, status, reason and score, the run's meta, provenance) for the images the task uses.
 
-    `task` overrides the run's own task for choosing and labelling images (e.g. score a covid-vs-rest model on
-    covid-vs-normal data, so that settings trained on different tasks are compared on the same images)."""
+    The run's gate decides first: a refused image has status "refused", its reason, and no score. `task` overrides
+    the run's own task for choosing and labelling images (e.g. score a covid-vs-rest model on covid-vs-normal data,
+    so that settings trained on different tasks are compared on the same images); `gate=False` scores every image
+    (such comparisons need the same images for every run)."""
     run = Path(run)
-    scorer = Scorer.from_run(run, device)
+    scorer = Scorer.from_run(run, device, guard=True, gate=gate)
     meta = scorer.meta
     cache = ImageCache(data)
     rows, excluded = select_images(run, cache, split) if images is None else (_only(cache, images), 0)
@@ -54,9 +58,17 @@ def predictions(run: str | Path, data: str | Path, split: str = "test", device: 
         log.info("note: %d image(s) of %s were used to train or validate this run and are left out", excluded, data)
     pred = rows[["path", "source", "patient_id", "label"]].copy()
     pred["y"] = (tasks.encode(rows["label"], task) == tasks.POSITIVE_INDEX).astype(int)
-    score, ood, accepted = scorer.assess(cache.load(rows["cache_index"]))  # float32, as the threshold was chosen
-    pred["score"], pred["ood_score"] = score, ood if ood is not None else np.nan
-    pred["in_distribution"] = pd.array(accepted if accepted is not None else [pd.NA] * len(pred), dtype="boolean")
+    squares = cache.load(rows["cache_index"]).numpy()
+    verdicts = gate_verdicts(scorer.gate, squares)
+    pred["status"] = ["scored" if v is None or v.accepted else "refused" for v in verdicts]
+    pred["reason"] = [None if v is None else v.reason for v in verdicts]
+    keep = (pred["status"] == "scored").to_numpy()
+    score, ood, accepted = scorer.assess(squares[keep])  # float32, as the threshold was chosen
+    pred["score"] = np.nan
+    pred.loc[keep, "score"] = score
+    if scorer.guard is not None:  # the opt-in member guard's figures, for measuring it
+        pred["ood_score"], pred["in_distribution"] = np.nan, pd.array([pd.NA] * len(pred), dtype="boolean")
+        pred.loc[keep, "ood_score"], pred.loc[keep, "in_distribution"] = ood, accepted
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
     provenance = {
         "run": str(run.resolve()), "run_config_hash": meta.get("config_hash", ""), "model_epoch": meta.get("epoch"),
@@ -67,6 +79,12 @@ def predictions(run: str | Path, data: str | Path, split: str = "test", device: 
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
     }
     return pred, meta, provenance
+
+
+def refusal_counts(pred: pd.DataFrame) -> dict[str, int]:
+    """{reason: count} of the images the gate refused, most frequent first."""
+    refused = pred.loc[pred["status"] == "refused", "reason"]
+    return {str(k): int(v) for k, v in refused.value_counts().items()}
 
 
 def _only(cache: ImageCache, images: Collection[str]) -> pd.DataFrame:
@@ -84,9 +102,14 @@ def evaluate(run: str | Path, data: str | Path, split: str, out: str | Path, n_b
     `lung_model`: lung segmentation checkpoint for the diagnostics' lung fields (see `diagnose`)."""
     pred, meta, provenance = predictions(run, data, split, device, images=images)
     positive = meta["classes"][int(meta["positive_index"])]
-    metrics = evaluate_predictions(pred, meta["threshold"], meta["threshold_method"], n_boot=n_boot,
+    scored = pred[pred["status"] == "scored"].reset_index(drop=True)
+    if scored.empty:
+        raise InputError(f"{data}: the run's gate refused all {len(pred)} images ({refusal_counts(pred)}); "
+                         "nothing to evaluate")
+    metrics = evaluate_predictions(scored, meta["threshold"], meta["threshold_method"], n_boot=n_boot,
                                    provenance=provenance, positive_label=positive)
-    metrics["ood"] = ood_summary(pred, meta["threshold"], run, positive)
+    metrics["refused"], metrics["n_refused"] = refusal_counts(pred), int(len(pred) - len(scored))
+    metrics["ood"] = ood_summary(scored, meta["threshold"], run, positive)
     title = title or f"{Path(run).name} on {Path(data).name} ({split})"
     sections = [("Can these predictions be trusted?", trust_html(metrics["ood"])), *extra_sections]
     write_report(out, pred, metrics, title, provenance, sections)  # on disk before the slower checks start

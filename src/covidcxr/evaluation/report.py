@@ -159,6 +159,10 @@ def render_html(
         f'{number(metrics["threshold"])} ({html.escape(str(metrics["threshold_method"]))}); '
         "95 % intervals from a patient-level bootstrap."
     )
+    if metrics.get("n_refused"):
+        why = "; ".join(f"{n} {html.escape(reason)}" for reason, n in metrics["refused"].items())
+        summary += (f'<br><b>{metrics["n_refused"]} image(s) refused by the gate</b> (not frontal chest radiographs, '
+                    f"so not scored and not in any figure here): {why}.")
     if metrics.get("note"):
         summary += f'<br><span class="note">{html.escape(metrics["note"])}</span>'
 
@@ -195,18 +199,19 @@ def write_report(
 ) -> Path:
     """Write predictions.csv, metrics.json, roc/confusion/calibration/scores.png and report.html; returns the page.
 
-    `metrics` is evaluate_predictions' output for `pred_df`; `extra_sections` are (heading, HTML body) pairs
-    shown near the top.
+    `metrics` is evaluate_predictions' output for the scored rows of `pred_df` (rows whose `status` is not "scored",
+    when there is such a column, are listed in predictions.csv without a prediction and counted in the page);
+    `extra_sections` are (heading, HTML body) pairs shown near the top.
     """
-    if len(pred_df) != metrics["n"]:
-        raise ValueError(f"metrics are for {metrics['n']} predictions but {len(pred_df)} were given")
+    scored = pred_df[pred_df["status"] == "scored"] if "status" in pred_df else pred_df
+    if len(scored) != metrics["n"]:
+        raise ValueError(f"metrics are for {metrics['n']} predictions but {len(scored)} were given")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pred_df.assign(pred=(pred_df["score"] >= metrics["threshold"]).astype(int)).to_csv(
-        out / "predictions.csv", index=False
-    )
+    called = (pred_df["score"] >= metrics["threshold"]).astype("Int64").mask(pred_df["score"].isna())
+    pred_df.assign(pred=called).to_csv(out / "predictions.csv", index=False)
     write_metrics(metrics, out / "metrics.json")
-    figures = draw_figures(out, pred_df, metrics)
+    figures = draw_figures(out, scored, metrics)
     page = out / "report.html"
-    page.write_text(render_html(title, pred_df, metrics, figures, provenance, extra_sections), encoding="utf-8")
+    page.write_text(render_html(title, scored, metrics, figures, provenance, extra_sections), encoding="utf-8")
     return page

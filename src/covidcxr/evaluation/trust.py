@@ -20,9 +20,9 @@ def ood_summary(pred: pd.DataFrame, threshold: float, run: str | Path, positive_
     has_reference = (Path(run) / "val_predictions.csv").is_file()  # runs trained before it was written lack it
     reference = reference_scores(run) if has_reference else np.zeros(0)
     shift = shift_test(reference, pred["score"].to_numpy(), threshold, positive_label)
-    if pred["in_distribution"].isna().all():
-        return {"guard": False, "note": "this run has no guard (RUN/guard.json): nothing is claimed per image",
-                "shift": shift}
+    if "in_distribution" not in pred or pred["in_distribution"].isna().all():
+        return {"guard": False, "note": "this run has no member guard (opt-in: reproduce --guard); the gate decides "
+                "which images are scored", "shift": shift}
     accepted = pred["in_distribution"].astype(bool).to_numpy()
     wrong = ((pred["score"] >= threshold).astype(int) != pred["y"]).to_numpy()
     kept = pred[accepted]

@@ -52,7 +52,8 @@ def guard_fold(fold_run: Path, members: list[Path], data: Path) -> float | None:
     val = pd.read_csv(fold_run / "val_predictions.csv")
     fit = patient_uniform(val["patient_id"].astype(str), seed=14) < 0.5
     attach_guard(fold_run, members, data, paths=val.loc[fit, "path"], density=not members)
-    _, _, accepted = Scorer.from_run(fold_run, "cpu").assess(squares_for(data, val.loc[~fit, "path"]))
+    scorer = Scorer.from_run(fold_run, "cpu", guard=True, gate=False)
+    _, _, accepted = scorer.assess(squares_for(data, val.loc[~fit, "path"]))
     return float(np.mean(accepted)) if accepted is not None and len(accepted) else None
 
 

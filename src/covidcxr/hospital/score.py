@@ -1,7 +1,9 @@
-"""One DICOM instance from a PACS or a modality -> skipped, failed, or scored with its report stored; all recorded.
+"""One DICOM instance from a PACS or a modality -> skipped, refused, failed, or scored with its report stored; all
+recorded.
 
 `watch` and `listen` differ only in how instances arrive and how reports leave (the `store` callable), so both get
-exactly this: the chest check, `covidcxr predict`'s scoring of the file, the SR (and Grad-CAM capture), the state.
+exactly this: the chest check, `covidcxr predict`'s gate and scoring of the file, the SR (and Grad-CAM capture), the
+state. An instance the gate refuses gets no finding in the PACS; its reason is in the state.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def not_chest(modality: str | None, body_part: str | None = None) -> str | None:
 
 @dataclass
 class Result:
-    status: str  # scored | skipped | failed | pending
+    status: str  # scored | skipped (not a radiograph by its tags) | refused (by the gate) | failed | pending
     reason: str | None = None
     prediction: Prediction | None = None
     outputs: list[Dataset] = field(default_factory=list)
@@ -65,7 +67,7 @@ class Screener:
                 self.state.record(str(output.SOPInstanceUID), study, "output", reason=f"written for {uid}")
         p = result.prediction
         self.state.record(uid, study, result.status, reason=result.reason, model_id=self.predictor.model_id,
-                          **({} if p is None or p.error else _columns(p, result.outputs)))
+                          **({} if p is None or p.status != "scored" else _columns(p, result.outputs)))
         return self.report(uid, result)
 
     def skip(self, uid: str, study: str | None, reason: str) -> Result:
@@ -91,8 +93,9 @@ class Screener:
             except (ValueError, TypeError, AttributeError, KeyError) as exc:
                 return Result("failed", f"cannot write the DICOM dataset ({exc})".splitlines()[0])
             prediction = self.predictor.predict_paths([path])[0]
-            if prediction.error:
-                return Result("failed", prediction.error, prediction)
+            if prediction.status != "scored":  # refused by the gate (no finding is written), or unreadable
+                return Result("refused" if prediction.status == "refused" else "failed", prediction.reason,
+                              prediction)
             try:
                 outputs: list[Dataset] = [structured_report(ds, prediction, self.predictor.model_id)]
                 if self.cam:
@@ -112,8 +115,8 @@ class Screener:
             assert p is not None  # assess gives every scored result its prediction
             log.info("scored %s: P(covid) %.3f, %s (threshold %.3f); report %s", uid, p.probability,
                      finding(p).meaning, p.threshold, result.outputs[0].SOPInstanceUID)
-        elif result.status == "skipped":
-            log.info("skipped %s: %s", uid, result.reason)
+        elif result.status in ("skipped", "refused"):
+            log.info("%s %s: %s", result.status, uid, result.reason)
         elif result.status == "pending":
             log.warning("%s: %s; will try again (at most %d attempts)", uid, result.reason, MAX_ATTEMPTS)
         else:
@@ -122,7 +125,5 @@ class Screener:
 
 
 def _columns(p: Prediction, outputs: list[Dataset]) -> dict:
-    in_distribution = getattr(p, "in_distribution", None)
     return {"probability": p.probability, "label": p.label, "threshold": p.threshold,
-            "in_distribution": None if in_distribution is None else int(in_distribution),
             "report_uid": str(outputs[0].SOPInstanceUID) if outputs else None}

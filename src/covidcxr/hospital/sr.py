@@ -18,7 +18,6 @@ from highdicom.sr import (
     CodedConcept,
     ComprehensiveSR,
     ContainerContentItem,
-    ContentItem,
     ContentSequence,
     ImageContentItem,
     NumContentItem,
@@ -37,8 +36,6 @@ SUSPECTED = CodedConcept("SUSPECTED", SCHEME, "COVID-19 suspected")
 NOT_SUSPECTED = CodedConcept("NOT-SUSPECTED", SCHEME, "COVID-19 not suspected")
 PROBABILITY = CodedConcept("PROBABILITY", SCHEME, "Probability of COVID-19")
 THRESHOLD = CodedConcept("THRESHOLD", SCHEME, "Decision threshold")
-OUT_OF_DISTRIBUTION = CodedConcept("OOD", SCHEME, "Image unlike the training images")
-OOD_SCORE = CodedConcept("OOD-SCORE", SCHEME, "Out-of-distribution score")
 UNITLESS = CodedConcept("1", "UCUM", "no units")
 DISCLAIMER = "covidcxr is a research tool, not a medical device: not for diagnosis or treatment decisions."
 MANUFACTURER = "covidcxr"
@@ -69,13 +66,12 @@ def header(source: Dataset) -> Dataset:
 
 def structured_report(source: Dataset, prediction: Prediction, model_id: str) -> ComprehensiveSR:
     """The screening result for one scored radiograph, in the radiograph's study."""
-    assert prediction.probability is not None  # only a prediction without an error is reported
+    assert prediction.probability is not None  # only a scored prediction is reported
     source = header(source)
     items = [
         CodeContentItem(QUALITATIVE, finding(prediction), relationship_type="CONTAINS"),
         NumContentItem(PROBABILITY, prediction.probability, UNITLESS, relationship_type="CONTAINS"),
         NumContentItem(THRESHOLD, prediction.threshold, UNITLESS, relationship_type="CONTAINS"),
-        *_distribution_items(prediction),
         ImageContentItem(codes.DCM.SourceOfMeasurement, source.SOPClassUID, source.SOPInstanceUID,
                          relationship_type="CONTAINS"),
         TextContentItem(codes.DCM.Comment, DISCLAIMER, relationship_type="CONTAINS"),
@@ -92,22 +88,8 @@ def structured_report(source: Dataset, prediction: Prediction, model_id: str) ->
 
 def finding(prediction: Prediction) -> CodedConcept:
     """The qualitative evaluation: suspected at or above the run's threshold (as `covidcxr predict` labels it)."""
-    assert prediction.probability is not None  # only a prediction without an error is reported
+    assert prediction.probability is not None  # only a scored prediction is reported
     return SUSPECTED if prediction.probability >= prediction.threshold else NOT_SUSPECTED
-
-
-def _distribution_items(prediction: Prediction) -> list[ContentItem]:
-    """The out-of-distribution flag and score, for models that have a guard (others leave in_distribution None)."""
-    in_distribution = getattr(prediction, "in_distribution", None)
-    if in_distribution is None:
-        return []
-    items: list[ContentItem] = [
-        CodeContentItem(OUT_OF_DISTRIBUTION, codes.SCT.No if in_distribution else codes.SCT.Yes,
-                        relationship_type="CONTAINS")]
-    score = getattr(prediction, "ood_score", None)
-    if score is not None:
-        items.append(NumContentItem(OOD_SCORE, float(score), UNITLESS, relationship_type="CONTAINS"))
-    return items
 
 
 def cam_capture(source: Dataset, overlay: np.ndarray, model_id: str) -> SCImage:

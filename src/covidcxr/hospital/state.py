@@ -1,8 +1,9 @@
 """What a watcher or listener has done, per SOPInstanceUID, in SQLite: so a restart neither scores twice nor misses.
 
-Statuses: scored (result stored in the PACS), skipped (not a chest radiograph), failed (unreadable, or gave up after
-MAX_ATTEMPTS), pending (a transient refusal; tried again next time), output (a report or capture covidcxr wrote).
-Every status but pending is final.
+Statuses: scored (result stored in the PACS), skipped (not a chest radiograph by its tags), refused (the run's gate
+refused the image: `reason` says why, and no finding is written), failed (unreadable, or gave up after MAX_ATTEMPTS),
+pending (a transient refusal; tried again next time), output (a report or capture covidcxr wrote). Every status but
+pending is final.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 MAX_ATTEMPTS = 3
-FINAL = ("scored", "skipped", "failed", "output")
+FINAL = ("scored", "skipped", "refused", "failed", "output")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -23,7 +24,6 @@ CREATE TABLE IF NOT EXISTS instances (
     probability REAL,
     label TEXT,
     threshold REAL,
-    in_distribution INTEGER,
     model_id TEXT,
     report_uid TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,

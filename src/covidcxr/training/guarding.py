@@ -53,8 +53,8 @@ def attach_guard(run: str | Path, members: Sequence[str | Path], data: str | Pat
         squares = squares_for(data or run_data(run), val["path"] if paths is None else paths)
     names = [f"member-{i}.pt" for i in range(len(members))]
     sizes = [store_member(m, run, n) for m, n in zip(members, names)]
-    scorer = Scorer.from_run(run, "cpu")  # the stored members, without a guard yet
-    scorer.members = [Scorer.from_run(run / GUARD_DIR, "cpu", n) for n in names]
+    scorer = Scorer.from_run(run, "cpu", gate=False)  # the stored members, without a guard yet
+    scorer.members = [Scorer.from_run(run / GUARD_DIR, "cpu", n, gate=False) for n in names]
     start = time.perf_counter()
     scores, member_scores = scorer.scores(squares), scorer.member_scores(squares)
     features = scorer.features(squares) if density else None

@@ -34,6 +34,7 @@ from covidcxr.preprocess.augment import augment_batch
 from covidcxr.preprocess.transform import Preprocess, PreprocessSpec
 from covidcxr.scoring import predict_probs
 from covidcxr.training.distributed import check_ranks_agree, init_distributed
+from covidcxr.training.gate import fit_gate
 from covidcxr.training.rundata import load_data
 from covidcxr.training.runfiles import (
     cut_history,
@@ -45,6 +46,7 @@ from covidcxr.training.runfiles import (
     write_run_files,
 )
 from covidcxr.training.schedule import batches_per_epoch, class_weights, epoch_order, lr_lambda, seed_everything
+from covidcxr.trust.gate import GATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -278,11 +280,15 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume: bool = False, keep_last: bool = False) -> Path:
-    """Fine-tune as configured; returns the run folder. `keep_last` keeps the finished run's resumable last.pt."""
+    """Fine-tune as configured, then fit the run's gate (unless `cfg.gate.enabled` is off); returns the run folder.
+    `keep_last` keeps the finished run's resumable last.pt."""
     tasks.check_task(cfg.task)
     trainer = Trainer(cfg, resume, keep_last)
     try:
-        return trainer.fit()
+        run = trainer.fit()
     finally:
         if trainer.d.world > 1:
             dist.destroy_process_group()
+    if trainer.d.main and cfg.gate.enabled and not (run / GATE_FILE).is_file():
+        fit_gate(run, cfg.data, cfg.gate, cfg.seed)
+    return run

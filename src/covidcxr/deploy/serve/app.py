@@ -42,17 +42,11 @@ if TYPE_CHECKING:  # torch's Predictor or the engine's EnginePredictor: the same
 MULTIPART_SLACK_BYTES = 64 * 1024  # form framing around the file; the file itself is checked exactly
 PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 ACCEPTED = "PNG, JPEG, TIFF, BMP or DICOM"
-WITHHELD = "withheld: out of distribution"  # the label logged for an answer whose label --reject-ood withheld
 
 
 class Prediction(BaseModel):
     probability: float = Field(description="probability of the positive class, in [0, 1]")
-    label: str | None = Field(description="label at the threshold; null when withheld (--reject-ood and the image "
-                                          "is out of distribution)")
-    in_distribution: bool | None = Field(description="the run's guard accepts the image as like its training data; "
-                                                     "null when the run has no guard")
-    ood_score: float | None = Field(description="typicality: higher is less typical; above the guard's threshold is "
-                                                "out of distribution")
+    label: str = Field(description="label at the threshold")
     threshold: float
     model_id: str
     heatmap: str | None = Field(description="Grad-CAM overlay as a PNG data URL, when cam=true")
@@ -101,13 +95,17 @@ def _read_upload(file: UploadFile, filename: str, limit: int) -> bytes:
 
 def _decode_upload(predictor: Predictor | EnginePredictor, file: UploadFile, filename: str,
                    limit: int) -> tuple[str, np.ndarray]:
-    """(SHA-256, cache square) of an upload: everything before the model, run on a request thread."""
+    """(SHA-256, cache square) of an upload: everything before the model, the gate included, run on a request
+    thread; an image the gate refuses is a 422 whose detail is its reason."""
     data = _read_upload(file, filename, limit)
     _require_image_content(data, filename)
     try:
         square = predictor.read_bytes(data, filename)
     except ImageReadError as exc:
         raise HTTPException(422, str(exc)) from None
+    verdict = predictor.check(square[None])[0]
+    if verdict is not None and not verdict.accepted:
+        raise HTTPException(422, f"{filename}: refused: {verdict.reason}")
     return hashlib.sha256(data).hexdigest(), square
 
 
@@ -138,8 +136,7 @@ def create_app(predictor: Predictor | EnginePredictor, cfg: ServeConfig | None =
     `cfg.log_path` names (by default in the predictor's run folder).
 
     With a `token`, every /api request must send `Authorization: Bearer <token>` (else 401); it is an argument, not a
-    setting, because settings are saved to disk. `cfg.reject_ood` withholds the label of images the run's guard
-    calls out of distribution (the score is always given)."""
+    setting, because settings are saved to disk."""
     cfg = cfg or ServeConfig()
     log = PredictionLog(cfg.log_path(predictor.spec.run_dir))
     batcher = Batcher(predictor, cfg.max_batch, cfg.max_wait_ms)
@@ -189,21 +186,21 @@ def _api(predictor: Predictor | EnginePredictor, cfg: ServeConfig, batcher: Batc
         file: UploadFile = File(description=f"chest X-ray: {ACCEPTED}"),
         cam: bool = Query(False, description="also return a Grad-CAM overlay"),
     ) -> Prediction:
-        """Score one uploaded image. Errors: 413 too large; 415 not an image; 422 an image that cannot be used
-        (no pixel data, corrupt, absurd size: `detail` is one line) or a malformed form (`detail` is a list)."""
+        """Score one uploaded image. Errors: 413 too large; 415 not an image; 422 an image that is not scored: the
+        gate refused it (not a frontal chest radiograph: `detail` says why and, for a turned or inverted film, how
+        to fix it) or it cannot be used (no pixel data, corrupt, absurd size), `detail` one line; or a malformed
+        form (`detail` is a list)."""
         filename = file.filename or "upload"
         decode = partial(_decode_upload, predictor, file, filename, cfg.max_upload_bytes)
         digest, square = await anyio.to_thread.run_sync(decode, limiter=threads)
-        probability, ood_score, accepted = await batcher.score(square)
+        probability = await batcher.score(square)
         heatmap = (await batcher.explain(square))[1] if cam else None
         if monitor:
             monitor.add(probability)
-        label = None if cfg.reject_ood and accepted is False else predictor.spec.label_for(probability)
-        out = Prediction(probability=probability, label=label, in_distribution=accepted, ood_score=ood_score,
+        out = Prediction(probability=probability, label=predictor.spec.label_for(probability),
                          threshold=predictor.threshold, model_id=predictor.model_id, heatmap=_data_url(heatmap),
                          sha256=digest)
-        record = LogRecord(utc_now(), digest, filename, out.probability, out.label or WITHHELD, out.threshold,
-                           out.model_id)
+        record = LogRecord(utc_now(), digest, filename, out.probability, out.label, out.threshold, out.model_id)
         log.add(record)  # on the loop: one short insert (WAL, no fsync) costs less than a thread hop
         return out
 

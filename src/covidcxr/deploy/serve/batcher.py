@@ -56,9 +56,9 @@ class Batcher:
         await asyncio.gather(self._worker, return_exceptions=True)
         self._model_thread.shutdown(wait=True)
 
-    async def score(self, square: np.ndarray) -> tuple[float, float | None, bool | None]:
-        """(probability of the positive class, ood_score, in_distribution) for one cache square, scored in a batch
-        with whatever else is waiting; the last two are None when the run has no guard."""
+    async def score(self, square: np.ndarray) -> float:
+        """The probability of the positive class for one cache square, scored in a batch with whatever else is
+        waiting."""
         future = asyncio.get_running_loop().create_future()
         assert self._queue is not None  # set by start()
         await self._queue.put((square, future))
@@ -86,13 +86,11 @@ class Batcher:
             batch = await self._next_batch()
             squares = np.stack([square for square, _ in batch])
             try:
-                scores, ood, accepted = await loop.run_in_executor(self._model_thread, self.predictor.scorer.assess,
-                                                                   squares)
+                scores = await loop.run_in_executor(self._model_thread, self.predictor.scorer.scores, squares)
             except Exception as exc:  # noqa: BLE001 - a failed pass is every waiting request's error, not the worker's
-                outcomes: list[Exception | tuple[float, float | None, bool | None]] = [exc] * len(batch)
+                outcomes: list[Exception | float] = [exc] * len(batch)
             else:
-                outcomes = [(float(p), None if ood is None else float(ood[i]),
-                             None if accepted is None else bool(accepted[i])) for i, p in enumerate(scores)]
+                outcomes = [float(p) for p in scores]
                 self.stats.images += len(batch)
                 self.stats.passes += 1
             for (_, future), outcome in zip(batch, outcomes):

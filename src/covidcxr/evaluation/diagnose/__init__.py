@@ -63,7 +63,7 @@ def diagnose(run: str | Path, data: str | Path, out: str | Path, split: str | No
     copy when it was trained with crop="lungs", else the heuristic of lungs/heuristic.py.
     """
     run, out = Path(run), Path(out)
-    scorer = Scorer.from_run(run, device)
+    scorer = Scorer.from_run(run, device, gate=False)
     spec, dev = scorer.spec, scorer.device
     cache = ImageCache(data)
     split = split or ("test" if _holds_test_images(run, cache) else "all")

@@ -1,0 +1,167 @@
+"""Fit a run's gate (covidcxr.trust.gate): a small CNN on 48 px thumbnails that tells a frontal chest radiograph from
+a rotated or inverted film, a lateral view, another modality, a photograph or screenshot, a document, and a blank or
+noise image.
+
+Positives are the run's own training films, augmented (small rotations, scale, shifts, gamma, contrast, mirror
+images: a mirrored film is still a frontal film, and a rotation's direction is where the head points, mirrored or
+not). Rotated and inverted classes are the same films turned and inverted in the loop. The other kinds come from
+covidcxr.trust.negatives. The acceptance threshold is set on the run's validation films, which the network never
+saw, so that nearly all of them pass; it never rises above 0.5 (the network's own call).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from covidcxr.config import GateSettings, to_dict
+from covidcxr.data.cache import ImageCache
+from covidcxr.trust import negatives
+from covidcxr.trust.gate import CLASSES, GATE_FILE, GATE_GRAPH, REASONS
+from covidcxr.trust.negatives import THUMB, thumbnail
+
+log = logging.getLogger(__name__)
+
+ACCEPT_QUANTILE = 0.005  # the threshold lets through all but this share of the run's validation films
+TRANSFORMED = ("rotated_cw", "rotated_180", "rotated_ccw", "inverted")  # made from the frontal films in the loop
+ROTATION = {"rotated_cw": -1, "rotated_180": 2, "rotated_ccw": 1}  # torch.rot90's k (positive: counter-clockwise)
+
+
+def network(classes: int = len(CLASSES)) -> nn.Module:
+    """Four conv blocks (48 -> 3 px) keep where things are (orientation) and a small head reads it."""
+    def block(i: int, o: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+    return nn.Sequential(block(1, 12), block(12, 24), block(24, 48), block(48, 48), nn.Flatten(),
+                         nn.Linear(48 * (THUMB // 16) ** 2, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, classes))
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random small rotation, scale and shift, mirror, gamma, contrast and brightness for (B, 1, G, G) in [0, 1]."""
+    b = x.shape[0]
+    angle = (torch.rand(b, generator=g) - 0.5) * np.deg2rad(24)
+    scale = 1 + (torch.rand(b, generator=g) - 0.5) * 0.3
+    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    shift = (torch.rand(b, 2, generator=g) - 0.5) * 0.16
+    cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
+    rows = [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)]
+    theta = torch.stack(rows, 1)
+    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode="border",
+                      align_corners=False).clamp(0, 1)
+    x = x ** torch.exp((torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.8)
+    mean = x.mean((2, 3), keepdim=True)
+    contrast = 1 + (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.5
+    brightness = (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 0.2
+    return ((x - mean) * contrast + mean + brightness).clamp(0, 1)
+
+
+def make_class(kind: str, pools: dict[str, torch.Tensor], count: int, g: torch.Generator) -> torch.Tensor:
+    """`count` augmented examples of one class, (count, 1, G, G)."""
+    source = pools["frontal"] if kind in TRANSFORMED else pools[kind]
+    x = augment(source[torch.randint(0, len(source), (count,), generator=g)][:, None], g)
+    if kind in ROTATION:
+        return torch.rot90(x, ROTATION[kind], (2, 3))
+    return 1 - x if kind == "inverted" else x
+
+
+def film_thumbs(data: str | Path, paths: pd.Series) -> np.ndarray:
+    """Thumbnails of an ingested data folder's films, by manifest path."""
+    cache = ImageCache(data)
+    index = cache.manifest().set_index("path")["cache_index"]
+    squares = cache.load(index.loc[paths].to_numpy()).numpy()
+    return np.stack([thumbnail(s) for s in squares]) if len(squares) else np.zeros((0, THUMB, THUMB), np.float32)
+
+
+def negative_pools(train: np.ndarray, settings: GateSettings, seed: int = 0) -> dict[str, np.ndarray]:
+    """Every refusable kind the gate can be shown: made here, shipped by packages, or in `settings.negatives`."""
+    rng = np.random.default_rng(seed)
+    pools = {k: list(v) for k, v in negatives.package_pools(rng).items()}
+    pools["document"] += [negatives.document(rng) for _ in range(150)]
+    pools["blank_or_noise"] = [negatives.blank_or_noise(rng) for _ in range(300)]
+    pools["photograph"] += [negatives.screenshot(train[i], rng) for i in rng.integers(0, len(train), 150)]
+    if settings.negatives:
+        for kind, thumbs in negatives.folder_pools(settings.negatives, seed=seed).items():
+            pools.setdefault(kind, []).extend(thumbs)
+    return {k: np.stack(v).astype(np.float32) for k, v in pools.items() if v}
+
+
+def fit_network(pools: dict[str, np.ndarray], settings: GateSettings, seed: int = 0) -> tuple[nn.Module, list[str]]:
+    """Train the gate network; returns it (eval mode) and the classes it was shown."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    shown = [k for k in CLASSES if k in TRANSFORMED or k in pools]
+    tensors = {k: torch.from_numpy(v) for k, v in pools.items()}
+    model = network()
+    optimizer = torch.optim.AdamW(model.parameters(), settings.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps)
+    frontal = settings.batch_size // 4  # a quarter of every batch is upright films, the rest spread over the kinds
+    others = [k for k in shown if k != "frontal"]
+    model.train()
+    for _ in range(settings.steps):
+        picks = torch.randint(0, len(others), (settings.batch_size - frontal,), generator=g)
+        counts = {"frontal": frontal, **{k: int((picks == i).sum()) for i, k in enumerate(others)}}
+        x = torch.cat([make_class(k, tensors, n, g) for k, n in counts.items() if n])
+        y = torch.cat([torch.full((n,), CLASSES.index(k)) for k, n in counts.items() if n])
+        loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval(), shown
+
+
+class _WithSoftmax(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).softmax(1)
+
+
+def export_gate(model: nn.Module, out: Path) -> None:
+    """The network as ONNX: input `thumbnails` (N, 1, G, G) float32 in [0, 1], output `probabilities` (N, classes)."""
+    example = torch.zeros(2, 1, THUMB, THUMB)
+    program = torch.onnx.export(_WithSoftmax(model).eval(), (example,), input_names=["thumbnails"],
+                                output_names=["probabilities"], verbose=False,
+                                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
+    assert program is not None  # the torch.export-based exporter always returns its program
+    program.save(str(out))
+
+
+@torch.no_grad()
+def frontal_probability(model: nn.Module, thumbs: np.ndarray) -> np.ndarray:
+    return model(torch.from_numpy(thumbs)[:, None]).softmax(1)[:, 0].numpy() if len(thumbs) else np.zeros(0)
+
+
+def fit_gate(run: str | Path, data: str | Path, settings: GateSettings | None = None, seed: int = 0) -> dict:
+    """Fit RUN/gate.onnx + RUN/gate.json on the run's training films (split.csv); returns gate.json's content."""
+    settings, run = settings or GateSettings(), Path(run)
+    start = time.perf_counter()
+    split = pd.read_csv(run / "split.csv")
+    train = film_thumbs(data, split.loc[split["split"] == "train", "path"])
+    val = film_thumbs(data, split.loc[split["split"] == "val", "path"])
+    pools = {"frontal": train, **negative_pools(train, settings, seed)}
+    model, shown = fit_network(pools, settings, seed)
+    p_val = frontal_probability(model, val)
+    threshold = float(min(0.5, np.quantile(p_val, ACCEPT_QUANTILE))) if len(p_val) else 0.5
+    export_gate(model, run / GATE_GRAPH)
+    info = {"classes": list(CLASSES), "reasons": REASONS, "threshold": threshold, "thumbnail": THUMB,
+            "kinds_shown": shown, "kinds_not_shown": [k for k in CLASSES if k not in shown],
+            "examples": {k: int(len(v)) for k, v in pools.items()},
+            "validation_films": int(len(val)), "validation_accepted": float((p_val >= threshold).mean())
+            if len(p_val) else None,
+            "settings": {**to_dict(settings), "seed": seed}, "fit_seconds": round(time.perf_counter() - start, 1)}
+    (run / GATE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    missing = [k for k in CLASSES if k not in shown]
+    log.info("gate fitted in %.0f s on %d films: accepts %s of %d validation films%s", info["fit_seconds"], len(train),
+             "-" if not len(p_val) else f"{100 * float((p_val >= threshold).mean()):.1f} %", len(val),
+             f"; never shown {', '.join(missing)} (give --gate-negatives)" if missing else "")
+    return info
