@@ -40,9 +40,12 @@ SHARED_NOTE = ("The load average in the first line was read before the run: abov
 
 
 def write_random_run(run_dir: Path, image_size: int | None = None, cache_size: int | None = None,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, gate: bool = True) -> Path:
     """A run folder holding a random-weights gray AlexNet with the meta a Predictor needs (tests and benchmarks);
-    input side and cache size default to `covidcxr train`'s on a CPU and `covidcxr ingest`'s."""
+    input side and cache size default to `covidcxr train`'s on a CPU and `covidcxr ingest`'s.
+
+    With `gate`, also a gate (the real network and rules, briefly fitted) that accepts `chest_like_png` images and
+    refuses blank and noise ones: every request then pays the gate's cost, as it does in a trained run."""
     import torch
 
     from covidcxr.config import AugmentConfig, IngestConfig, to_dict
@@ -64,7 +67,21 @@ def write_random_run(run_dir: Path, image_size: int | None = None, cache_size: i
         "threshold_method": "fixed (random weights)",
     }
     save_checkpoint(run_dir / "model.pt", build_model("alexnet", 2, weights="none"), meta)
+    if gate:
+        write_quick_gate(run_dir, seed)
     return run_dir
+
+
+def write_quick_gate(run_dir: Path, seed: int = 0) -> None:
+    """RUN/gate.onnx + gate.json fitted in a few seconds: chest-like images against blank and noise ones."""
+    from covidcxr.config import GateSettings
+    from covidcxr.training.gate import build_gate
+    from covidcxr.trust.negatives import blank_or_noise, thumbnail
+
+    films = np.stack([thumbnail(np.asarray(Image.open(io.BytesIO(chest_like_png(seed=s))))) for s in range(24)])
+    rng = np.random.default_rng(seed)
+    noise = np.stack([blank_or_noise(rng) for _ in range(48)])
+    build_gate(run_dir, {"frontal": films, "blank_or_noise": noise}, films[:8], GateSettings(steps=40), seed)
 
 
 def chest_like_png(side: int = 512, seed: int = 0) -> bytes:

@@ -15,12 +15,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from covidcxr.config import ServeConfig
 from covidcxr.deploy.predict import Predictor
 from covidcxr.deploy.serve.app import create_app
 from covidcxr.deploy.serve.log import PredictionLog
 from covidcxr.model.cam import OVERLAY_MIN_SIDE
+from covidcxr.trust.gate import REASONS
 from servers import background_server, bench_serve
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # a real server and a headless Chromium
@@ -80,6 +82,7 @@ def test_upload_shows_probability_and_heatmap(predictor, browser, tmp_path: Path
     bench = bench_serve()
     (tmp_path / "chest.png").write_bytes(bench.chest_like_png(384))
     (tmp_path / "notes.png").write_text("not an image\n")
+    Image.new("L", (300, 300), 128).save(tmp_path / "blank.png")
     with background_server(create_app(predictor, ServeConfig(db=str(tmp_path / "log.sqlite")))) as url:
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         outside = _only_loopback(page, url)
@@ -98,6 +101,10 @@ def test_upload_shows_probability_and_heatmap(predictor, browser, tmp_path: Path
 
         page.set_input_files("#file-input", str(tmp_path / "notes.png"))
         sync_api.expect(page.locator("#error")).to_have_text(re.compile(r"^notes\.png: not a supported image"))
+        sync_api.expect(page.locator("#result")).to_be_hidden()
+
+        page.set_input_files("#file-input", str(tmp_path / "blank.png"))  # the gate's refusal, in its own words
+        sync_api.expect(page.locator("#error")).to_have_text(f"blank.png: refused: {REASONS['blank_or_noise']}")
         sync_api.expect(page.locator("#result")).to_be_hidden()
     assert len(PredictionLog(tmp_path / "log.sqlite").records()) == 1
     assert outside == []

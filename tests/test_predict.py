@@ -1,4 +1,5 @@
-"""`covidcxr predict`: good files scored, each broken file its own line with the reason, exit code 1."""
+"""`covidcxr predict`: good files scored, each broken file its own line (status unreadable) with the reason, exit
+code 1. The good files are toy films like those the shared tiny run's gate was fitted on, so it scores them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import run_cli, xray
 from covidcxr import cli
 from covidcxr.evaluation.evaluate import predictions
 from covidcxr.model.cam import OVERLAY_MIN_SIDE
@@ -25,9 +26,10 @@ MISSING = "no_such_file.png"
 def mixed(tmp_path, images) -> Path:
     """A folder of good PNG/JPEG/DICOM X-rays and broken files, plus a metadata file that is not an image."""
     folder = tmp_path / "in"
-    images.save(folder / GOOD[0], images.smooth(0))
-    images.save(folder / GOOD[1], images.smooth(1), quality=95)
-    images.dicom(folder / GOOD[2], np.rint(images.smooth(2) * 4095))
+    films = [xray(np.random.default_rng(i), covid=i % 2 == 0) for i in range(3)]
+    images.save(folder / GOOD[0], films[0])
+    images.save(folder / GOOD[1], films[1], quality=95)
+    images.dicom(folder / GOOD[2], np.rint(films[2] * 4095))
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.png").write_text("not a picture, just text with a .png name\n")
     images.truncated_png(folder / "cut.png", images.smooth(3))
@@ -47,11 +49,12 @@ def _check_rows(rows: dict[str, dict], threshold: float) -> None:
     for name in GOOD:
         r = rows[name]
         p = float(r["probability"])
-        assert 0 <= p <= 1 and not r["error"], name
+        assert 0 <= p <= 1 and r["status"] == "scored" and not r["reason"], name
         assert r["label"] == ("covid" if p >= threshold else "normal")
         assert float(r["threshold"]) == pytest.approx(threshold)
     for name, reason in {**BROKEN, MISSING: "file not found"}.items():
-        assert reason in rows[name]["error"] and rows[name]["probability"] in (None, ""), name
+        assert rows[name]["status"] == "unreadable" and reason in rows[name]["reason"], name
+        assert rows[name]["probability"] in (None, ""), name
 
 
 def test_json_output_scores_good_files_lists_broken_ones_and_writes_cams(tiny_run, predictor, mixed, tmp_path, capsys):
@@ -87,7 +90,7 @@ def test_table_gives_each_file_its_own_line(tiny_run, predictor, mixed, capsys):
     assert len(lines) == len(GOOD) + len(BROKEN) + 1
     for name, reason in {**BROKEN, MISSING: "file not found"}.items():
         line = next(line for line in lines if Path(line.split()[0]).name == name)
-        assert "ERROR" in line and reason in line
+        assert "UNREADABLE" in line and reason in line
     for name in GOOD:
         line = next(line for line in lines if Path(line.split()[0]).name == name)
         assert line.split()[2] in ("covid", "normal")
@@ -98,7 +101,7 @@ def test_all_good_inputs_exit_0_and_an_empty_folder_is_reported(tiny_run, mixed,
     assert code == 0 and len(json.loads(out)) == len(GOOD)
     (tmp_path / "nothing").mkdir()
     code, out, _ = _predict(capsys, tiny_run, str(tmp_path / "nothing"), "--format", "json")
-    assert code == 1 and "no image files" in json.loads(out)[0]["error"]
+    assert code == 1 and "no image files" in json.loads(out)[0]["reason"]
 
 
 def test_paths_and_bytes_score_identically(predictor, mixed):
@@ -129,8 +132,9 @@ def test_a_broken_symlink_gets_its_own_error_row_through_the_cli(tiny_run, mixed
     assert result.returncode == 1, result.stderr
     rows = {r["path"]: r for r in json.loads(result.stdout)}
     target = tmp_path / "archive/moved.png"
-    assert rows[str(mixed / "moved.png")]["error"] == f"broken symbolic link (points to {target}, which does not exist)"
-    assert rows[str(mixed / "sub/gone.dcm")]["error"].startswith("broken symbolic link (points to gone-for-good.dcm")
+    moved = rows[str(mixed / "moved.png")]
+    assert moved["reason"] == f"broken symbolic link (points to {target}, which does not exist)"
+    assert rows[str(mixed / "sub/gone.dcm")]["reason"].startswith("broken symbolic link (points to gone-for-good.dcm")
     assert all(rows[str(mixed / n)]["probability"] is not None for n in GOOD)  # the good files are still scored
     assert f"covidcxr: cannot score {mixed / 'moved.png'}: broken symbolic link" in result.stderr
 def test_threads_option_sets_torch_threads_and_keeps_the_scores(tiny_run, mixed, capsys):

@@ -33,5 +33,7 @@ def test_reproduce_writes_every_report_and_the_summary(tiny_data, tmp_path):
     rows = pd.read_csv(tmp_path / "trust.csv")
     calibrated = [c for c in rows.columns if c.endswith("_after_auc")]
     assert calibrated and all(f"{c}_ci95_low" in rows and f"{c}_ci95_high" in rows for c in calibrated)
-    assert (tmp_path / "main" / "run" / "guard.json").is_file()  # the deployed guard: the fold runs as members
-    assert json.loads((tmp_path / "main" / "report" / "metrics.json").read_text())["ood"]["guard"] is True
+    main_run = tmp_path / "main" / "run"
+    assert (main_run / "gate.json").is_file() and not (main_run / "guard.json").exists()
+    assert json.loads((tmp_path / "main" / "report" / "metrics.json").read_text())["ood"]["guard"] is False  # opt-in
+    assert "gate: held-out films scored" in trust

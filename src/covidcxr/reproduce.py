@@ -12,7 +12,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from covidcxr.config import IngestConfig, TrainConfig, save_json, to_dict
+from covidcxr.config import GateSettings, IngestConfig, TrainConfig, save_json, to_dict
 from covidcxr.data.cache import CACHE_META, ImageCache
 from covidcxr.data.ingest import ingest
 from covidcxr.data.splits import MIN_CLASS, external_folds
@@ -45,16 +45,19 @@ def prepare_data(data: str | Path, out: Path) -> Path:
     return out / "data"
 
 
+QUICK_GATE_STEPS = 100  # --quick: a gate that runs, not one to rely on
 EXTERNAL_EPOCHS = 4  # external-validation runs are shorter so that the whole job fits 20 minutes on 2 CPU cores;
 # from scratch their validation AUC peaked by the 3rd of 8 epochs (docs/results/reproduce/, 2026-12-02)
 
 
 def recipe(data: Path, out: Path, weights: str, device: str, quick: bool,
-           image_size: int | str = "auto") -> TrainConfig:
+           image_size: int | str = "auto", gate_negatives: str = "") -> TrainConfig:
     """The default training recipe (see README), made smaller with --quick (a smoke test, not a result)."""
-    cfg = TrainConfig(data=str(data), out=str(out), weights=weights, device=device, image_size=image_size)
+    cfg = TrainConfig(data=str(data), out=str(out), weights=weights, device=device, image_size=image_size,
+                      gate=GateSettings(negatives=gate_negatives))
     if quick:
-        cfg = replace(cfg, epochs=1, image_size=64, max_train_images=200, patience=1)
+        cfg = replace(cfg, epochs=1, image_size=64, max_train_images=200, patience=1,
+                      gate=replace(cfg.gate, steps=QUICK_GATE_STEPS))
     return cfg
 
 
@@ -122,14 +125,19 @@ def _external_words(main: dict, external: dict[str, dict]) -> str:
 
 
 def reproduce(data: str | Path, out: str | Path, weights: str = "auto", quick: bool = False, device: str = "auto",
-              n_boot: int = 1000, image_size: int | str = "auto") -> Path:
-    """Run everything; returns the path of summary.md."""
+              n_boot: int = 1000, image_size: int | str = "auto", guard: bool = False,
+              gate_negatives: str | Path = "") -> Path:
+    """Run everything; returns the path of summary.md.
+
+    `gate_negatives`: a folder of lateral films, CT slices, ... that every run's gate is also shown. `guard`: also
+    fit and measure the member guard (models trained with other sources held out; opt-in: it flagged few of the
+    wrong predictions at new sites, and costs the service more than half its throughput)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_data(data, out)
     weights, note = resolve_weights(weights, TrainConfig().arch)
     extra = [("Warning", f"<p>{html.escape(note)}</p>")] if note else []
-    cfg = recipe(data_dir, out / "main" / "run", weights, device, quick, image_size)
+    cfg = recipe(data_dir, out / "main" / "run", weights, device, quick, image_size, str(gate_negatives))
     save_json(cfg, out / "config.json")
     run = train(cfg, resume=(out / "main" / "run" / "last.pt").exists())
     folds = external_folds(ImageCache(data_dir).manifest(), cfg.task)
@@ -139,19 +147,19 @@ def reproduce(data: str | Path, out: str | Path, weights: str = "auto", quick: b
         fold_cfg = replace(cfg, out=str(fold_out / "run"), holdout_sources=held,
                            epochs=min(cfg.epochs, EXTERNAL_EPOCHS))
         fold_runs["+".join(held)] = train(fold_cfg, resume=(fold_out / "run" / "last.pt").exists())
-    if fold_runs:  # the deployed guard: the models trained with each source group held out
+    if guard and fold_runs:  # the member guard: the models trained with each source group held out
         attach_guard(run, [r / "model.pt" for r in fold_runs.values()], data_dir)
     main = evaluate(run, data_dir, "test", out / "main" / "report", n_boot=n_boot, title="In-distribution test split",
                     extra_sections=extra, device=device)
     external, trust_rows, calibration = {}, [], {}
     for held, (name, fold_run) in zip(folds, fold_runs.items()):
         fold_out = out / "external" / name
-        members = nested_members(cfg, held, folds, fold_out / "guard_members")
-        in_coverage = guard_fold(fold_run, members, data_dir)
+        members = nested_members(cfg, held, folds, fold_out / "guard_members") if guard else []
+        in_coverage = guard_fold(fold_run, members, data_dir) if guard else None
         external[name] = evaluate(fold_run, data_dir, "test", fold_out / "report", n_boot=n_boot, extra_sections=extra,
                                   title=f"External validation: trained without {name}", device=device,
                                   diagnostics=False)  # the shortcut checks are the main run's (time)
-        trust_rows.append(measure_fold(name, fold_run, external[name], in_coverage, len(members)))
+        trust_rows.append(measure_fold(name, external[name], in_coverage, len(members) if guard else None))
         calibration[name] = calibrate_rows(fold_run, data_dir, held, fold_out / "calibrate", min(n_boot, 200))
     trust = write_trust(out, trust_rows, calibration, main["ood"])
     diagnosis = out / "main" / "report" / "diagnose" / "verdict.md"

@@ -57,7 +57,8 @@ def _train(a: argparse.Namespace) -> int:
 
 def _reproduce(a: argparse.Namespace) -> int:
     from covidcxr.reproduce import reproduce
-    summary = reproduce(a.data, a.out, weights=a.weights, quick=a.quick, device=a.device, image_size=a.image_size)
+    summary = reproduce(a.data, a.out, weights=a.weights, quick=a.quick, device=a.device, image_size=a.image_size,
+                        guard=a.guard, gate_negatives=a.gate_negatives or "")
     print(f"summary: {summary}")
     return 0
 
@@ -139,6 +140,12 @@ def add_reproduce(sub: Commands) -> None:
     p.add_argument("--image-size", dest="image_size", type=IMAGE_SIZE_ARG, default="auto",
                    help="model input side for every run: auto = 224 on a GPU, 112 on a CPU (default auto)")
     p.add_argument("--quick", action="store_true", help="smaller, faster settings: a smoke test (default off)")
+    p.add_argument("--gate-negatives", dest="gate_negatives", metavar="DIR",
+                   help="folder of images every run's gate must refuse, e.g. lateral films and CT slices (as for "
+                        "train; default: none)")
+    p.add_argument("--guard", action="store_true",
+                   help="also fit and measure the member guard (models trained with other sources held out; it "
+                        "flags few wrong predictions at new sites and halves serving throughput; default off)")
     p.set_defaults(func=_reproduce)
 
 

@@ -1,11 +1,12 @@
 """Can a prediction be trusted at a new site? Measured under the cross-source protocol: each external fold's held-out
 sources play a new site.
 
-For each fold run: a guard whose members were trained without the fold's sources either (nested runs, shorter than
-the fold's: each also leaves out one other fold's sources); its threshold is set on half of the fold's validation
+For each fold run: how many of the held-out collections' frontal films its gate scores (the rest it refuses);
+whether the shift alarm fires; `calibrate` before/after with 20, 50 and 100 labelled site images; and, when asked
+for (`reproduce --guard`), the member guard: members trained without the fold's sources either (nested runs, shorter
+than the fold's: each also leaves out one other fold's sources), its threshold set on half of the fold's validation
 patients and its in-distribution coverage measured on the other half, beside the held-out images' coverage and the
-share of wrong held-out predictions it flags; whether the shift alarm fires; and `calibrate` before/after with 20,
-50 and 100 labelled site images. Writes DIR/trust.csv and DIR/trust.md (also in summary.md).
+share of wrong held-out predictions it flags. Writes DIR/trust.csv and DIR/trust.md (also in summary.md).
 """
 
 from __future__ import annotations
@@ -70,10 +71,12 @@ def calibrate_rows(fold_run: Path, data: Path, held: list[str], out: Path, n_boo
     return rows
 
 
-def measure_fold(name: str, fold_run: Path, metrics: dict, in_coverage: float | None, members: int) -> dict:
-    """One row of trust.csv from the fold's external evaluation (metrics.json's `ood`)."""
-    ood = metrics["ood"]
-    return {"held_out": name, "guard_members": members, "in_distribution_coverage": in_coverage,
+def measure_fold(name: str, metrics: dict, in_coverage: float | None, members: int | None) -> dict:
+    """One row of trust.csv from the fold's external evaluation (metrics.json's `ood` and the gate's refusals);
+    `members` is None when the member guard was not measured."""
+    ood, refused = metrics["ood"], metrics.get("n_refused", 0)
+    return {"held_out": name, "gate_scored": metrics["n"] / (metrics["n"] + refused), "gate_refused": refused,
+            "guard_members": members, "in_distribution_coverage": in_coverage,
             "held_out_coverage": ood.get("coverage"), "wrong_flagged": ood.get("wrong_flagged"),
             "n_wrong": ood.get("n_wrong"), "alarm": ood["shift"]["alarm"], "shift": ood["shift"]["message"],
             "positive_rate": ood["shift"].get("positive_rate"),
@@ -85,10 +88,13 @@ def _ci(row: dict, key: str) -> str:
     return value_ci(row[key], row.get(key + "_ci95"), 2, drop_unknown_ci=True)
 
 
-def _guard_row(r: dict) -> list[str]:
-    """One fold's guard and shift-alarm row of trust.md."""
-    return [r["held_out"], r["guard_members"], percent(r["in_distribution_coverage"]), percent(r["held_out_coverage"]),
-            f"{percent(r['wrong_flagged'])} of {r['n_wrong']}", f"{'fires' if r['alarm'] else 'silent'}: {r['shift']}"]
+def _fold_row(r: dict) -> list[str]:
+    """One fold's gate, (opt-in) guard and shift-alarm row of trust.md."""
+    guard = [] if r["guard_members"] is None else [
+        r["guard_members"], percent(r["in_distribution_coverage"]), percent(r["held_out_coverage"]),
+        f"{percent(r['wrong_flagged'])} of {r['n_wrong']}"]
+    return [r["held_out"], f"{percent(r['gate_scored'], 1)} ({r['gate_refused']} refused)", *guard,
+            f"{'fires' if r['alarm'] else 'silent'}: {r['shift']}"]
 
 
 def _calibration_row(name: str, c: dict) -> list[str]:
@@ -100,16 +106,22 @@ def _calibration_row(name: str, c: dict) -> list[str]:
 
 def trust_markdown(rows: list[dict], calibration: dict[str, list[dict]], main_ood: dict) -> str:
     """The trust tables in words and numbers."""
-    guard = markdown_table(["held out", "members", "in-dist. coverage", "held-out coverage", "wrong flagged",
-                            "shift alarm"], [_guard_row(r) for r in rows])
+    guarded = bool(rows) and rows[0]["guard_members"] is not None
+    columns = ["held out", "gate: held-out films scored",
+               *(["guard members", "in-dist. coverage", "held-out coverage", "wrong flagged"] if guarded else []),
+               "shift alarm"]
+    folds = markdown_table(columns, [_fold_row(r) for r in rows])
     calibrated = markdown_table(["held out", "N", "sensitivity", "specificity", "AUC"],
                                 [_calibration_row(name, c) for name, cal in calibration.items() for c in cal])
     lines = ["## Can a prediction be trusted? (cross-source protocol)", "",
-             f"Deployed guard (main run; members: the fold runs): {percent(main_ood.get('coverage'))} of the "
-             f"in-distribution test split accepted; shift alarm on the test split: "
-             f"{'FIRES' if main_ood['shift']['alarm'] else 'silent'}: {main_ood['shift']['message']}.", "",
-             "Per fold, the held-out sources play a new site; the fold's guard members never saw them.", "",
-             guard, "",
+             *([f"Member guard (opt-in; main run, members: the fold runs): {percent(main_ood.get('coverage'))} of "
+                "the in-distribution test split accepted."] if main_ood.get("guard") else []),
+             f"Shift alarm on the test split: {'FIRES' if main_ood['shift']['alarm'] else 'silent'}: "
+             f"{main_ood['shift']['message']}.", "",
+             "Per fold, the held-out sources play a new site: the fold's gate (fitted on the other sources' films) "
+             "decides which of their frontal films are scored" + ("; the fold's guard members never saw them."
+                                                                  if guarded else "."), "",
+             folds, "",
              "calibrate with N labelled site images (before -> after, on held-back site images; bootstrap 95 % CIs):",
              "", calibrated]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +80,12 @@ def film_thumbs(data: str | Path, paths: pd.Series) -> np.ndarray:
     return np.stack([thumbnail(s) for s in squares]) if len(squares) else np.zeros((0, THUMB, THUMB), np.float32)
 
 
-def negative_pools(train: np.ndarray, settings: GateSettings, seed: int = 0) -> dict[str, np.ndarray]:
-    """Every refusable kind the gate can be shown: made here, shipped by packages, or in `settings.negatives`."""
+def negative_pools(train: np.ndarray, settings: GateSettings, seed: int = 0,
+                   package_files: list[Path] | None = None) -> dict[str, np.ndarray]:
+    """Every refusable kind the gate can be shown: made here, shipped by packages (`package_files`: a subset of
+    them, e.g. to measure the gate on the others), or in `settings.negatives`."""
     rng = np.random.default_rng(seed)
-    pools = {k: list(v) for k, v in negatives.package_pools(rng).items()}
+    pools = {k: list(v) for k, v in negatives.package_pools(rng, files=package_files).items()}
     pools["document"] += [negatives.document(rng) for _ in range(150)]
     pools["blank_or_noise"] = [negatives.blank_or_noise(rng) for _ in range(300)]
     pools["photograph"] += [negatives.screenshot(train[i], rng) for i in rng.integers(0, len(train), 150)]
@@ -129,9 +132,11 @@ class _WithSoftmax(nn.Module):
 def export_gate(model: nn.Module, out: Path) -> None:
     """The network as ONNX: input `thumbnails` (N, 1, G, G) float32 in [0, 1], output `probabilities` (N, classes)."""
     example = torch.zeros(2, 1, THUMB, THUMB)
-    program = torch.onnx.export(_WithSoftmax(model).eval(), (example,), input_names=["thumbnails"],
-                                output_names=["probabilities"], verbose=False,
-                                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
+    with warnings.catch_warnings():  # the exporter's notes are not news to the user
+        warnings.filterwarnings("ignore", category=UserWarning)
+        program = torch.onnx.export(_WithSoftmax(model).eval(), (example,), input_names=["thumbnails"],
+                                    output_names=["probabilities"], verbose=False,
+                                    dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
     assert program is not None  # the torch.export-based exporter always returns its program
     program.save(str(out))
 
@@ -141,27 +146,35 @@ def frontal_probability(model: nn.Module, thumbs: np.ndarray) -> np.ndarray:
     return model(torch.from_numpy(thumbs)[:, None]).softmax(1)[:, 0].numpy() if len(thumbs) else np.zeros(0)
 
 
-def fit_gate(run: str | Path, data: str | Path, settings: GateSettings | None = None, seed: int = 0) -> dict:
-    """Fit RUN/gate.onnx + RUN/gate.json on the run's training films (split.csv); returns gate.json's content."""
-    settings, run = settings or GateSettings(), Path(run)
+def build_gate(out: Path, pools: dict[str, np.ndarray], val: np.ndarray, settings: GateSettings,
+               seed: int = 0) -> dict:
+    """Fit the network on `pools` (a "frontal" pool and one per refusable kind), set the threshold on the frontal
+    validation thumbnails `val`, and write OUT/gate.onnx + OUT/gate.json; returns gate.json's content."""
     start = time.perf_counter()
-    split = pd.read_csv(run / "split.csv")
-    train = film_thumbs(data, split.loc[split["split"] == "train", "path"])
-    val = film_thumbs(data, split.loc[split["split"] == "val", "path"])
-    pools = {"frontal": train, **negative_pools(train, settings, seed)}
     model, shown = fit_network(pools, settings, seed)
     p_val = frontal_probability(model, val)
     threshold = float(min(0.5, np.quantile(p_val, ACCEPT_QUANTILE))) if len(p_val) else 0.5
-    export_gate(model, run / GATE_GRAPH)
-    info = {"classes": list(CLASSES), "reasons": REASONS, "threshold": threshold, "thumbnail": THUMB,
-            "kinds_shown": shown, "kinds_not_shown": [k for k in CLASSES if k not in shown],
-            "examples": {k: int(len(v)) for k, v in pools.items()},
-            "validation_films": int(len(val)), "validation_accepted": float((p_val >= threshold).mean())
-            if len(p_val) else None,
-            "settings": {**to_dict(settings), "seed": seed}, "fit_seconds": round(time.perf_counter() - start, 1)}
-    (run / GATE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    export_gate(model, out / GATE_GRAPH)
     missing = [k for k in CLASSES if k not in shown]
-    log.info("gate fitted in %.0f s on %d films: accepts %s of %d validation films%s", info["fit_seconds"], len(train),
-             "-" if not len(p_val) else f"{100 * float((p_val >= threshold).mean()):.1f} %", len(val),
+    accepted = float((p_val >= threshold).mean()) if len(p_val) else None
+    info = {"classes": list(CLASSES), "reasons": REASONS, "threshold": threshold, "thumbnail": THUMB,
+            "kinds_shown": shown, "kinds_not_shown": missing, "examples": {k: int(len(v)) for k, v in pools.items()},
+            "validation_films": int(len(val)), "validation_accepted": accepted,
+            "settings": {**to_dict(settings), "seed": seed}, "fit_seconds": round(time.perf_counter() - start, 1)}
+    (out / GATE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    log.info("gate fitted in %.0f s on %d films: accepts %s of %d validation films%s", info["fit_seconds"],
+             len(pools["frontal"]), "-" if accepted is None else f"{100 * accepted:.1f} %", len(val),
              f"; never shown {', '.join(missing)} (give --gate-negatives)" if missing else "")
     return info
+
+
+def fit_gate(run: str | Path, data: str | Path, settings: GateSettings | None = None, seed: int = 0) -> dict:
+    """Fit RUN/gate.onnx + RUN/gate.json on the run's training films (split.csv) and the negatives; the threshold on
+    its validation films. Returns gate.json's content."""
+    settings, run = settings or GateSettings(), Path(run)
+    split = pd.read_csv(run / "split.csv")
+    train = film_thumbs(data, split.loc[split["split"] == "train", "path"])
+    val = film_thumbs(data, split.loc[split["split"] == "val", "path"])
+    log.info("fitting the run's gate (%d steps) ...", settings.steps)
+    return build_gate(run, {"frontal": train, **negative_pools(train, settings, seed)}, val, settings, seed)

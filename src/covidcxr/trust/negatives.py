@@ -47,7 +47,7 @@ def thumbnail(image: np.ndarray, size: int = THUMB) -> np.ndarray:
     return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255
 
 
-def _package_files() -> list[Path]:
+def package_files() -> list[Path]:
     """Sample images shipped inside installed packages (each one optional)."""
     found: list[Path] = []
     for module, sub, patterns in (("skimage.data", "", ("*.png", "*.jpg", "lfw_subset.npy")),
@@ -62,7 +62,7 @@ def _package_files() -> list[Path]:
     return found
 
 
-def _read_package_image(path: Path) -> np.ndarray:
+def read_package_image(path: Path) -> np.ndarray:
     """One shipped sample image as 2-D float in [0, 1] (matplotlib's MR slice is raw 16-bit, 256 x 256)."""
     if path.name.endswith(".ima.gz"):
         raw = np.frombuffer(gzip.decompress(path.read_bytes()), dtype="<u2").reshape(256, 256).astype(np.float32)
@@ -70,7 +70,7 @@ def _read_package_image(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255
 
 
-def _crops(image: np.ndarray, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+def random_crops(image: np.ndarray, count: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Random square-ish crops of a third of the image up to all of it, as thumbnails."""
     h, w = image.shape
     out = []
@@ -82,17 +82,19 @@ def _crops(image: np.ndarray, count: int, rng: np.random.Generator) -> list[np.n
     return out
 
 
-def package_pools(rng: np.random.Generator, crops: int = 30) -> dict[str, list[np.ndarray]]:
-    """Photographs, documents and other modalities from the packages' sample images, plus skimage's face crops."""
+def package_pools(rng: np.random.Generator, crops: int = 30,
+                  files: list[Path] | None = None) -> dict[str, list[np.ndarray]]:
+    """Photographs, documents and other modalities from the packages' sample images (all of them, or `files`), plus
+    skimage's faces."""
     pools: dict[str, list[np.ndarray]] = {"photograph": [], "document": [], "other_modality": []}
-    for path in _package_files():
+    for path in package_files() if files is None else files:
         kind = ("other_modality" if path.name in _OTHER_MODALITY_FILES
                 else "document" if path.name in _DOCUMENT_FILES else "photograph")
         try:
             if path.suffix == ".npy":  # scikit-image's stack of 25 x 25 faces
                 pools[kind] += [thumbnail(face) for face in np.load(path)[::2]]
             else:
-                pools[kind] += _crops(_read_package_image(path), crops, rng)
+                pools[kind] += random_crops(read_package_image(path), crops, rng)
         except (OSError, ValueError) as e:
             log.debug("gate negatives: skipped %s (%s)", path, e)
     return pools
@@ -181,5 +183,5 @@ def folder_pools(folder: str | Path, crops: int = 8, seed: int = 0) -> dict[str,
         except ImageReadError as e:
             log.warning("gate negatives: %s: %s", path, e.reason)
             continue
-        pools.setdefault(FOLDER_KINDS[kind], []).extend([thumbnail(image)] + _crops(image, crops, rng))
+        pools.setdefault(FOLDER_KINDS[kind], []).extend([thumbnail(image)] + random_crops(image, crops, rng))
     return pools
