@@ -1,6 +1,7 @@
 """The gate: only frontal chest radiographs are scored; everything else is refused with a reason, through predict,
-evaluate, the service, the PACS path and ingest. The shared tiny run's gate was fitted on toy films; the real-data
-test fits one on ../shared/cxr with ../shared/cxr-nonfrontal's lateral films and CT slices."""
+evaluate, the service and ingest (the PACS path: tests/test_pacs.py; the page: tests/test_browser.py). The shared
+tiny run's gate was fitted on toy films; the real-data test fits one on ../shared/cxr with ../shared/cxr-nonfrontal's
+lateral films and CT slices."""
 
 from __future__ import annotations
 
@@ -117,6 +118,7 @@ def test_the_service_answers_422_with_the_reason(tiny_run, tmp_path):
 def test_evaluate_counts_refusals_and_scores_the_rest(tiny_run, xray_source, tmp_path):
     """A site folder with some films turned on their side: they are listed as refused, counted by reason in
     metrics.json and the report, and every metric is over the scored films only."""
+    (tmp_path / "site").mkdir()
     site = xray_source(tmp_path / "site", 24, seed=5)
     for png in sorted(site.glob("*.png"))[:5]:
         Image.fromarray(np.rot90(np.asarray(Image.open(png)), -1)).save(png)
@@ -136,6 +138,7 @@ def test_evaluate_counts_refusals_and_scores_the_rest(tiny_run, xray_source, tmp
 
 @pytest.mark.slow
 def test_ingest_with_a_gate_leaves_refused_files_out_unless_kept(tiny_run, xray_source, tmp_path):
+    (tmp_path / "site").mkdir()
     site = xray_source(tmp_path / "site", 8, seed=6)
     save(site, {"page": page(), "blank": np.full((200, 200), 0.5)})
     pd.concat([pd.read_csv(site / "metadata.csv"),
@@ -167,22 +170,6 @@ def test_a_run_without_a_gate_says_so_and_scores_everything(tiny_data, tmp_path)
     assert result.returncode == 0, result.stderr
     assert {r["status"] for r in json.loads(result.stdout)} == {"scored"}
     assert sum("has no gate" in line for line in result.stderr.splitlines()) == 1
-
-
-def test_the_pacs_path_writes_no_finding_for_a_refused_instance(predictor, images, tmp_path):
-    from covidcxr.hospital.score import Screener
-    from covidcxr.hospital.state import State
-
-    state, stored = State(tmp_path / "state.sqlite"), []
-    screener = Screener(predictor, state, lambda outputs, study: stored.extend(outputs))
-    film = toy_film()
-    upright = images.dicom(None, (film * 4095).astype(np.uint16), Modality="DX")
-    turned = images.dicom(None, (np.rot90(film, 2) * 4095).astype(np.uint16), Modality="DX")
-    assert screener.handle(turned).status == "refused" and stored == []
-    row = state.db.execute("SELECT status, reason, probability FROM instances WHERE sop_instance_uid = ?",
-                           (str(turned.SOPInstanceUID),)).fetchone()
-    assert row == ("refused", REASONS["rotated_180"], None)
-    assert screener.handle(upright).status == "scored" and len(stored) == 1  # its SR
 
 
 @pytest.fixture(scope="module")

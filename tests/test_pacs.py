@@ -34,6 +34,7 @@ from covidcxr.errors import InputError
 from covidcxr.hospital.pacs import TOKEN_ENV, Dicomweb, PacsUnavailable, authorize
 from covidcxr.hospital.state import MAX_ATTEMPTS, State
 from covidcxr.hospital.watch import Watcher, study_date_range
+from covidcxr.trust.gate import REASONS
 from orthanc import Orthanc
 from servers import free_port
 
@@ -41,9 +42,10 @@ pytestmark = pytest.mark.slow
 SR_MODALITY = "SR"
 
 
-def dicom_image(modality: str, sop_class: str, seed: int, pixels: bool = True, **tags) -> Dataset:
+def dicom_image(modality: str, sop_class: str, seed: int, pixels: bool = True, turns: int = 0, **tags) -> Dataset:
     """A small radiograph-like DICOM image (a toy chest X-ray, 12 bit) with the patient and study attributes a
-    modality writes; pixels=False leaves the pixel data out (unreadable for scoring)."""
+    modality writes; pixels=False leaves the pixel data out (unreadable for scoring); `turns` quarter turns
+    counter-clockwise (what the gate refuses)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -55,7 +57,8 @@ def dicom_image(modality: str, sop_class: str, seed: int, pixels: bool = True, *
     ds.ReferringPhysicianName, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "", modality, 1, 1
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    image = (xray(np.random.default_rng(seed), covid=seed % 2 == 0) * 4095).astype(np.uint16)
+    image = np.ascontiguousarray(np.rot90(xray(np.random.default_rng(seed), covid=seed % 2 == 0) * 4095, turns))
+    image = image.astype(np.uint16)
     ds.Rows, ds.Columns = image.shape
     if pixels:
         ds.PixelData = image.tobytes()
@@ -147,7 +150,8 @@ def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, pr
     chest = dicom_image("CR", ComputedRadiographyImageStorage, seed=1, BodyPartExamined="CHEST")
     ct = dicom_image("CT", CTImageStorage, seed=2)
     blank = dicom_image("CR", ComputedRadiographyImageStorage, seed=3, pixels=False)
-    for ds in (chest, ct, blank):
+    turned = dicom_image("CR", ComputedRadiographyImageStorage, seed=4, turns=2)  # upside down: the gate refuses it
+    for ds in (chest, ct, blank, turned):
         orthanc.upload(to_bytes(ds))
     state = tmp_path / "state.sqlite"
     watch = ["pacs", "watch", str(tiny_run), "--url", orthanc.dicomweb, "--once", "--state", str(state), "--cam"]
@@ -166,6 +170,8 @@ def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, pr
     image_path.write_bytes(to_bytes(chest))
     assert_report(found[0], chest, predictor, image_path)
     assert reports(orthanc, ct.StudyInstanceUID) == [] and reports(orthanc, blank.StudyInstanceUID) == []
+    assert reports(orthanc, turned.StudyInstanceUID) == []  # no finding for a refused instance
+    assert f"refused {turned.SOPInstanceUID}: {REASONS['rotated_180']}" in first.stderr
     captures = [ds for ds in studied(orthanc, chest.StudyInstanceUID) if ds.SOPClassUID == SecondaryCaptureImageStorage]
     assert len(captures) == 1 and captures[0].PatientID == chest.PatientID
     overlay = captures[0].pixel_array
@@ -177,6 +183,7 @@ def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, pr
     assert rows[chest.SOPInstanceUID][0] == "scored"
     assert rows[ct.SOPInstanceUID] == ("skipped", "modality CT is not a radiograph (CR/DX/DR)")
     assert rows[blank.SOPInstanceUID] == ("failed", "DICOM file has no pixel data")
+    assert rows[turned.SOPInstanceUID] == ("refused", REASONS["rotated_180"])
     assert rows[found[0].SOPInstanceUID][0] == "output"
 
     count = requests.get(f"{orthanc.url}/statistics", timeout=10).json()["CountInstances"]
