@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from conftest import xray
 from covidcxr.model.cam import OVERLAY_MIN_SIDE, cam_overlay_png, grad_cam, write_cams
 from covidcxr.model.network import GrayClassifier, build_model
 
@@ -59,8 +60,8 @@ def _blob_image() -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(np.where(blob, 0.9, 0.1).astype(np.float32))[None, None], blob
 
 
-def test_map_has_the_inputs_shape_values_in_0_1_and_depends_on_the_class(predictor, images):
-    square = predictor.square(images.smooth(0))
+def test_map_has_the_inputs_shape_values_in_0_1_and_depends_on_the_class(predictor):
+    square = predictor.square(xray(np.random.default_rng(0), covid=True))
     x = next(predictor.scorer.inputs(square[None]))
     maps = {c: grad_cam(predictor.scorer.model, x, c) for c in (0, 1)}
     for m in maps.values():

@@ -67,7 +67,7 @@ def spec_at_fixed_sensitivity(y: np.ndarray, score: np.ndarray, sensitivity: flo
 
 def score_run(run: Path, data: str, task: str) -> dict:
     """A run's test-split figures on the grid's task, so every setting is scored on the same images."""
-    pred, meta, _ = predictions(run, data, "test", task=task)
+    pred, meta, _ = predictions(run, data, "test", task=task, gate=False)  # every setting on the same images
     y, s = pred["y"].to_numpy(), pred["score"].to_numpy()
     both = 0 < y.sum() < len(y)
     called = s >= meta["threshold"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from covidcxr.config._io import from_dict, to_dict
 from covidcxr.config._rules import COUNT, Rule, check_rules
-from covidcxr.config.train import TrainConfig
+from covidcxr.config.train import GateSettings, TrainConfig
 from covidcxr.errors import InputError
 
 REQUIRED_KEYS = ("data", "settings")
@@ -58,7 +58,9 @@ class ExperimentConfig:
 
     def train_config(self, name: str) -> TrainConfig:
         """Setting `name` as a TrainConfig: defaults <- base <- its overrides; a bad override names the setting."""
-        values = merge(merge(to_dict(TrainConfig()), self.base), self.settings[name] or {})
+        # grid runs are compared on the same images, so they fit no gate unless a setting asks for one
+        values = merge(merge(to_dict(TrainConfig(gate=GateSettings(enabled=False))), self.base),
+                       self.settings[name] or {})
         try:
             return from_dict(TrainConfig, values)
         except (ValueError, TypeError) as exc:
