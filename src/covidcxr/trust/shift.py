@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest, fisher_exact, ks_2samp
+from scipy.stats import fisher_exact, ks_2samp, norm
 
 from covidcxr.errors import InputError
 
@@ -130,10 +130,14 @@ class ShiftMonitor:
                 "in_next_batch": len(self.pending)}
 
 
-def _rate(hits: int, n: int) -> dict:
-    """A rate with its 95 % Wilson interval."""
-    ci = binomtest(hits, n).proportion_ci(method="wilson") if n else None
-    return {"rate": hits / n if n else None, "ci95": [ci.low, ci.high] if ci else None, "batches": n}
+def rate_ci(hits: int, n: int) -> dict:
+    """A share with its 95 % Wilson interval (closed form: a monitor computes thousands); None without cases."""
+    if not n:
+        return {"value": None, "ci95": None, "n": 0}
+    p, z = hits / n, float(norm.ppf(0.975))
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
+        1 + z * z / n)
+    return {"value": p, "ci95": [max(0.0, centre - half), min(1.0, centre + half)], "n": n}
 
 
 def _alarm_rate(reference: np.ndarray, pool: np.ndarray, n: int, threshold: float, batches: int,
@@ -143,7 +147,7 @@ def _alarm_rate(reference: np.ndarray, pool: np.ndarray, n: int, threshold: floa
     if len(pool) < n:
         return None
     hits = sum(shift_test(reference, rng.choice(pool, n, replace=False), threshold)["alarm"] for _ in range(batches))
-    return _rate(int(hits), batches)
+    return rate_ci(int(hits), batches)
 
 
 def alarm_power(reference: np.ndarray, threshold: float, own: np.ndarray, held_out: Mapping[str, np.ndarray],

@@ -16,17 +16,17 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from collections import Counter
 from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
 
 from covidcxr.config import MonitorConfig, parse_window, to_dict
 from covidcxr.errors import InputError
-from covidcxr.trust.shift import shift_test
+from covidcxr.trust.shift import rate_ci, shift_test
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)  # the score distribution of a window, beside the reference's
 
@@ -65,22 +65,20 @@ def read_log(db: str | Path, since: str | None = None, last: int | None = None, 
     return frame, models
 
 
-def _rate(hits: int, n: int) -> dict:
-    """A share with its 95 % Wilson interval (None without cases)."""
-    if not n:
-        return {"value": None, "ci95": None, "n": 0}
-    ci = binomtest(hits, n).proportion_ci(method="wilson")
-    return {"value": hits / n, "ci95": [float(ci.low), float(ci.high)], "n": n}
+COUNTS = ("n", "agree", "tp", "pos", "tn", "neg")  # what the readers' figures are made of
 
 
-def reader_agreement(rows: pd.DataFrame, positive_label: str) -> dict:
+def _counts(called: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """COUNTS of judged predictions: how many, agreeing, true positives, reader positives, true negatives, negatives."""
+    return np.array([len(called), (called == truth).sum(), (called & truth).sum(), truth.sum(),
+                     (~called & ~truth).sum(), (~truth).sum()], dtype=int)
+
+
+def readers(counts: np.ndarray) -> dict:
     """Agreement with readers, and the model's sensitivity and specificity with the readers' verdicts as truth."""
-    judged = rows[rows["verdict"].notna() & (rows["status"] == "scored")]
-    called = (judged["probability"] >= judged["threshold"]).to_numpy()
-    truth = (judged["verdict"] == positive_label).to_numpy()
-    return {"verdicts": len(judged), "agreement": _rate(int((called == truth).sum()), len(judged)),
-            "sensitivity": _rate(int((called & truth).sum()), int(truth.sum())),
-            "specificity": _rate(int((~called & ~truth).sum()), int((~truth).sum()))}
+    k = dict(zip(COUNTS, (int(c) for c in counts)))
+    return {"verdicts": k["n"], "agreement": rate_ci(k["agree"], k["n"]),
+            "sensitivity": rate_ci(k["tp"], k["pos"]), "specificity": rate_ci(k["tn"], k["neg"])}
 
 
 def _model_info(models: dict[str, dict], model_id: str) -> dict:
@@ -89,29 +87,44 @@ def _model_info(models: dict[str, dict], model_id: str) -> dict:
                                     "expected_disagreement": None}
 
 
-def window_summary(rows: pd.DataFrame, model: dict, so_far: pd.DataFrame) -> dict:
-    """One window: volume, refusals by reason, the share called positive and the score distribution against the
-    reference, the shift alarm, and the readers' verdicts (in the window and so far in its segment)."""
-    scored = rows[rows["status"] == "scored"]
-    scores = scored["probability"].to_numpy(float)
-    threshold = float(rows["threshold"].iloc[0])
-    label = model["positive_label"]
-    refused = rows[rows["status"] != "scored"]
+class _Columns:
+    """The log as numpy arrays, so a window is a slice of positions, not a pandas selection (a monitor of 100,000
+    predictions computes a thousand windows)."""
+
+    def __init__(self, frame: pd.DataFrame, models: dict[str, dict]):
+        self.id = frame["id"].to_numpy()
+        self.time = frame["time_utc"].to_numpy(object)
+        self.model = frame["model_id"].to_numpy(object)
+        self.status = frame["status"].to_numpy(object)
+        self.reason = frame["reason"].to_numpy(object)
+        self.scored = self.status == "scored"
+        self.score = frame["probability"].to_numpy(float)
+        self.threshold = frame["threshold"].to_numpy(float)
+        self.called = np.nan_to_num(self.score, nan=-1.0) >= self.threshold
+        positive = frame["model_id"].map(lambda m: _model_info(models, m)["positive_label"]).to_numpy(object)
+        self.judged = self.scored & frame["verdict"].notna().to_numpy()
+        self.truth = frame["verdict"].to_numpy(object) == positive
+
+
+def window_summary(cols: _Columns, at: np.ndarray, model: dict) -> dict:
+    """One window (positions `at` of the log): volume, refusals by reason, the share called positive and the score
+    distribution against the reference, the shift alarm, and the readers' verdicts."""
+    scored = at[cols.scored[at]]
+    scores, threshold = cols.score[scored], float(cols.threshold[at[0]])
     reference = model["reference"]
+    judged = at[cols.judged[at]]
+    refused = Counter(f"{cols.status[i]}: {cols.reason[i]}" for i in at[~cols.scored[at]])
     return {
-        "start": rows["time"].iloc[0].isoformat(), "end": rows["time"].iloc[-1].isoformat(),
-        "first_id": int(rows["id"].iloc[0]), "last_id": int(rows["id"].iloc[-1]), "model_id": rows["model_id"].iloc[0],
-        "volume": len(rows), "scored": len(scored),
-        "refused": {f"{status}: {reason}": int(n)
-                    for (status, reason), n in refused.groupby(["status", "reason"], dropna=False).size().items()},
-        "positive_rate": _rate(int((scores >= threshold).sum()), len(scores)),
+        "start": cols.time[at[0]], "end": cols.time[at[-1]], "first_id": int(cols.id[at[0]]),
+        "last_id": int(cols.id[at[-1]]), "model_id": cols.model[at[0]], "volume": len(at), "scored": len(scored),
+        "refused": dict(refused.most_common()),
+        "positive_rate": rate_ci(int(cols.called[scored].sum()), len(scored)),
         "reference_positive_rate": float((reference >= threshold).mean()) if len(reference) else None,
         "score_quantiles": np.quantile(scores, QUANTILES).tolist() if len(scores) else None,
         "reference_quantiles": np.quantile(reference, QUANTILES).tolist() if len(reference) else None,
-        "shift": (shift_test(reference, scores, threshold, label) if len(reference)
+        "shift": (shift_test(reference, scores, threshold, model["positive_label"]) if len(reference)
                   else {"alarm": False, "message": "no verdict: the log holds no validation scores for this model"}),
-        "readers": reader_agreement(rows, label),
-        "readers_so_far": reader_agreement(so_far, label),
+        "readers": readers(_counts(cols.called[judged], cols.truth[judged])),
     }
 
 
@@ -120,7 +133,7 @@ def _window_keys(frame: pd.DataFrame, window: str, origin: pd.Timestamp) -> pd.S
     size, unit = parse_window(window)
     if unit:
         width = pd.Timedelta(days=size) if unit == "d" else pd.Timedelta(hours=size)
-        return ((frame["time"] - origin) // width).astype(int)
+        return (frame["time"] - origin) // width
     return frame.groupby("segment").cumcount() // size
 
 
@@ -139,52 +152,56 @@ def cusum(disagree: np.ndarray, p0: float, rise: float, in_control_run: int) -> 
     return path, alerts
 
 
-def sequential(frame: pd.DataFrame, models: dict[str, dict], cfg: MonitorConfig) -> list[dict]:
+def sequential(cols: _Columns, segments: np.ndarray, windows: np.ndarray, models: dict[str, dict],
+               cfg: MonitorConfig) -> list[dict]:
     """Per segment, the CUSUM on the readers' disagreement: its settings, its path and every alert (which window,
     which threshold, how many verdicts)."""
     out = []
-    for segment, rows in frame.groupby("segment", sort=True):
-        model = _model_info(models, rows["model_id"].iloc[0])
-        judged = rows[rows["verdict"].notna() & (rows["status"] == "scored")]
-        disagree = ((judged["probability"] >= judged["threshold"]) !=
-                    (judged["verdict"] == model["positive_label"])).to_numpy()
+    h = math.log(cfg.in_control_run)
+    for segment in np.unique(segments):
+        at = np.flatnonzero((segments == segment) & cols.judged)
+        model_id = cols.model[np.flatnonzero(segments == segment)[0]]
+        model = _model_info(models, model_id)
         p0 = model["expected_disagreement"] or cfg.baseline_disagreement
-        path, alerts = cusum(disagree, p0, cfg.rise, cfg.in_control_run)
-        h = math.log(cfg.in_control_run)
-        found = [{"window": int(judged["window"].iloc[i]), "verdicts_used": i + 1,
-                  "prediction_id": int(judged["id"].iloc[i]), "statistic": float(path[i]),
+        p1 = min(p0 + cfg.rise, 0.999)
+        path, alerts = cusum(cols.called[at] != cols.truth[at], p0, cfg.rise, cfg.in_control_run)
+        found = [{"window": int(windows[at[i]]), "verdicts_used": i + 1, "prediction_id": int(cols.id[at[i]]),
+                  "statistic": float(path[i]),
                   "message": f"readers disagree with the model more often than expected: the CUSUM crossed "
                              f"h = {h:.2f} after {i + 1} verdicts (baseline disagreement {p0:.0%}, tuned to find "
-                             f"{min(p0 + cfg.rise, 0.999):.0%})"} for i in alerts]
-        out.append({"segment": int(segment), "model_id": rows["model_id"].iloc[0], "test": "Bernoulli CUSUM on the "
-                    "readers' disagreement", "p0": p0, "p1": min(p0 + cfg.rise, 0.999), "h": h,
+                             f"{p1:.0%})"} for i in alerts]
+        out.append({"segment": int(segment), "model_id": model_id,
+                    "test": "Bernoulli CUSUM on the readers' disagreement", "p0": p0, "p1": p1, "h": h,
                     "baseline": "the model's validation split" if model["expected_disagreement"] else
                     "the default (the log holds no validation figure for this model)",
-                    "in_control_run": cfg.in_control_run, "verdicts": len(judged), "alerts": found,
-                    "path": [round(float(v), 4) for v in path], "path_window": judged["window"].astype(int).tolist()})
+                    "in_control_run": cfg.in_control_run, "verdicts": len(at), "alerts": found,
+                    "path": [round(float(v), 4) for v in path], "path_window": windows[at].astype(int).tolist()})
     return out
 
 
 def monitor(frame: pd.DataFrame, models: dict[str, dict], cfg: MonitorConfig) -> dict:
     """Windows and the sequential test over a log read by `read_log`."""
     if frame.empty:
-        return {"settings": to_dict(cfg), "windows": [], "segments": [], "sequential": [], "alert": None,
-                "current": None}
+        return {"settings": to_dict(cfg), "n_predictions": 0, "windows": [], "segments": [], "sequential": [],
+                "alert": None, "current": None}
     frame = frame.assign(segment=(frame["model_id"] != frame["model_id"].shift()).cumsum() - 1)
     frame = frame.assign(local=_window_keys(frame, cfg.window, frame["time"].iloc[0]))
-    frame["window"] = frame.groupby(["segment", "local"], sort=False).ngroup()
-    windows = []
-    for index, rows in frame.groupby("window", sort=True):
-        model = _model_info(models, rows["model_id"].iloc[0])
-        so_far = frame[(frame["segment"] == rows["segment"].iloc[0]) & (frame["id"] <= rows["id"].iloc[-1])]
-        windows.append({"window": int(index), "segment": int(rows["segment"].iloc[0]),
-                        **window_summary(rows, model, so_far)})
-    seq = sequential(frame, models, cfg)
+    window_of = frame.groupby(["segment", "local"], sort=False).ngroup().to_numpy()
+    segments = frame["segment"].to_numpy()
+    cols = _Columns(frame, models)
+    windows, so_far, segment = [], np.zeros(len(COUNTS), int), -1
+    for index, at in sorted(pd.Series(window_of).groupby(window_of).indices.items()):
+        if segments[at[0]] != segment:
+            so_far, segment = np.zeros(len(COUNTS), int), segments[at[0]]
+        judged = at[cols.judged[at]]
+        so_far = so_far + _counts(cols.called[judged], cols.truth[judged])
+        summary = window_summary(cols, at, _model_info(models, cols.model[at[0]]))
+        windows.append({"window": int(index), "segment": int(segment), **summary, "readers_so_far": readers(so_far)})
+    seq = sequential(cols, segments, window_of, models, cfg)
     alerts = [a | {"model_id": s["model_id"]} for s in seq for a in s["alerts"]]
-    segments = [{"segment": s["segment"], "model_id": s["model_id"], "windows": [w["window"] for w in windows
-                                                                               if w["segment"] == s["segment"]]}
-                for s in seq]
-    return {"settings": to_dict(cfg), "n_predictions": len(frame), "windows": windows, "segments": segments,
+    segment_list = [{"segment": s["segment"], "model_id": s["model_id"],
+                     "windows": [w["window"] for w in windows if w["segment"] == s["segment"]]} for s in seq]
+    return {"settings": to_dict(cfg), "n_predictions": len(frame), "windows": windows, "segments": segment_list,
             "sequential": seq, "alert": alerts[-1] if alerts else None, "current": windows[-1]}
 
 
@@ -206,11 +223,9 @@ def current(db: str | Path, model_id: str, window: str) -> dict:
     judged, _ = read_log(db, model_id=model_id, judged_only=True)
     out: dict = {"window": window, "current": None, "alert": None}
     if not recent.empty:
-        out["current"] = window_summary(recent, _model_info(models, model_id), judged)
-        del out["current"]["readers_so_far"]
+        out["current"] = window_summary(_Columns(recent, models), np.arange(len(recent)), _model_info(models, model_id))
     if not judged.empty:
-        seq = sequential(judged.assign(segment=0, window=0), models, cfg)[0]
-        out["alert"] = seq["alerts"][-1] if seq["alerts"] else None
-        out["verdicts"] = seq["verdicts"]
+        seq = sequential(_Columns(judged, models), np.zeros(len(judged), int), np.zeros(len(judged), int), models, cfg)
+        out["alert"] = seq[0]["alerts"][-1] if seq[0]["alerts"] else None
+        out["verdicts"] = seq[0]["verdicts"]
     return out
-
