@@ -43,7 +43,8 @@ def read_log(db: str | Path, since: str | None = None, last: int | None = None, 
         if not {"predictions", "verdicts", "models"} <= tables:
             raise InputError(f"{path}: not a covidcxr prediction log, or one written before verdicts were recorded "
                              "(start covidcxr serve on it once to bring it up to date)")
-        where, params = [], []
+        where: list[str] = []
+        params: list[str] = []
         for condition, value in (("p.time_utc >= ?", since), ("p.model_id = ?", model_id)):
             if value:
                 where, params = [*where, condition], [*params, value]

@@ -54,7 +54,8 @@ def _rate_plot(ax: plt.Axes, x: np.ndarray, rates: list[dict], color: str, label
     values = np.array([rates[i]["value"] for i in keep])
     lo = values - np.array([rates[i]["ci95"][0] for i in keep])
     hi = np.array([rates[i]["ci95"][1] for i in keep]) - values
-    ax.errorbar(x[keep], values, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], fmt="o-", color=color, markersize=3, capsize=2, label=label)
+    ax.errorbar(x[keep], values, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], fmt="o-", color=color, markersize=3,
+                capsize=2, label=label)
 
 
 def _figures(result: dict, out: Path) -> dict[str, Path]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
-import pydicom
 from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
 from fastapi_offline import FastAPIOffline
@@ -34,12 +32,13 @@ from pydantic import BaseModel, Field
 from covidcxr import __version__
 from covidcxr.config import ServeConfig
 from covidcxr.data.reader import ImageReadError
+from covidcxr.deploy.loop.keep import dicom_ids, keep_image
 from covidcxr.deploy.loop.monitor import current
 from covidcxr.deploy.serve.access import bearer_guard
 from covidcxr.deploy.serve.batcher import Batcher
 from covidcxr.deploy.serve.log import LogRecord, PredictionLog, utc_now
 from covidcxr.errors import InputError
-from covidcxr.trust.shift import ShiftMonitor, reference_scores, validation_disagreement
+from covidcxr.trust.shift import ShiftMonitor
 
 if TYPE_CHECKING:  # torch's Predictor or the engine's EnginePredictor: the same interface
     from covidcxr.deploy.engine import EnginePredictor
@@ -50,8 +49,6 @@ PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 ACCEPTED = "PNG, JPEG, TIFF, BMP or DICOM"
 WITHHELD = "withheld: out of distribution"  # the label logged for an answer whose label --reject-ood withheld
 MONITOR_TTL_S = 5.0  # /api/health recomputes the monitor's current window at most this often
-DICOM_IDS = {"patient_id": "PatientID", "study_uid": "StudyInstanceUID", "series_uid": "SeriesInstanceUID",
-             "sop_uid": "SOPInstanceUID"}  # logged with a DICOM upload, so verdicts and exports can find it
 
 
 class Prediction(BaseModel):
@@ -146,31 +143,6 @@ class Unusable(Exception):
         self.upload, self.reason = upload, reason
 
 
-def dicom_ids(data: bytes) -> dict[str, str | None]:
-    """The patient id and UIDs of a DICOM upload (header only), so imported verdicts and exports can match it."""
-    if data[128:132] != b"DICM":
-        return {}
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(DICOM_IDS.values()))
-    except Exception:  # noqa: BLE001 - the decoder says what is wrong with the file; the ids are a courtesy
-        return {}
-    return {key: (str(ds.get(tag)) if ds.get(tag) else None) for key, tag in DICOM_IDS.items()}
-
-
-def keep_image(data: bytes, digest: str, folder: str | Path) -> str:
-    """Keep an uploaded file as it came, named by its hash (one copy per image): `feedback export` makes a data set
-    of those that get a verdict."""
-    kind = "dcm" if data[128:132] == b"DICM" else Image.open(io.BytesIO(data), formats=PILLOW_FORMATS).format
-    suffix = {"JPEG": "jpg", "TIFF": "tif"}.get(str(kind), str(kind).lower())
-    path = Path(folder) / f"{digest}.{suffix}"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(path.name + f".{os.getpid()}.part")
-        part.write_bytes(data)
-        part.replace(path)
-    return str(path.resolve())
-
-
 def _decode_upload(predictor: Predictor | EnginePredictor, file: UploadFile, filename: str, limit: int,
                    keep: str | None, patient_id: str | None) -> tuple[Upload, np.ndarray]:
     """(what the log keeps of the upload, its cache square): everything before the model, run on a request thread."""
@@ -191,14 +163,8 @@ def _decode_upload(predictor: Predictor | EnginePredictor, file: UploadFile, fil
 def shift_monitor(predictor: Predictor | EnginePredictor, batch: int, log: PredictionLog) -> ShiftMonitor | None:
     """The stream's shift alarm against the run's validation scores (recorded in the log, with the model, for
     `monitor`); None for a run without them (e.g. a random one)."""
-    run = predictor.spec.run_dir
-    try:
-        reference = reference_scores(run)
-    except InputError:
-        reference = None
-    log.record_model(predictor.model_id, predictor.threshold, predictor.positive_label,
-                     [] if reference is None else reference,
-                     validation_disagreement(run, predictor.threshold, predictor.positive_label), run)
+    reference = log.record_run(predictor.spec.run_dir, predictor.model_id, predictor.threshold,
+                               predictor.positive_label)
     return None if reference is None else ShiftMonitor(reference, predictor.threshold, batch, predictor.positive_label)
 
 
@@ -279,7 +245,6 @@ def _api(predictor: Predictor | EnginePredictor, cfg: ServeConfig, batcher: Batc
     view = MonitorView(log.path, predictor.model_id, cfg.monitor_window)
     threads = anyio.CapacityLimiter(cfg.request_threads)
     api = APIRouter(prefix="/api", dependencies=[Depends(bearer_guard(token))] if token else [])
-    origin = {"origin": "serve"}
 
     @api.get("/health")
     async def health() -> Health:
@@ -305,7 +270,7 @@ def _api(predictor: Predictor | EnginePredictor, cfg: ServeConfig, batcher: Batc
             upload, square = await anyio.to_thread.run_sync(decode, limiter=threads)
         except Unusable as exc:
             log.refuse(exc.upload.sha256, filename, "unreadable", exc.reason, predictor.model_id, predictor.threshold,
-                       **exc.upload.ids, **origin)
+                       exc.upload.ids, "serve")
             raise HTTPException(422, exc.reason) from None
         probability, ood_score, accepted = await batcher.score(square)
         heatmap = (await batcher.explain(square))[1] if cam else None
@@ -313,8 +278,8 @@ def _api(predictor: Predictor | EnginePredictor, cfg: ServeConfig, batcher: Batc
             monitor.add(probability)
         label = None if cfg.reject_ood and accepted is False else predictor.spec.label_for(probability)
         record = LogRecord(utc_now(), upload.sha256, filename, probability, label or WITHHELD, predictor.threshold,
-                           predictor.model_id, image_path=upload.image_path, **upload.ids, **origin)
-        prediction_id = log.add(record)  # on the loop: one short insert (WAL, no fsync) costs less than a thread hop
+                           predictor.model_id, image_path=upload.image_path, origin="serve")
+        prediction_id = log.add(record, upload.ids)  # on the loop: one insert (WAL, no fsync) beats a thread hop
         return Prediction(prediction_id=prediction_id, probability=probability, label=label,
                           in_distribution=accepted, ood_score=ood_score, threshold=predictor.threshold,
                           model_id=predictor.model_id, heatmap=_data_url(heatmap), sha256=upload.sha256)

@@ -14,14 +14,17 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from covidcxr.data.tasks import LABELS
 from covidcxr.errors import InputError
+from covidcxr.trust.shift import reference_scores, validation_disagreement
 
 STATUSES = ("scored", "refused", "unreadable")
 
@@ -92,6 +95,7 @@ class LogRecord:
 
 
 _COLUMNS = [f.name for f in fields(LogRecord)]
+IDS = ("patient_id", "study_uid", "series_uid", "sop_uid")  # what a DICOM header or the request may give
 
 
 def utc_now() -> str:
@@ -132,35 +136,49 @@ class PredictionLog:
         with self._lock, self._conn:
             yield self._conn
 
-    def add(self, record: LogRecord) -> int:
-        """Log one image; its prediction id."""
-        placeholders = ", ".join("?" for _ in _COLUMNS)
+    def add(self, record: LogRecord, ids: Mapping[str, str | None] | None = None) -> int:
+        """Log one image, with the IDS its DICOM header (or the request) gave where `ids` has them; its prediction
+        id."""
+        row = asdict(record) | {key: value for key, value in (ids or {}).items() if key in IDS}
         with self._transaction() as conn:
-            cur = conn.execute(f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                               astuple(record))
+            cur = conn.execute(f"INSERT INTO predictions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                               tuple(row.values()))
         return int(cur.lastrowid or 0)
 
     def refuse(self, sha256: str, filename: str, status: str, reason: str, model_id: str, threshold: float,
-               **ids: str | None) -> int:
+               ids: Mapping[str, str | None] | None = None, origin: str | None = None) -> int:
         """Log an image that was not scored (`status` refused or unreadable) with the reason; its prediction id."""
         if status not in STATUSES[1:]:
             raise ValueError(f"a refusal's status is refused or unreadable, not {status!r}")
         return self.add(LogRecord(utc_now(), sha256, filename, None, None, threshold, model_id, status, reason,
-                                  **ids))
+                                  origin=origin), ids)
 
     def records(self) -> list[LogRecord]:
         with self._transaction() as conn:
             rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM predictions ORDER BY id").fetchall()
         return [LogRecord(*row) for row in rows]
 
-    def record_model(self, model_id: str, threshold: float, positive_label: str, reference: Sequence[float],
-                     expected_disagreement: float | None = None, run: str | Path | None = None) -> None:
+    def record_model(self, model_id: str, threshold: float, positive_label: str,
+                     reference: Sequence[float] | np.ndarray, expected_disagreement: float | None = None,
+                     run: str | Path | None = None) -> None:
         """Remember a model that answers here, once: its validation scores (the shift alarm's reference) and the share
         of validation images it gets wrong (the readers' disagreement to expect)."""
         with self._transaction() as conn:
             conn.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?, ?)",
                          (model_id, None if run is None else str(run), threshold, positive_label,
                           json.dumps([round(float(s), 6) for s in reference]), expected_disagreement, utc_now()))
+
+    def record_run(self, run_dir: str | Path, model_id: str, threshold: float,
+                   positive_label: str) -> np.ndarray | None:
+        """Record the model of a run folder with its validation scores (`record_model`); those scores, or None for
+        a run without them (e.g. a random one)."""
+        try:
+            reference = reference_scores(run_dir)
+        except InputError:
+            reference = None
+        self.record_model(model_id, threshold, positive_label, [] if reference is None else reference,
+                          validation_disagreement(run_dir, threshold, positive_label), run_dir)
+        return reference
 
     def add_verdict(self, prediction_id: int, label: str, reader: str | None = None, comment: str | None = None,
                     origin: str = "api") -> int:
