@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from covidcxr import __version__
 from covidcxr.config import ServeConfig
 from covidcxr.data.reader import ImageReadError
+from covidcxr.data.tasks import LABELS
 from covidcxr.deploy.loop.keep import dicom_ids, keep_image
 from covidcxr.deploy.loop.monitor import current
 from covidcxr.deploy.serve.access import bearer_guard
@@ -72,6 +73,7 @@ class Health(BaseModel):
     engine: str = Field(description="what scores: onnxruntime (the run's exported graphs) or torch")
     model_id: str
     positive_label: str
+    negative_label: str = Field(description="the label a reader gives when disagreeing with a positive call")
     threshold: float
     max_upload_bytes: int
     shift: dict | None = Field(description="the shift alarm over the latest full batch of predictions against the "
@@ -244,12 +246,13 @@ def _api(predictor: Predictor | EnginePredictor, cfg: ServeConfig, batcher: Batc
     monitor = shift_monitor(predictor, cfg.shift_batch, log)
     view = MonitorView(log.path, predictor.model_id, cfg.monitor_window)
     threads = anyio.CapacityLimiter(cfg.request_threads)
+    negative = predictor.spec.negative_label if predictor.spec.negative_label in LABELS else "normal"
     api = APIRouter(prefix="/api", dependencies=[Depends(bearer_guard(token))] if token else [])
 
     @api.get("/health")
     async def health() -> Health:
         return Health(status="ok", engine=predictor.engine, model_id=predictor.model_id,
-                      positive_label=predictor.positive_label, threshold=predictor.threshold,
+                      positive_label=predictor.positive_label, negative_label=negative, threshold=predictor.threshold,
                       max_upload_bytes=cfg.max_upload_bytes, shift=monitor.status() if monitor else None,
                       monitor=await view.get())
 
