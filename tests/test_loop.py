@@ -225,7 +225,8 @@ def test_health_shows_the_current_window_and_the_alert(predictor, xray_source, t
         assert health["current"]["volume"] == n and health["alert"] is None
         for a in answers:
             wrong = "normal" if a["label"] == "covid" else "covid"
-            assert c.post("/api/feedback", json={"prediction_id": a["prediction_id"], "label": wrong}).status_code == 200
+            verdict = {"prediction_id": a["prediction_id"], "label": wrong}
+            assert c.post("/api/feedback", json=verdict).status_code == 200
         health = c.get("/api/health").json()["monitor"]
     assert health["current"]["readers"]["verdicts"] == n and health["current"]["readers"]["agreement"]["value"] == 0
     assert health["alert"] is not None and "readers disagree" in health["alert"]["message"]
