@@ -198,6 +198,7 @@ def test_health_page_and_docs(client: TestClient, predictor: Predictor) -> None:
         "engine": "torch",
         "model_id": predictor.model_id,
         "positive_label": "covid",
+        "negative_label": "normal",
         "threshold": predictor.threshold,
         "max_upload_bytes": LIMIT,
     }

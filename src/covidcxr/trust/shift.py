@@ -14,8 +14,10 @@ hundreds of looks at nearly the same data, and false alarms pile up. The false-a
 a batch of n is tested at alpha(n) = STREAM_ALPHA / ceil(HORIZON / n), so the chance of any false alarm in HORIZON
 predictions like the validation split's is at most STREAM_ALPHA (Bonferroni over the batches that fit in it), and
 so is the false-alarm rate of any single batch, at every n. One-off batches (a report, a validation) use the same
-alpha(n). `alarm_power` measures what this buys: the false-alarm rate on batches of a run's own test split and the
-detection rate on collections it never saw.
+alpha(n). That rate holds on average over validation splits: against one fixed split of a few hundred images, whose
+own scores stray from the model's true distribution by chance, it can be higher or lower. `alarm_power` measures
+what the alarm does against a run's actual reference: the false-alarm rate on batches of the run's own test split and
+the detection rate on collections it never saw.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def rate_ci(hits: int, n: int) -> dict:
     p, z = hits / n, float(norm.ppf(0.975))
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
         1 + z * z / n)
-    return {"value": p, "ci95": [max(0.0, centre - half), min(1.0, centre + half)], "n": n}
+    return {"value": p, "ci95": [0.0 if hits == 0 else centre - half, 1.0 if hits == n else centre + half], "n": n}
 
 
 def _alarm_rate(reference: np.ndarray, pool: np.ndarray, n: int, threshold: float, batches: int,
