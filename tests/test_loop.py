@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from conftest import run_cli
 from covidcxr.config import ServeConfig
+from covidcxr.config.monitor import IN_CONTROL_RUN
 from covidcxr.deploy.serve.app import create_app
 from covidcxr.deploy.serve.log import PredictionLog
 
@@ -179,12 +180,12 @@ def test_monitor_finds_the_planted_shift_and_the_rise_in_disagreement(tmp_path) 
     assert shifted["p_ks"] < shifted["alpha"] / 2 and "not valid" in shifted["message"]
     assert shifted["alpha"] == pytest.approx(0.05 / 3)  # batches of 100: 3 in 300 predictions
     [seq, adapted] = out["sequential"]
-    assert seq["h"] == pytest.approx(math.log(1000)) and seq["p0"] == pytest.approx(0.1)
+    assert seq["h"] == pytest.approx(math.log(IN_CONTROL_RUN)) and seq["p0"] == pytest.approx(0.1)
     first = seq["alerts"][0]
     assert 9 <= first["window"] <= 11  # the rise starts with window 9
     judged = [w["readers"]["verdicts"] for w in windows]
     assert sum(judged[:9]) < first["verdicts_used"] <= sum(judged[:12])
-    assert "crossed h = 6.91" in first["message"] and adapted["alerts"] == []
+    assert f"crossed h = {math.log(IN_CONTROL_RUN):.2f}" in first["message"] and adapted["alerts"] == []
     early, late = windows[2]["readers"]["agreement"], windows[11]["readers"]["agreement"]
     assert early["ci95"][0] > late["ci95"][1]  # agreement fell, beyond both intervals
     assert windows[11]["readers_so_far"]["verdicts"] == sum(judged[:12])
@@ -210,7 +211,7 @@ def test_monitor_by_day_and_since(tmp_path) -> None:
 @pytest.mark.slow
 def test_health_shows_the_current_window_and_the_alert(predictor, xray_source, tmp_path) -> None:
     """Readers who disagree with every call raise the sequential alert, which /api/health carries for the page."""
-    from covidcxr.config.monitor import IN_CONTROL_RUN, RISE
+    from covidcxr.config.monitor import RISE
     from covidcxr.trust.shift import validation_disagreement
 
     p0 = validation_disagreement(predictor.spec.run_dir, predictor.threshold, predictor.positive_label)

@@ -12,7 +12,7 @@ from covidcxr.errors import InputError
 WINDOW = "7d"  # a week per window; "N" (a number) means N predictions per window
 WINDOW_PATTERN = r"(\d+)([dh]?)"  # 7d, 24h or 500
 RISE = 0.10  # the rise in the readers' disagreement rate the sequential test is tuned to find
-IN_CONTROL_RUN = 1000  # verdicts between false alerts, at least, while the disagreement rate stays at its baseline
+IN_CONTROL_RUN = 10_000  # verdicts between false alerts, at least, while the disagreement rate stays at its baseline
 BASELINE_DISAGREEMENT = 0.15  # expected disagreement when the model's validation scores do not say (older logs)
 
 
