@@ -19,7 +19,14 @@ from covidcxr.scoring import Scorer
 from covidcxr.training.guarding import attach_guard
 from covidcxr.training.trainer import train
 from covidcxr.trust.guard import fit_guard
-from covidcxr.trust.shift import ShiftMonitor, alarm_power, batch_alpha, shift_test, stream_tests
+from covidcxr.trust.shift import (
+    ShiftMonitor,
+    alarm_power,
+    batch_alpha,
+    power_markdown,
+    shift_test,
+    stream_tests,
+)
 
 
 def planted_shift(root: Path, xray_source, n: int = 40, marks: bool = True, haze: float = 0.3) -> Path:
@@ -187,6 +194,9 @@ def test_alarm_power_on_synthetic_scores():
     assert far[2] >= 0.9 and far == sorted(far)  # a far shift: found at n = 100, more often with more images
     assert all(s < f for s, f in zip(subtle, far)) and subtle[0] < 0.2  # a subtle one: rarely at small n
     assert table[0]["detection"]["small"] is not None and table[2]["detection"]["small"] is None  # 30 < 100 images
+    lines = power_markdown(table).splitlines()
+    assert lines[0] == "| n | alpha | false alarms (own test split) | detected: far | detected: subtle | detected: small |"
+    assert lines[4].startswith("| 100 | 0.0167 | ") and lines[4].endswith(" | n/a |") and len(lines) == 6
 
 
 @pytest.mark.slow

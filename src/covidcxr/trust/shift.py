@@ -31,6 +31,7 @@ import pandas as pd
 from scipy.stats import fisher_exact, ks_2samp, norm
 
 from covidcxr.errors import InputError
+from covidcxr.formatting import markdown_table, value_ci
 
 STREAM_ALPHA = 0.05  # chance of a false alarm over HORIZON predictions like the validation split's
 HORIZON = 300  # predictions over which STREAM_ALPHA is stated
@@ -163,3 +164,16 @@ def alarm_power(reference: np.ndarray, threshold: float, own: np.ndarray, held_o
              "detection": {name: _alarm_rate(reference, np.asarray(scores, float), n, threshold, batches, rng)
                            for name, scores in held_out.items()}}
             for n in sizes]
+
+
+def power_markdown(table: list[dict]) -> str:
+    """`alarm_power`'s table in Markdown: a row per batch size, the false-alarm rate and each collection's detection
+    rate as "rate [95 % interval]" ("n/a" where a collection has fewer images than the batch)."""
+    names = list(table[0]["detection"]) if table else []
+
+    def cell(rate: dict | None) -> str:
+        return "n/a" if rate is None else value_ci(rate["value"], rate["ci95"], digits=2)
+
+    return markdown_table(["n", "alpha", "false alarms (own test split)", *(f"detected: {n}" for n in names)],
+                          [[row["n"], f"{row['alpha']:.3g}", cell(row["false_alarm"]),
+                            *(cell(row["detection"][n]) for n in names)] for row in table])
