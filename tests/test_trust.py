@@ -195,7 +195,8 @@ def test_alarm_power_on_synthetic_scores():
     assert all(s < f for s, f in zip(subtle, far)) and subtle[0] < 0.2  # a subtle one: rarely at small n
     assert table[0]["detection"]["small"] is not None and table[2]["detection"]["small"] is None  # 30 < 100 images
     lines = power_markdown(table).splitlines()
-    assert lines[0] == "| n | alpha | false alarms (own test split) | detected: far | detected: subtle | detected: small |"
+    assert lines[0] == ("| n | alpha | false alarms (own test split) | detected: far | detected: subtle "
+                        "| detected: small |")
     assert lines[4].startswith("| 100 | 0.0167 | ") and lines[4].endswith(" | n/a |") and len(lines) == 6
 
 
