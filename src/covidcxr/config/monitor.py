@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from covidcxr.config._rules import OPEN_FRACTION, POSITIVE_INT, Rule, check_rules, optional
+from covidcxr.config._rules import OPEN_FRACTION, POSITIVE_INT, Rule, check_rules
 from covidcxr.errors import InputError
 
 WINDOW = "7d"  # a week per window; "N" (a number) means N predictions per window
@@ -24,6 +24,13 @@ def parse_window(text: str) -> tuple[int, str]:
     return int(match[1]), match[2]
 
 
+def check_date(since: str | None) -> str | None:
+    """A --since date as YYYY-MM-DD (compared with the log's ISO 8601 times), or None."""
+    if since is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", since):
+        raise InputError(f"since {since!r}: write the date as YYYY-MM-DD")
+    return since
+
+
 @dataclass
 class MonitorConfig:
     """How `monitor` reads the log; saved in monitor.json, so the figures can be traced to their settings."""
@@ -38,11 +45,9 @@ class MonitorConfig:
         """Check every setting when made: a bad one is one line, before the log is read."""
         parse_window(self.window)
         check_rules(self, _MONITOR_RULES)
-        if self.since is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.since):
-            raise InputError(f"since {self.since!r}: write the date as YYYY-MM-DD")
+        check_date(self.since)
 
 
 _MONITOR_RULES: dict[str, Rule] = {
     "rise": OPEN_FRACTION, "in_control_run": POSITIVE_INT, "baseline_disagreement": OPEN_FRACTION,
-    "since": optional((lambda v: isinstance(v, str), "a date")),
 }

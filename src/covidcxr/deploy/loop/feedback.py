@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidcxr.config import IngestConfig
+from covidcxr.config.monitor import check_date
 from covidcxr.data.ingest import IngestReport, ingest
 from covidcxr.deploy.loop.monitor import read_log
 from covidcxr.deploy.serve.log import PredictionLog, check_label
@@ -88,7 +89,7 @@ def export_site(db: str | Path, out: str | Path, since: str | None = None) -> Ex
     """An ingested data folder (OUT, as `covidcxr ingest` writes it) of the kept images that carry a verdict, each
     labelled with its latest verdict, with its patient id where the DICOM or the request gave one, else its hash.
     The images and their metadata.csv stay in OUT/images, so the folder can be ingested again or moved whole."""
-    frame, _ = read_log(db, since=since, judged_only=True)
+    frame, _ = read_log(db, since=check_date(since), judged_only=True)
     frame = frame[frame["status"] == "scored"].drop_duplicates("sha256", keep="last")  # an image's latest verdict
     report, rows = ExportReport(), []
     images = Path(out) / IMAGES
