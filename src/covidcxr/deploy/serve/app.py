@@ -138,11 +138,12 @@ class Upload:
 
 
 class Unusable(Exception):
-    """An image that was read but cannot be scored: logged with its reason, answered 422."""
+    """An image that was read but is not scored: logged with its status (unreadable, or refused: not a frontal chest
+    radiograph) and reason, answered 422."""
 
-    def __init__(self, upload: Upload, reason: str):
+    def __init__(self, upload: Upload, reason: str, status: str = "unreadable"):
         super().__init__(reason)
-        self.upload, self.reason = upload, reason
+        self.upload, self.reason, self.status = upload, reason, status
 
 
 def _decode_upload(predictor: Predictor | EnginePredictor, file: UploadFile, filename: str, limit: int,
@@ -272,7 +273,7 @@ def _api(predictor: Predictor | EnginePredictor, cfg: ServeConfig, batcher: Batc
         try:
             upload, square = await anyio.to_thread.run_sync(decode, limiter=threads)
         except Unusable as exc:
-            log.refuse(exc.upload.sha256, filename, "unreadable", exc.reason, predictor.model_id, predictor.threshold,
+            log.refuse(exc.upload.sha256, filename, exc.status, exc.reason, predictor.model_id, predictor.threshold,
                        exc.upload.ids, "serve")
             raise HTTPException(422, exc.reason) from None
         probability, ood_score, accepted = await batcher.score(square)
