@@ -82,5 +82,6 @@ def add_monitor(sub: Commands) -> None:
                    f"window (default {WINDOW})")
     p.add_argument("--since", help="only predictions on or after this date, YYYY-MM-DD (default: all)")
     p.set_defaults(func=_monitor)
-    p.epilog = (f"The sequential test alerts when readers disagree with the model {RISE:.0%} more often than on its "
-                f"validation split, at most once per {IN_CONTROL_RUN:,} verdicts on average when they do not.")
+    p.epilog = (f"The sequential test alerts when readers disagree with the model {RISE * 100:.0f} percentage points "
+                f"more often than on its validation split; when they do not, at most once per {IN_CONTROL_RUN:,} "
+                "verdicts on average.")
