@@ -4,7 +4,6 @@ words, alerts first."""
 from __future__ import annotations
 
 import html
-import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from covidcxr.config import MonitorConfig, save_json
 from covidcxr.deploy.loop.monitor import QUANTILES, monitor, read_log
 from covidcxr.formatting import percent, value_ci
 
-log = logging.getLogger(__name__)
 plt.switch_backend("Agg")  # files only, no display
 
 
@@ -29,8 +27,6 @@ def write_monitor(db: str | Path, out: str | Path, cfg: MonitorConfig) -> dict:
     result["figures"] = {name: str(path.name) for name, path in _figures(result, out).items()}
     save_json(result, out / "monitor.json")
     (out / "monitor.html").write_text(render(result), encoding="utf-8")
-    log.info("%d predictions in %d window(s); written to %s", result.get("n_predictions", 0), len(result["windows"]),
-             out)
     return result
 
 
@@ -93,7 +89,7 @@ def _figures(result: dict, out: Path) -> dict[str, Path]:
     ax.plot(x, ref[:, 2], "--", color="0.3", label="validation median")
     ax.plot(x, ref[:, 1], ":", color="0.3", label="validation 25 %, 75 %")
     ax.plot(x, ref[:, 3], ":", color="0.3")
-    ax.set(xlabel="window", ylabel="score", ylim=(0, 1), title="Score distribution")
+    ax.set(xlabel="window", ylabel="score", ylim=(0, 1.3), yticks=np.linspace(0, 1, 6), title="Score distribution")
     ax.legend(fontsize=7, ncol=3, loc="upper left")
     _segment_lines(ax, windows)
     figures["scores"] = _save(fig, out / "scores.png")
@@ -105,12 +101,15 @@ def _figures(result: dict, out: Path) -> dict[str, Path]:
         _segment_lines(ax, windows)
         figures["agreement"] = _save(fig, out / "agreement.png")
         fig, ax = plt.subplots(figsize=(8, 3))
-        for seq in result["sequential"]:
-            ax.plot(seq["path_window"], seq["path"], ".-", markersize=2, label=f"model {seq['model_id']}")
+        offset = 0
+        for seq in result["sequential"]:  # one model after the other, each verdict in the order of its prediction
+            ax.plot(offset + np.arange(1, len(seq["path"]) + 1), seq["path"], linewidth=1,
+                    label=f"model {seq['model_id']}")
             ax.axhline(seq["h"], color="#b3261e", linestyle="--", linewidth=1)
-            for alert in seq["alerts"]:
-                ax.plot(alert["window"], seq["h"], "v", color="#b3261e")
-        ax.set(xlabel="window", ylabel="CUSUM", title="Readers' disagreement: CUSUM and its alert threshold h")
+            alerts = [offset + a["verdicts_used"] for a in seq["alerts"]]
+            ax.plot(alerts, [seq["h"]] * len(alerts), "v", color="#b3261e")
+            offset += len(seq["path"])
+        ax.set(xlabel="verdicts", ylabel="CUSUM", title="Readers' disagreement: CUSUM and its alert threshold h")
         ax.legend(fontsize=8, loc="upper left")
         figures["cusum"] = _save(fig, out / "cusum.png")
     return figures
