@@ -97,7 +97,8 @@ class Screener:
             self.predictions.add(LogRecord(utc_now(), result.sha256, name, p.probability, p.label, threshold, model_id,
                                            image_path=result.image_path, origin="pacs"), ids)
         else:
-            self.predictions.refuse(result.sha256, name, "refused" if result.status == "skipped" else "unreadable",
+            status = "refused" if result.status in ("skipped", "refused") else "unreadable"
+            self.predictions.refuse(result.sha256, name, status,
                                     result.reason or "", model_id, threshold, ids, "pacs")
 
     def skip(self, uid: str, study: str | None, reason: str) -> Result:
