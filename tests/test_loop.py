@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import run_cli
+from conftest import run_cli, xray
 from covidcxr.config import ServeConfig
 from covidcxr.config.monitor import IN_CONTROL_RUN
 from covidcxr.deploy.serve.app import create_app
@@ -83,7 +83,7 @@ def test_feedback_needs_the_token_as_predict_does(predictor, toy_images, tmp_pat
 
 def test_dicom_uids_and_kept_files_are_logged(predictor, images, tmp_path) -> None:
     """A DICOM upload's patient id and UIDs go into the log; with keep_images the file is kept as it came, once."""
-    dicom = images.dicom(None, np.rint(images.smooth(3) * 4095), PatientID="PAT-7", StudyInstanceUID="1.2.3",
+    dicom = images.dicom(None, np.rint(film(3) * 4095), PatientID="PAT-7", StudyInstanceUID="1.2.3",
                          SeriesInstanceUID="1.2.3.4")
     cfg = ServeConfig(db=str(tmp_path / "log.sqlite"), keep_images=str(tmp_path / "kept"))
     with TestClient(create_app(predictor, cfg)) as client:
@@ -101,19 +101,24 @@ def test_dicom_uids_and_kept_files_are_logged(predictor, images, tmp_path) -> No
     assert Path(rows[0].image_path).read_bytes() == dicom and rows[0].image_path == rows[1].image_path
 
 
-def _png(images) -> bytes:
+def film(seed: int) -> np.ndarray:
+    """A toy chest film in [0, 1] (what the tiny run was trained on, so it is scored)."""
+    return xray(np.random.default_rng(seed), covid=seed % 2 == 0)
+
+
+def _png(images, seed: int = 4) -> bytes:
     import io
 
     from PIL import Image
     buf = io.BytesIO()
-    Image.fromarray(images.to_u8(images.smooth(4))).save(buf, format="PNG")
+    Image.fromarray(images.to_u8(film(seed))).save(buf, format="PNG")
     return buf.getvalue()
 
 
 @pytest.mark.slow
 def test_feedback_import_matches_by_id_hash_and_sop_uid(predictor, images, toy_images, tmp_path) -> None:
     db = tmp_path / "log.sqlite"
-    dicom = images.dicom(None, np.rint(images.smooth(5) * 4095))
+    dicom = images.dicom(None, np.rint(film(5) * 4095))
     with TestClient(create_app(predictor, ServeConfig(db=str(db)))) as client:
         by_id = _post(client, toy_images[0])["prediction_id"]
         by_hash = _post(client, toy_images[1])["sha256"]
@@ -246,7 +251,7 @@ def test_export_of_verdicts_feeds_evaluate_and_calibrate(tiny_run, xray_source, 
     meta = pd.read_csv(root / "metadata.csv")
     db, kept = tmp_path / "log.sqlite", tmp_path / "kept"
     cfg = ServeConfig(db=str(db), keep_images=str(kept))
-    dicom = images.dicom(None, np.rint(images.smooth(9) * 4095), PatientID="PAT-D")
+    dicom = images.dicom(None, np.rint(film(9) * 4095), PatientID="PAT-D")
     with TestClient(create_app(Predictor.from_run(tiny_run), cfg)) as client:
         for i, row in meta.iterrows():
             pid = _post(client, root / row["path"], patient_id=f"pt{i}")["prediction_id"]
@@ -255,7 +260,7 @@ def test_export_of_verdicts_feeds_evaluate_and_calibrate(tiny_run, xray_source, 
         client.post("/api/feedback", json={"prediction_id": dicom_pid, "label": "covid"})
         _post(client, root / meta["path"][0])  # scored again, no new verdict: the image's latest verdict counts
         no_verdict = tmp_path / "extra.png"
-        no_verdict.write_bytes(_png(images))
+        no_verdict.write_bytes(_png(images, seed=12))
         _post(client, no_verdict)
     site = tmp_path / "site"
     r = run_cli("feedback", "export", db, "--out", site)
