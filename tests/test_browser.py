@@ -135,3 +135,32 @@ def test_page_asks_for_the_token_and_then_scores(predictor, browser, tmp_path: P
         page.set_input_files("#file-input", str(tmp_path / "chest.png"))
         sync_api.expect(page.locator("#result")).to_be_visible(timeout=30_000)
     assert len(PredictionLog(tmp_path / "log.sqlite").records()) == 1
+
+
+def test_a_reader_confirms_or_corrects_in_one_click(predictor, browser, tmp_path: Path) -> None:
+    """After the answer, one click records the reader's verdict (agree: the model's label; disagree: the other);
+    clicking again keeps both, the latest counting; the current window on the page counts the verdict."""
+    (tmp_path / "chest.png").write_bytes(bench_serve().chest_like_png(256))
+    db = tmp_path / "log.sqlite"
+    with background_server(create_app(predictor, ServeConfig(db=str(db)))) as url:
+        page = browser.new_page()
+        outside = _only_loopback(page, url)
+        page.goto(url)
+        sync_api.expect(page.locator("#model")).to_contain_text("threshold 0.500")
+        page.set_input_files("#file-input", str(tmp_path / "chest.png"))
+        sync_api.expect(page.locator("#result")).to_be_visible(timeout=30_000)
+        [row] = PredictionLog(db).records()
+        other = "normal" if row.label == "covid" else "covid"
+        sync_api.expect(page.locator("#confirm")).to_have_text(f"Agree: {row.label}")
+        sync_api.expect(page.locator("#correct")).to_have_text(f"Disagree: {other}")
+        page.fill("#reader", "dr page")
+        page.fill("#comment", "faint opacity")
+        page.click("#correct")
+        sync_api.expect(page.locator("#verdict-status")).to_have_text(f"Recorded: {other}. Thank you.")
+        sync_api.expect(page.locator("#monitor-line")).to_contain_text("readers agreed on 0 % of 1 verdicts")
+        page.click("#confirm")
+        sync_api.expect(page.locator("#verdict-status")).to_contain_text(f"Recorded: {row.label} (replaces")
+    history = PredictionLog(db).verdicts(1)
+    assert [(v["label"], v["reader"], v["comment"]) for v in history] == [(other, "dr page", "faint opacity"),
+                                                                          (row.label, "dr page", None)]
+    assert outside == []

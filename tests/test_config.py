@@ -59,7 +59,7 @@ def test_the_service_log_is_in_the_run_unless_db_says_otherwise():
     ("threads", 0, "an integer >= 1"),
     ("max_batch", 0, "an integer >= 1"),
     ("max_wait_ms", -1.0, "a number >= 0"),
-    ("shift_window", 0, "an integer >= 1"),
+    ("shift_batch", 0, "an integer >= 1"),
     ("engine", "tensorrt", "onnx, torch"),
 ])
 def test_bad_service_settings_fail_when_made(setting, value, says):

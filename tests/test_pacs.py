@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pydicom
 import pytest
 import requests
@@ -30,6 +31,7 @@ from pynetdicom import AE
 from conftest import run_cli, start_cli, xray
 from covidcxr import cli
 from covidcxr.deploy.predict import Predictor
+from covidcxr.deploy.serve.log import PredictionLog
 from covidcxr.errors import InputError
 from covidcxr.hospital.pacs import TOKEN_ENV, Dicomweb, PacsUnavailable, authorize
 from covidcxr.hospital.state import MAX_ATTEMPTS, State
@@ -154,7 +156,8 @@ def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, pr
     for ds in (chest, ct, blank, turned):
         orthanc.upload(to_bytes(ds))
     state = tmp_path / "state.sqlite"
-    watch = ["pacs", "watch", str(tiny_run), "--url", orthanc.dicomweb, "--once", "--state", str(state), "--cam"]
+    watch = ["pacs", "watch", str(tiny_run), "--url", orthanc.dicomweb, "--once", "--state", str(state), "--cam",
+             "--keep-images", str(tmp_path / "kept")]
 
     first = run_cli(*watch)
     assert first.returncode == 1, first.stderr  # the image without pixels could not be scored
@@ -185,12 +188,33 @@ def test_watch_scores_each_chest_radiograph_once_and_skips_the_rest(tiny_run, pr
     assert rows[blank.SOPInstanceUID] == ("failed", "DICOM file has no pixel data")
     assert rows[turned.SOPInstanceUID] == ("refused", REASONS["rotated_180"])
     assert rows[found[0].SOPInstanceUID][0] == "output"
+    assert_logged_for_the_loop(state, chest, ct, blank, tmp_path)
 
     count = requests.get(f"{orthanc.url}/statistics", timeout=10).json()["CountInstances"]
     second = run_cli(*watch)
     assert second.returncode == 0, second.stderr
     assert "scored" not in second.stderr and "skipped" not in second.stderr and "cannot score" not in second.stderr
     assert requests.get(f"{orthanc.url}/statistics", timeout=10).json()["CountInstances"] == count
+
+
+def assert_logged_for_the_loop(state: Path, chest, ct, blank, tmp_path: Path) -> None:
+    """The state file holds the prediction log: each instance with its UIDs (the scored one kept), so a verdict from
+    a report finds it by SOP Instance UID and `feedback export` makes a data set of it with its patient id."""
+    logged = {r.sop_uid: r for r in PredictionLog(state).records()}
+    assert (logged[chest.SOPInstanceUID].status, logged[chest.SOPInstanceUID].patient_id) == ("scored",
+                                                                                            chest.PatientID)
+    assert logged[chest.SOPInstanceUID].study_uid == chest.StudyInstanceUID
+    assert Path(logged[chest.SOPInstanceUID].image_path).parent == tmp_path / "kept"
+    assert (logged[ct.SOPInstanceUID].status, logged[ct.SOPInstanceUID].reason) == (
+        "refused", "modality CT is not a radiograph (CR/DX/DR)")
+    assert (logged[blank.SOPInstanceUID].status, logged[blank.SOPInstanceUID].reason) == (
+        "unreadable", "DICOM file has no pixel data")
+    (tmp_path / "reports.csv").write_text(f"sop_instance_uid,label\n{chest.SOPInstanceUID},covid\n")
+    assert run_cli("feedback", "import", state, tmp_path / "reports.csv").returncode == 0
+    exported = run_cli("feedback", "export", state, "--out", tmp_path / "site")
+    assert exported.returncode == 0, exported.stderr
+    rows = pd.read_csv(tmp_path / "site" / "images" / "metadata.csv").to_dict("records")
+    assert [(r["label"], r["patient_id"]) for r in rows] == [("covid", chest.PatientID)]
 
 
 def test_watch_of_a_dead_pacs_retries_then_exits_2_in_one_line_without_the_token(tiny_run, tmp_path, monkeypatch,

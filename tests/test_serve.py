@@ -115,7 +115,9 @@ def test_dicom_without_pixels_is_422(client: TestClient, db: Path, images) -> No
     res = _post(client, "empty.dcm", images.dicom(None, None))
     assert res.status_code == 422
     assert res.json()["detail"] == "empty.dcm: DICOM file has no pixel data"
-    assert PredictionLog(db).records() == []
+    [row] = PredictionLog(db).records()  # logged as not scored, with the reason, for `monitor` to count
+    assert (row.status, row.reason, row.probability, row.label) == ("unreadable", res.json()["detail"], None, None)
+    assert row.sop_uid and row.sop_uid.startswith("1.2.")
 
 
 def test_content_not_name_decides(client: TestClient, db: Path) -> None:
@@ -141,7 +143,9 @@ def test_decodable_but_unusable_is_422(client: TestClient, db: Path, name: str, 
     res = _post(client, name, data)
     assert res.status_code == 422, res.text
     assert res.json()["detail"].startswith(f"{name}: ") and message in res.json()["detail"]
-    assert PredictionLog(db).records() == []
+    logged = PredictionLog(db).records()  # an image that was read but cannot be scored is logged with its reason
+    assert [(r.status, r.reason) for r in logged] == ([] if message == "empty file" or name == "bomb.png"
+                                                      else [("unreadable", res.json()["detail"])])
 
 
 def test_upload_limit_is_exact_on_the_file(client: TestClient, db: Path) -> None:
@@ -188,13 +192,15 @@ def test_missing_field_is_422(client: TestClient) -> None:
 
 def test_health_page_and_docs(client: TestClient, predictor: Predictor) -> None:
     health = client.get("/api/health").json()
-    shift = health.pop("shift")  # the rolling shift alarm: nothing scored yet, so no verdict
+    shift = health.pop("shift")  # the stream's shift alarm: no batch full yet, so no verdict
     assert shift["alarm"] is False and shift["message"].startswith("no verdict")
+    assert health.pop("monitor") == {"window": "7d", "current": None, "alert": None}  # nothing logged yet
     assert health == {
         "status": "ok",
         "engine": "torch",
         "model_id": predictor.model_id,
         "positive_label": "covid",
+        "negative_label": "normal",
         "threshold": predictor.threshold,
         "max_upload_bytes": LIMIT,
     }

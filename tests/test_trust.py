@@ -18,7 +18,14 @@ from covidcxr.scoring import Scorer
 from covidcxr.training.guarding import attach_guard
 from covidcxr.training.trainer import train
 from covidcxr.trust.guard import fit_guard
-from covidcxr.trust.shift import ShiftMonitor, reference_scores, shift_test
+from covidcxr.trust.shift import (
+    ShiftMonitor,
+    alarm_power,
+    batch_alpha,
+    power_markdown,
+    shift_test,
+    stream_tests,
+)
 
 
 def planted_shift(root: Path, xray_source, n: int = 40, marks: bool = True, haze: float = 0.3) -> Path:
@@ -133,15 +140,64 @@ def test_shift_floor_holds_for_both_tests():
     assert small["p_ks"] < 1e-6 and small["ks_statistic"] < small["min_shift"] and not small["alarm"]
 
 
-@pytest.mark.slow
-def test_shift_monitor_over_a_rolling_window(guarded_run):
-    reference = reference_scores(guarded_run)
-    monitor = ShiftMonitor(np.tile(reference, 10), threshold=0.5, window=50)
-    monitor.add(np.full(60, 0.99))
+def test_shift_monitor_tests_each_full_batch_once():
+    rng = np.random.default_rng(3)
+    reference = rng.beta(2, 2, 500)
+    monitor = ShiftMonitor(reference, threshold=0.5, batch=50)
+    monitor.add(np.full(49, 0.99))
+    assert monitor.status()["message"].startswith("no verdict yet") and monitor.status()["in_next_batch"] == 49
+    monitor.add([0.99, 0.99])  # the batch of 50 is full: tested once; one score waits in the next
     status = monitor.status()
-    assert status["n"] == 50 and status["window"] == 50 and status["alarm"] == (reference.mean() < 0.8)
-    monitor.add(np.tile(reference, 5)[-50:])
-    assert monitor.status()["positive_rate"] == pytest.approx((np.tile(reference, 5)[-50:] >= 0.5).mean())
+    assert status["alarm"] and status["n"] == 50 and status["in_next_batch"] == 1 and status["batches_tested"] == 1
+    assert status["alpha"] == pytest.approx(0.05 / 6)
+    monitor.add(rng.beta(2, 2, 49))  # the next batch: the waiting 0.99 and 49 like validation, silent
+    status = monitor.status()
+    assert not status["alarm"] and (status["batches_tested"], status["batches_alarmed"]) == (2, 1)
+    assert status["in_next_batch"] == 0
+
+
+def test_batch_alpha_spreads_five_percent_over_300_predictions():
+    assert [batch_alpha(n) for n in (25, 50, 100, 200, 300, 500)] == pytest.approx(
+        [0.05 / 12, 0.05 / 6, 0.05 / 3, 0.05 / 2, 0.05, 0.05])
+
+
+@pytest.mark.slow
+def test_streams_like_validation_rarely_alarm_and_a_switch_is_caught():
+    """300 predictions like the validation split's raise a false alarm in at most ~5 % of streams (each against its
+    own validation split: the stated rate), at every batch size; a switch to shifted scores at prediction 300 is
+    caught within 100 predictions at n = 50 and 100."""
+    rng = np.random.default_rng(4)
+    for batch in (25, 50, 100, 200):
+        false = [any(t["alarm"] for t in stream_tests(rng.beta(2, 2, 500), rng.beta(2, 2, 300), 0.5, batch))
+                 for _ in range(150)]
+        assert np.mean(false) <= 0.09, (batch, np.mean(false))  # 5 % stated; 150 streams give +-3.5 %
+    reference = rng.beta(2, 2, 500)
+    for batch in (50, 100):
+        stream = np.r_[rng.beta(2, 2, 300), rng.beta(5, 1.5, 100)]
+        fired = [t["start"] + batch for t in stream_tests(reference, stream, 0.5, batch) if t["alarm"]]
+        assert fired and 300 < fired[0] <= 400, (batch, fired)
+
+
+@pytest.mark.slow
+def test_alarm_power_on_synthetic_scores():
+    rng = np.random.default_rng(5)
+    reference, own = rng.beta(2, 2, 400), rng.beta(2, 2, 400)
+    held = {"far": rng.beta(6, 1, 300), "subtle": rng.beta(2.3, 2, 300), "small": rng.beta(6, 1, 30)}
+    table = alarm_power(reference, 0.5, own, held, batches=100, seed=0)
+    assert [row["n"] for row in table] == [25, 50, 100, 200]
+    for row in table:
+        fa = row["false_alarm"]
+        assert fa["n"] == 100 and fa["value"] <= 0.1 and fa["ci95"][0] <= fa["value"] <= fa["ci95"][1]
+        assert row["alpha"] == pytest.approx(batch_alpha(row["n"]))
+    far = [row["detection"]["far"]["value"] for row in table]
+    subtle = [row["detection"]["subtle"]["value"] for row in table]
+    assert far[2] >= 0.9 and far == sorted(far)  # a far shift: found at n = 100, more often with more images
+    assert all(s < f for s, f in zip(subtle, far)) and subtle[0] < 0.2  # a subtle one: rarely at small n
+    assert table[0]["detection"]["small"] is not None and table[2]["detection"]["small"] is None  # 30 < 100 images
+    lines = power_markdown(table).splitlines()
+    assert lines[0] == ("| n | alpha | false alarms (own test split) | detected: far | detected: subtle "
+                        "| detected: small |")
+    assert lines[4].startswith("| 100 | 0.0167 | ") and lines[4].endswith(" | n/a |") and len(lines) == 6
 
 
 @pytest.mark.slow
@@ -161,7 +217,7 @@ def test_the_service_raises_the_shift_alarm(guarded_run, xray_source, tmp_path, 
     predictor = Predictor.from_run(guarded_run)  # the torch engine itself; load_predictor would set torch's threads
     served = predictor if engine == "torch" else load_predictor(guarded_run, engine, threads=1)
     tolerance = 1e-6 if engine == "torch" else 1e-4
-    cfg = ServeConfig(db=str(tmp_path / "log.sqlite"), shift_window=40)
+    cfg = ServeConfig(db=str(tmp_path / "log.sqlite"), shift_batch=40)
     with TestClient(create_app(served, cfg)) as client:
         assert client.get("/api/health").json()["shift"]["alarm"] is False  # nothing scored yet: no verdict
         answers = [client.post("/api/predict", files={"file": (p.name, p.read_bytes(), "image/png")}).json()

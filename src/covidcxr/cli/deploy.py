@@ -26,7 +26,7 @@ def _serve(a: argparse.Namespace) -> int:
     from covidcxr.deploy.serve.server import serve
     serve(ServeConfig(run=a.run, host=a.host, port=a.port, db=a.db, token_file=a.token_file, no_auth=a.no_auth,
                       threads=a.threads, request_threads=a.request_threads, engine=a.engine,
-                      access_log=a.access_log))
+                      access_log=a.access_log, keep_images=a.keep_images, monitor_window=a.monitor_window))
     return 0
 
 
@@ -57,6 +57,7 @@ def add_predict(sub: Commands) -> None:
 def add_serve(sub: Commands) -> None:
     """`covidcxr serve`: the HTTP API and page."""
     from covidcxr.config import ENGINES, REQUEST_THREADS, SERVE_THREADS
+    from covidcxr.config.monitor import WINDOW
     p = sub.add_parser("serve", help="HTTP API and web page")
     p.add_argument("run", help="run folder (covidcxr train --out)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
@@ -74,6 +75,13 @@ def add_serve(sub: Commands) -> None:
     p.add_argument("--access-log", dest="access_log", action="store_true",
                    help="print one line per HTTP request (default off: every prediction is in the SQLite log "
                         "already, and a line per request slows the service)")
+    p.add_argument("--keep-images", dest="keep_images", metavar="DIR",
+                   help="keep each scored upload as it came (named by its SHA-256) in DIR, so that covidcxr feedback "
+                        "export can make a data set of those that get a reader's verdict (default: keep none; DICOM "
+                        "files hold patient data)")
+    p.add_argument("--monitor-window", dest="monitor_window", default=WINDOW,
+                   help=f"the window /api/health and the page summarise, as covidcxr monitor --window (default "
+                        f"{WINDOW})")
     p.add_argument("--engine", choices=ENGINES, default=ENGINES[0],
                    help="onnx: score with the run's exported graphs on onnxruntime (RUN/serving, exported on first "
                         "use), no torch in the server until a Grad-CAM is asked for; torch: score with torch "

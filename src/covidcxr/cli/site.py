@@ -38,19 +38,23 @@ def _lungs_train(a: argparse.Namespace) -> int:
 def _pacs_watch(a: argparse.Namespace) -> int:
     from covidcxr.hospital.watch import run_watch
     return run_watch(a.run, a.url, once=a.once, interval_s=a.interval, state_path=a.state, since=a.since, cam=a.cam,
-                     credentials=a.credentials, retries=a.retries, backoff_s=a.backoff)
+                     credentials=a.credentials, retries=a.retries, backoff_s=a.backoff, keep_images=a.keep_images)
 
 
 def _pacs_listen(a: argparse.Namespace) -> int:
     from covidcxr.hospital.listen import run_listen
     return run_listen(a.run, a.port, a.ae_title, host=a.host, store_to=a.store_to, url=a.url, state_path=a.state,
-                      cam=a.cam, credentials=a.credentials, retries=a.retries, backoff_s=a.backoff)
+                      cam=a.cam, credentials=a.credentials, retries=a.retries, backoff_s=a.backoff,
+                      keep_images=a.keep_images)
 
 
 def add_pacs_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder whose model scores the images")
-    p.add_argument("--state", default="pacs-state.sqlite", help="SQLite file of what was scored or skipped and why "
-                   "(default pacs-state.sqlite)")
+    p.add_argument("--state", default="pacs-state.sqlite", help="SQLite file of what was scored or skipped and why, "
+                   "and the prediction log that monitor and feedback read (default pacs-state.sqlite)")
+    p.add_argument("--keep-images", dest="keep_images", metavar="DIR", help="keep each scored instance (the DICOM "
+                   "file, named by its SHA-256) in DIR, so that feedback export can make a data set of those that get "
+                   "a reader's verdict (default: keep none; the files hold patient data)")
     p.add_argument("--cam", action="store_true", help="also store a Grad-CAM Secondary Capture (default: the SR only)")
     p.add_argument("--credentials", help="JSON file {\"token\": ...} or {\"username\": ..., \"password\": ...} for "
                    "the DICOMweb PACS (default: $COVIDCXR_PACS_TOKEN, or $COVIDCXR_PACS_USER and "

@@ -18,6 +18,7 @@ from covidcxr.config._rules import (
 from covidcxr.config.calibrate import LAYER_CHOICES, CalibrateSettings
 from covidcxr.config.experiment import ExperimentConfig
 from covidcxr.config.ingest import SQUARE_CHOICES, IngestConfig
+from covidcxr.config.monitor import MonitorConfig, parse_window
 from covidcxr.config.serve import (
                                     ENGINES,
                                     MAX_BATCH,
@@ -25,7 +26,7 @@ from covidcxr.config.serve import (
                                     MAX_WAIT_MS,
                                     REQUEST_THREADS,
                                     SERVE_THREADS,
-                                    SHIFT_WINDOW,
+                                    SHIFT_BATCH,
                                     ServeConfig,
 )
 from covidcxr.config.train import (
@@ -42,15 +43,16 @@ from covidcxr.config.train import (
 
 __all__ = [
     # settings
-    "AugmentConfig", "CalibrateSettings", "ExperimentConfig", "GateSettings", "IngestConfig", "ServeConfig",
+    "AugmentConfig", "CalibrateSettings", "ExperimentConfig", "GateSettings", "IngestConfig", "MonitorConfig",
+    "ServeConfig",
     "TrainConfig",
     # in and out
-    "config_hash", "from_dict", "read_yaml", "save_json", "to_dict",
+    "config_hash", "from_dict", "parse_window", "read_yaml", "save_json", "to_dict",
     # rules, shared with the CLI's argument types
     "AUTO", "COUNT", "FRACTION", "IMAGE_SIZE", "NON_NEGATIVE", "OPEN_FRACTION", "PORT", "POSITIVE", "POSITIVE_INT",
     "SENSITIVITY", "Rule",
     # choices and defaults
     "ARCH_CHOICES", "BALANCE_CHOICES", "CROP_CHOICES", "DEVICE_PATTERN", "ENGINES", "EQUALIZE_CHOICES",
     "LAYER_CHOICES", "MAX_BATCH", "MAX_UPLOAD_BYTES", "MAX_WAIT_MS", "REQUEST_THREADS", "SERVE_THREADS",
-    "SHIFT_WINDOW", "SQUARE_CHOICES", "THRESHOLD_CHOICES",
+    "SHIFT_BATCH", "SQUARE_CHOICES", "THRESHOLD_CHOICES",
 ]

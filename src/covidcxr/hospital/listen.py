@@ -26,7 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # pynetdicom m
 from covidcxr.deploy.predict import Predictor
 from covidcxr.errors import InputError, one_line
 from covidcxr.hospital.pacs import Dicomweb, PacsUnavailable, StoreRefused, check_retries, with_retries
-from covidcxr.hospital.score import Screener
+from covidcxr.hospital.score import Screener, prediction_log
 from covidcxr.hospital.state import State
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ class Listener:
 
 def run_listen(run: str, port: int, ae_title: str, host: str = "127.0.0.1", store_to: str | None = None,
                url: str | None = None, state_path: str = "pacs-state.sqlite", cam: bool = False,
-               credentials: str | None = None, retries: int = 5, backoff_s: float = 1.0) -> int:
+               credentials: str | None = None, retries: int = 5, backoff_s: float = 1.0,
+               keep_images: str | None = None) -> int:
     """`covidcxr pacs listen`: receive until interrupted (Ctrl-C), scoring each pushed chest radiograph once."""
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # its failed-association lines: ours say it in one
     if (store_to is None) == (url is None):
@@ -129,7 +130,8 @@ def run_listen(run: str, port: int, ae_title: str, host: str = "127.0.0.1", stor
     state = State(state_path)
     spool = Path(f"{state_path}.spool")
     spool.mkdir(parents=True, exist_ok=True)
-    listener = Listener(Screener(predictor, state, sender.store, cam), state, spool)
+    screener = Screener(predictor, state, sender.store, cam, prediction_log(state_path, predictor), keep_images)
+    listener = Listener(screener, state, spool)
     server = start_server(ae_title, host, port, spool)
     log.info("listening on %s:%d as %s with %s; reports to %s", host, port, ae_title, predictor.model_id, sender.where)
     try:

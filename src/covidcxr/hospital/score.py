@@ -8,7 +8,9 @@ state. An instance the gate refuses gets no finding in the PACS; its reason is i
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +20,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from covidcxr.data.reader import read_image
+from covidcxr.deploy.loop.keep import dataset_ids
 from covidcxr.deploy.predict import Prediction, Predictor
+from covidcxr.deploy.serve.log import LogRecord, PredictionLog, utc_now
 from covidcxr.hospital.pacs import StoreRefused
 from covidcxr.hospital.sr import cam_capture, finding, structured_report
 from covidcxr.hospital.state import MAX_ATTEMPTS, State
@@ -39,20 +43,33 @@ def not_chest(modality: str | None, body_part: str | None = None) -> str | None:
     return None
 
 
+def prediction_log(state_path: str | Path, predictor: Predictor) -> PredictionLog:
+    """The prediction log of a watcher or listener: in its state file, so `monitor` and `feedback` take that file as
+    they take a service's log."""
+    predictions = PredictionLog(state_path)
+    predictions.record_run(predictor.spec.run_dir, predictor.model_id, predictor.threshold, predictor.positive_label)
+    return predictions
+
+
 @dataclass
 class Result:
     status: str  # scored | skipped (not a radiograph by its tags) | refused (by the gate) | failed | pending
     reason: str | None = None
     prediction: Prediction | None = None
     outputs: list[Dataset] = field(default_factory=list)
+    sha256: str = ""  # of the instance as scored (written as a DICOM file)
+    image_path: str | None = None  # where it was kept (--keep-images)
 
 
 class Screener:
-    """Scores instances with one run and hands their reports to `store`, recording every outcome in `state`."""
+    """Scores instances with one run and hands their reports to `store`, recording every outcome in `state`, and in
+    the prediction log `predictions` (with the instance's UIDs, so imported verdicts match; the file kept in `keep`
+    if given)."""
 
     def __init__(self, predictor: Predictor, state: State, store: Callable[[list[Dataset], str | None], None],
-                 cam: bool = False):
+                 cam: bool = False, predictions: PredictionLog | None = None, keep: str | None = None):
         self.predictor, self.state, self.store, self.cam = predictor, state, store, cam
+        self.predictions, self.keep = predictions, keep
 
     def handle(self, ds: Dataset) -> Result:
         """Assess one instance, store its report, record it; PacsUnavailable propagates and leaves it unrecorded."""
@@ -68,11 +85,28 @@ class Screener:
         p = result.prediction
         self.state.record(uid, study, result.status, reason=result.reason, model_id=self.predictor.model_id,
                           **({} if p is None or p.status != "scored" else _columns(p, result.outputs)))
+        self.log_result(result, dataset_ids(ds))
         return self.report(uid, result)
+
+    def log_result(self, result: Result, ids: dict[str, str | None]) -> None:
+        """The prediction log's row: scored with its probability, or refused (not a chest radiograph) or unreadable
+        with the reason."""
+        if self.predictions is None:
+            return
+        p, model_id, threshold = result.prediction, self.predictor.model_id, self.predictor.threshold
+        name = ids.get("sop_uid") or "instance"
+        if result.status == "scored" and p is not None:
+            self.predictions.add(LogRecord(utc_now(), result.sha256, name, p.probability, p.label, threshold, model_id,
+                                           image_path=result.image_path, origin="pacs"), ids)
+        else:
+            status = "refused" if result.status in ("skipped", "refused") else "unreadable"
+            self.predictions.refuse(result.sha256, name, status,
+                                    result.reason or "", model_id, threshold, ids, "pacs")
 
     def skip(self, uid: str, study: str | None, reason: str) -> Result:
         """Record an instance that is not scored, known before it is retrieved (e.g. a CT from its search answer)."""
         self.state.record(uid, study, "skipped", reason=reason)
+        self.log_result(Result("skipped", reason), {"study_uid": study, "sop_uid": uid})
         return self.report(uid, Result("skipped", reason))
 
     def retry_later(self, uid: str, study: str | None, reason: str) -> Result:
@@ -92,17 +126,28 @@ class Screener:
                 ds.save_as(path, enforce_file_format=True)
             except (ValueError, TypeError, AttributeError, KeyError) as exc:
                 return Result("failed", f"cannot write the DICOM dataset ({exc})".splitlines()[0])
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
             prediction = self.predictor.predict_paths([path])[0]
             if prediction.status != "scored":  # refused by the gate (no finding is written), or unreadable
                 return Result("refused" if prediction.status == "refused" else "failed", prediction.reason,
-                              prediction)
+                              prediction, sha256=digest)
             try:
                 outputs: list[Dataset] = [structured_report(ds, prediction, self.predictor.model_id)]
                 if self.cam:
                     outputs.append(cam_capture(ds, self._overlay(path), self.predictor.model_id))
             except (ValueError, TypeError, AttributeError) as exc:  # highdicom refuses unusable patient/study data
-                return Result("failed", f"cannot build the report ({exc})".splitlines()[0], prediction)
-        return Result("scored", None, prediction, outputs)
+                return Result("failed", f"cannot build the report ({exc})".splitlines()[0], prediction, sha256=digest)
+            kept = self._kept(path, digest) if self.keep else None
+        return Result("scored", None, prediction, outputs, sha256=digest, image_path=kept)
+
+    def _kept(self, path: Path, digest: str) -> str:
+        """Keep the scored instance, named by its hash, for `feedback export`."""
+        assert self.keep is not None
+        target = Path(self.keep) / f"{digest}.dcm"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        return str(target.resolve())
 
     def _overlay(self, path: Path) -> np.ndarray:
         from covidcxr.model.cam import cam_overlay

@@ -16,9 +16,10 @@ from pathlib import Path
 import requests
 
 from covidcxr.deploy.predict import Predictor
+from covidcxr.deploy.serve.log import PredictionLog
 from covidcxr.errors import InputError
 from covidcxr.hospital.pacs import Dicomweb, PacsUnavailable, http_status
-from covidcxr.hospital.score import Result, Screener, not_chest
+from covidcxr.hospital.score import Result, Screener, not_chest, prediction_log
 from covidcxr.hospital.state import State
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,9 @@ class Watcher:
     """One PACS, one run, one state file."""
 
     def __init__(self, pacs: Dicomweb, predictor: Predictor, state: State, since: str | None = None,
-                 cam: bool = False):
+                 cam: bool = False, predictions: PredictionLog | None = None, keep: str | None = None):
         self.pacs, self.state, self.filters = pacs, state, study_date_range(since)
-        self.screener = Screener(predictor, state, pacs.store, cam)
+        self.screener = Screener(predictor, state, pacs.store, cam, predictions, keep)
 
     def poll(self) -> list[Result]:
         """Handle every instance not yet handled; the results of this poll, in the PACS's order."""
@@ -98,7 +99,7 @@ def _sop_uid(item: dict) -> str:
 
 def run_watch(run: str, url: str, once: bool = False, interval_s: float = 60, state_path: str = "pacs-state.sqlite",
               since: str | None = None, cam: bool = False, credentials: str | None = None, retries: int = 5,
-              backoff_s: float = 1.0) -> int:
+              backoff_s: float = 1.0, keep_images: str | None = None) -> int:
     """`covidcxr pacs watch`: exit 0, or 1 when --once found instances it could not score (each listed); a PACS
     still unreachable after the retries ends --once with PacsUnavailable (exit 2) and makes a running watch wait."""
     if interval_s <= 0:
@@ -106,7 +107,7 @@ def run_watch(run: str, url: str, once: bool = False, interval_s: float = 60, st
     pacs = Dicomweb(url, Path(credentials) if credentials else None, retries, backoff_s)
     predictor = Predictor.from_run(run)
     state = State(state_path)
-    watcher = Watcher(pacs, predictor, state, since, cam)
+    watcher = Watcher(pacs, predictor, state, since, cam, prediction_log(state_path, predictor), keep_images)
     log.info("watching %s with %s (state %s)", pacs.where, predictor.model_id, state_path)
     try:
         while True:
