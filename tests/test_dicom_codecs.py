@@ -31,7 +31,7 @@ from pydicom.uid import (
 )
 
 import dicom_factory as make
-from conftest import run_cli
+from conftest import run_cli, xray
 from covidcxr.data.reader import read_image
 
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -165,7 +165,7 @@ def test_service_answers_422_for_a_ct(tmp_path, images, predictor):
     from covidcxr.deploy.serve.app import create_app
 
     ct = images.dicom(None, make.film(), Modality="CT")
-    chest = images.dicom(None, make.film())
+    chest = images.dicom(None, np.rint(xray(np.random.default_rng(3), covid=False) * 4095))  # a film the gate knows
     with TestClient(create_app(predictor, ServeConfig(db=str(tmp_path / "log.sqlite")))) as client:
         refused = client.post("/api/predict", files={"file": ("ct.dcm", ct, "application/dicom")})
         scored = client.post("/api/predict", files={"file": ("chest.dcm", chest, "application/dicom")})
