@@ -14,7 +14,7 @@ from covidcxr.errors import InputError
 
 # The row contract; the last three say where a row is listed (a CSV and its line; '' for files found in folders)
 # and why it cannot be used ('' when it can), so ingest lists every bad row instead of stopping at the first.
-COLUMNS = ("path", "label", "source", "patient_id", "view", "finding", "age_group", "sex",
+COLUMNS = ("path", "label", "source", "patient_id", "view", "finding", "age_group", "sex", "modality", "manufacturer",
            "listed_in", "line", "problem")
 LABELS = ("covid", "normal", "pneumonia", "other")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
