@@ -19,6 +19,16 @@ def _calibrate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(a: argparse.Namespace) -> int:
+    from covidcxr.config import ValidateSettings
+    from covidcxr.hospital.validate import validate
+    settings = ValidateSettings(min_sensitivity=a.min_sensitivity, min_specificity=a.min_specificity,
+                                prevalence=a.prevalence, n_boot=a.n_boot)
+    r = validate(a.run, a.data, a.out, settings)
+    print(f"{r['verdict']}: {r['reason']}; report: {Path(a.out) / 'report.html'}")
+    return 0
+
+
 def _lungs_fetch(a: argparse.Namespace) -> int:
     from covidcxr.lungs.fetch import fetch_masks
     print(fetch_masks(Path(a.out), a.find_links))
@@ -78,6 +88,24 @@ def add_calibrate(sub: Commands) -> None:
                    help="bootstrap resamples for the CIs (default 1000)")
     p.set_defaults(func=_calibrate)
 
+
+
+def add_validate(sub: Commands) -> None:
+    """`covidcxr validate`: a local validation report."""
+    p = sub.add_parser("validate", help="local validation report on a site's labelled images, with a verdict")
+    p.add_argument("run", help="run folder to validate (covidcxr train or calibrate --out)")
+    p.add_argument("--data", required=True, help="ingested data folder of the site's labelled images (required)")
+    p.add_argument("--out", required=True, help="report folder: report.html, validation.json and evaluate's files "
+                   "(required)")
+    p.add_argument("--min-sensitivity", dest="min_sensitivity", type=FRACTION_ARG, default=0.85,
+                   help="the lower end of sensitivity's 95 %% CI must reach this for 'validated' (default 0.85)")
+    p.add_argument("--min-specificity", dest="min_specificity", type=FRACTION_ARG, default=0.70,
+                   help="the lower end of specificity's 95 %% CI must reach this for 'validated' (default 0.70)")
+    p.add_argument("--prevalence", type=FRACTION_ARG, help="PPV and NPV at this prevalence (default: the site's "
+                   "labelled images' own)")
+    p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=1000,
+                   help="bootstrap resamples for the CIs (default 1000)")
+    p.set_defaults(func=_validate)
 
 
 def add_lungs(sub: Commands) -> None:

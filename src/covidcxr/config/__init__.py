@@ -38,10 +38,12 @@ from covidcxr.config.train import (
                                     AugmentConfig,
                                     TrainConfig,
 )
+from covidcxr.config.validate import ValidateSettings
 
 __all__ = [
     # settings
     "AugmentConfig", "CalibrateSettings", "ExperimentConfig", "IngestConfig", "ServeConfig", "TrainConfig",
+    "ValidateSettings",
     # in and out
     "config_hash", "from_dict", "read_yaml", "save_json", "to_dict",
     # rules, shared with the CLI's argument types

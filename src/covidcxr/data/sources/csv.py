@@ -1,5 +1,6 @@
-"""Generic CSV layout (DESIGN.md, "Files"): path (relative to the CSV) and label required; patient_id,
-source, view, age_group, sex, finding, modality (CR, DX) and manufacturer used when present. ROOT is the folder holding metadata.csv, or a CSV.
+"""Generic CSV layout (DESIGN.md, "Files"): path (relative to the CSV) and label required; patient_id, source, view,
+age_group, sex, finding, modality (CR, DX) and manufacturer used when present. ROOT is the folder holding metadata.csv,
+or a CSV.
 A row with an empty path or a value not allowed is returned with its line and the reason, never raised: ingest
 lists every such row and ingests the rest."""
 
