@@ -6,16 +6,22 @@ import argparse
 from pathlib import Path
 
 from covidcxr.cli.args import COUNT_ARG, FRACTION_ARG, POSITIVE_INT_ARG, Commands
-from covidcxr.config import LAYER_CHOICES
+from covidcxr.config import CANDIDATE_CHOICES
 
 
 def _calibrate(a: argparse.Namespace) -> int:
     from covidcxr.config import CalibrateSettings
     from covidcxr.hospital.calibrate import calibrate
-    settings = CalibrateSettings(fraction=a.fraction, finetune_epochs=a.finetune_epochs, layers=a.finetune_layers,
-                                 target_sensitivity=a.target_sensitivity, n_boot=a.n_boot)
+    settings = CalibrateSettings(fraction=a.fraction, candidates=tuple(a.candidates.split(",")), folds=a.folds,
+                                 finetune_epochs=a.finetune_epochs, target_sensitivity=a.target_sensitivity,
+                                 n_boot=a.n_boot, triage=a.triage, npv=a.npv, ppv=a.ppv, confidence=a.confidence)
     r = calibrate(a.run, a.data, a.out, settings)
-    print(f"{r['summary']}; adapted run: {Path(a.out) / 'run'}")
+    print(r["decision"])
+    if r["triage"]:
+        t = r["triage"]
+        print(f"triage: rule-out at P <= {t['rule_out_max']}, rule-in at P >= {t['rule_in_min']} (NPV >= {t['npv']}, "
+              f"PPV >= {t['ppv']}, each with probability {t['confidence']}; {t['method']}); the rest needs a reader")
+    print(f"{r['summary']}; run: {Path(a.out) / 'run'}")
     return 0
 
 
@@ -78,14 +84,23 @@ def add_calibrate(sub: Commands) -> None:
     p.add_argument("--out", required=True, help="folder for run/, before/, after/ and calibration.json (required)")
     p.add_argument("--fraction", type=FRACTION_ARG, default=0.3, help="share of the site's patients used to adapt; "
                    "the rest is held back to measure (default 0.3)")
+    p.add_argument("--candidates", default=",".join(CANDIDATE_CHOICES),
+                   help="what may change, comma-separated, chosen by patient-grouped cross-validation inside the "
+                   f"calibration images; nothing is always a candidate (default {','.join(CANDIDATE_CHOICES)})")
+    p.add_argument("--folds", type=POSITIVE_INT_ARG, default=5, help="cross-validation folds (default 5; fewer when "
+                   "a class has fewer images)")
     p.add_argument("--finetune-epochs", dest="finetune_epochs", type=COUNT_ARG, default=10,
-                   help="fine-tuning passes over the site's images (default 10; 0: threshold and temperature only)")
-    p.add_argument("--finetune-layers", dest="finetune_layers", default="head", choices=LAYER_CHOICES,
-                   help="layers fine-tuning changes (default head)")
+                   help="fine-tuning passes of the head / all candidates (default 10; 0: they are not tried)")
     p.add_argument("--target-sensitivity", dest="target_sensitivity", type=FRACTION_ARG,
                    help="choose the site's threshold for this sensitivity (default: Youden's J)")
     p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=1000,
-                   help="bootstrap resamples for the CIs (default 1000)")
+                   help="bootstrap resamples for a candidate's noise and the CIs (default 1000)")
+    p.add_argument("--triage", action="store_true", help="also set rule-out and rule-in thresholds with a guarantee "
+                   "(Learn-then-Test, exact binomial tests); the rest needs a reader (default off)")
+    p.add_argument("--npv", type=FRACTION_ARG, default=0.95, help="triage: promised NPV of rule-out (default 0.95)")
+    p.add_argument("--ppv", type=FRACTION_ARG, default=0.90, help="triage: promised PPV of rule-in (default 0.90)")
+    p.add_argument("--confidence", type=FRACTION_ARG, default=0.9,
+                   help="triage: probability that each promise holds (default 0.9)")
     p.set_defaults(func=_calibrate)
 
 

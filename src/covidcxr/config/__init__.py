@@ -15,7 +15,7 @@ from covidcxr.config._rules import (
                                     SENSITIVITY,
                                     Rule,
 )
-from covidcxr.config.calibrate import LAYER_CHOICES, CalibrateSettings
+from covidcxr.config.calibrate import CANDIDATE_CHOICES, CalibrateSettings
 from covidcxr.config.experiment import ExperimentConfig
 from covidcxr.config.ingest import SQUARE_CHOICES, IngestConfig
 from covidcxr.config.serve import (
@@ -51,6 +51,6 @@ __all__ = [
     "SENSITIVITY", "Rule",
     # choices and defaults
     "ARCH_CHOICES", "BALANCE_CHOICES", "CROP_CHOICES", "DEVICE_PATTERN", "ENGINES", "EQUALIZE_CHOICES",
-    "LAYER_CHOICES", "MAX_BATCH", "MAX_UPLOAD_BYTES", "MAX_WAIT_MS", "REQUEST_THREADS", "SERVE_THREADS",
+    "CANDIDATE_CHOICES", "MAX_BATCH", "MAX_UPLOAD_BYTES", "MAX_WAIT_MS", "REQUEST_THREADS", "SERVE_THREADS",
     "SHIFT_WINDOW", "SQUARE_CHOICES", "THRESHOLD_CHOICES",
 ]

@@ -30,6 +30,7 @@ class Prediction:
     error: str | None = None
     in_distribution: bool | None = None  # the run's guard accepts the image; None: the run has no guard
     ood_score: float | None = None  # typicality (higher = less typical); > the guard's threshold = out of distribution
+    triage: str | None = None  # rule-out | rule-in | needs a reader, when the run has triage thresholds (triage.json)
 
 
 class Predictor:
@@ -72,7 +73,8 @@ class Predictor:
             for i, (name, p) in enumerate(zip(chunk, scores)):
                 results.append(Prediction(name, float(p), self.spec.label_for(float(p)), self.threshold,
                                           in_distribution=None if accepted is None else bool(accepted[i]),
-                                          ood_score=None if ood is None else float(ood[i])))
+                                          ood_score=None if ood is None else float(ood[i]),
+                                          triage=self.spec.triage_for(float(p))))
         return results
 
     def predict_paths(self, paths: list[Path], batch_size: int = 32) -> list[Prediction]:
@@ -131,7 +133,8 @@ def format_predictions(results: list[Prediction], fmt: str) -> str:
         writer.writerows(rows)
         return buf.getvalue().rstrip("\n")
     width = max([len(r.path) for r in results] + [4])
-    lines = [f"{'file':<{width}}  {'P(covid)':>8}  {'label':<10} threshold"]
+    lines = [f"{'file':<{width}}  {'P(covid)':>8}  {'label':<10} threshold"
+             + ("  triage" if any(r.triage for r in results) else "")]
     for r in results:
         if r.error:
             lines.append(f"{r.path:<{width}}  {'-':>8}  {'ERROR':<10} {r.error}")
@@ -139,7 +142,8 @@ def format_predictions(results: list[Prediction], fmt: str) -> str:
             lines.append(f"{r.path:<{width}}  {r.probability:>8.3f}  withheld: out of distribution")
         else:
             flag = "" if r.in_distribution is None else ("" if r.in_distribution else "  out of distribution")
-            lines.append(f"{r.path:<{width}}  {r.probability:>8.3f}  {r.label:<10} {r.threshold:.3f}{flag}")
+            triage = f"  {r.triage}" if r.triage else ""
+            lines.append(f"{r.path:<{width}}  {r.probability:>8.3f}  {r.label:<10} {r.threshold:.3f}{triage}{flag}")
     return "\n".join(lines)
 
 

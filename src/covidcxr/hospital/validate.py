@@ -33,6 +33,7 @@ from covidcxr.scoring import Scorer
 
 VALIDATED, NOT_VALIDATED, INSUFFICIENT = "validated", "not validated", "insufficient data"
 MIN_PER_CLASS = 10  # labelled images of each class, at least, for any verdict
+MIN_MARGIN = 0.01  # an estimate this close to the bar: more images would not show that it clears it
 MIN_SUBGROUP = 20  # a subgroup with fewer images says "too few", not a number
 SUBGROUP_FIELDS = ("sex", "age_group", "view", "modality", "manufacturer")
 SUBGROUP_METRICS = ("sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "auc")
@@ -132,8 +133,12 @@ def decide(metrics: dict, y: np.ndarray, s: ValidateSettings) -> tuple[str, str,
             problems.append(f"{name} {number(value, 2)} (95 % CI {interval((lo, hi), 2)}) is below the required "
                             f"{number(minimum, 2)}")
             continue
+        if value - minimum < MIN_MARGIN:
+            problems.append(f"{name} {number(value, 2)} is at the required {number(minimum, 2)} (95 % CI down to "
+                            f"{number(lo, 2)}): no number of images can show that it clears the bar")
+            continue
         # the interval's half-width shrinks as 1/sqrt(n): n' = n (half-width / margin)^2 puts its lower end on the bar
-        extra = math.ceil(n_class * ((value - lo) / max(value - minimum, 1e-9)) ** 2) - n_class
+        extra = math.ceil(n_class * ((value - lo) / (value - minimum)) ** 2) - n_class
         more[name] = math.ceil(extra / share)
         problems.append(f"{name} {number(value, 2)} meets {number(minimum, 2)} but its 95 % CI reaches down to "
                         f"{number(lo, 2)}: about {more[name]} more labelled images (at this site's prevalence) would "
@@ -226,8 +231,8 @@ def failures(pred: pd.DataFrame, threshold: float, scorer: Scorer, cache: ImageC
              limit: int) -> list[dict]:
     """The wrong predictions, most confident first, each with a Grad-CAM thumbnail in REPORT/failures/."""
     called = pred["score"] >= threshold
-    confidence = pd.Series(np.where(called, pred["score"], 1 - pred["score"]), index=pred.index)
-    wrong = pred[called.astype(int) != pred["y"]].assign(confidence=confidence)
+    scored = pred.assign(confidence=np.where(called, pred["score"], 1 - pred["score"]))
+    wrong = scored[called.astype(int) != pred["y"]]
     wrong = wrong.sort_values("confidence", ascending=False, kind="stable").head(limit)
     if wrong.empty:
         return []
