@@ -54,6 +54,8 @@ class Prediction(BaseModel):
     ood_score: float | None = Field(description="typicality: higher is less typical; above the guard's threshold is "
                                                 "out of distribution")
     threshold: float
+    triage: str | None = Field(default=None, description="rule-out, rule-in or needs a reader, when the run has "
+                                                          "triage thresholds (covidcxr calibrate --triage); else null")
     model_id: str
     heatmap: str | None = Field(description="Grad-CAM overlay as a PNG data URL, when cam=true")
     sha256: str = Field(description="SHA-256 of the uploaded bytes, as logged")
@@ -63,8 +65,12 @@ class Health(BaseModel):
     status: str
     engine: str = Field(description="what scores: onnxruntime (the run's exported graphs) or torch")
     model_id: str
+    training: str = Field(description="how the weights came about: transfer learning from ImageNet, or trained from "
+                                      "scratch")
     positive_label: str
     threshold: float
+    triage: dict | None = Field(default=None, description="the run's triage thresholds and their guarantee; null "
+                                                          "without")
     max_upload_bytes: int
     shift: dict | None = Field(description="the shift alarm over the latest predictions against the run's validation "
                                            "scores (alarm, rates, p-values, message); null without validation scores")
@@ -181,7 +187,8 @@ def _api(predictor: Predictor | EnginePredictor, cfg: ServeConfig, batcher: Batc
     @api.get("/health")
     async def health() -> Health:
         return Health(status="ok", engine=predictor.engine, model_id=predictor.model_id,
-                      positive_label=predictor.positive_label, threshold=predictor.threshold,
+                      training=predictor.spec.training, positive_label=predictor.positive_label,
+                      threshold=predictor.threshold, triage=predictor.spec.triage,
                       max_upload_bytes=cfg.max_upload_bytes, shift=monitor.status() if monitor else None)
 
     @api.post("/predict", responses=ERRORS, max_body_size=cfg.max_upload_bytes + MULTIPART_SLACK_BYTES)
@@ -200,7 +207,8 @@ def _api(predictor: Predictor | EnginePredictor, cfg: ServeConfig, batcher: Batc
             monitor.add(probability)
         label = None if cfg.reject_ood and accepted is False else predictor.spec.label_for(probability)
         out = Prediction(probability=probability, label=label, in_distribution=accepted, ood_score=ood_score,
-                         threshold=predictor.threshold, model_id=predictor.model_id, heatmap=_data_url(heatmap),
+                         threshold=predictor.threshold, triage=predictor.spec.triage_for(probability),
+                         model_id=predictor.model_id, heatmap=_data_url(heatmap),
                          sha256=digest)
         record = LogRecord(utc_now(), digest, filename, out.probability, out.label or WITHHELD, out.threshold,
                            out.model_id)
