@@ -20,7 +20,7 @@ import numpy as np
 from scipy.stats import binom, binomtest
 
 from covidcxr.errors import InputError
-from covidcxr.model.spec import READER, RULE_IN, RULE_OUT, triage_class
+from covidcxr.model.spec import READER, RULE_IN, RULE_OUT, triage_classes
 
 METHOD = ("Learn-then-Test with fixed-sequence testing of exact binomial (one-sided Clopper-Pearson) p-values, "
           "candidates from the most cautious threshold on")
@@ -55,20 +55,21 @@ def _fixed_sequence(correct_in_order: np.ndarray, target: float, alpha: float) -
     k = n_min, n_min + 1, ... whose exact binomial p-value P(Binomial(k, target) >= correct among the first k) is at
     most alpha, stopping at the first that is not; 0 when the first already fails."""
     n_min = needed(target, 1 - alpha)
-    correct = np.cumsum(correct_in_order)
-    taken = 0
-    for k in range(n_min, len(correct_in_order) + 1):
-        if binom.sf(correct[k - 1] - 1, k, target) > alpha:
-            break
-        taken = k
-    return taken
+    if len(correct_in_order) < n_min:
+        return 0
+    k = np.arange(n_min, len(correct_in_order) + 1)
+    p_values = binom.sf(np.cumsum(correct_in_order)[k - 1] - 1, k, target)
+    failed = np.flatnonzero(p_values > alpha)
+    stop = failed[0] if failed.size else len(k)  # the sequence ends at its first failure
+    return int(k[stop - 1]) if stop else 0
 
 
-def _tie_safe(scores_sorted: np.ndarray, k: int) -> int:
-    """k moved back so that the cut does not split tied scores (a threshold takes all images of a score or none)."""
+def _tie_safe(scores_sorted: np.ndarray, k: int, n_min: int) -> int:
+    """k moved back so that the cut does not split tied scores (a threshold takes all images of a score or none);
+    0 when that leaves fewer than the n_min images the sequence starts at (those were never tested)."""
     while 0 < k < len(scores_sorted) and scores_sorted[k - 1] == scores_sorted[k]:
         k -= 1
-    return k
+    return k if k >= n_min else 0
 
 
 def fit_triage(y: np.ndarray, scores: np.ndarray, targets: TriageTargets) -> dict:
@@ -77,10 +78,12 @@ def fit_triage(y: np.ndarray, scores: np.ndarray, targets: TriageTargets) -> dic
     y, scores = np.asarray(y, int), np.asarray(scores, float)
     alpha = 1 - targets.confidence
     down = np.argsort(-scores, kind="stable")  # rule-in: from the highest score down
-    k_in = _tie_safe(scores[down], _fixed_sequence(y[down] == 1, targets.ppv, alpha))
+    k_in = _tie_safe(scores[down], _fixed_sequence(y[down] == 1, targets.ppv, alpha),
+                     needed(targets.ppv, targets.confidence))
     rule_in_min = float(scores[down][k_in - 1]) if k_in else None
     up = np.argsort(scores, kind="stable")  # rule-out: from the lowest score up (tested apart from rule-in)
-    k_out = _tie_safe(scores[up], _fixed_sequence(y[up] == 0, targets.npv, alpha))
+    k_out = _tie_safe(scores[up], _fixed_sequence(y[up] == 0, targets.npv, alpha),
+                      needed(targets.npv, targets.confidence))
     rule_out_max = float(scores[up][k_out - 1]) if k_out else None
     return {"rule_out_max": rule_out_max, "rule_in_min": rule_in_min, "npv": targets.npv, "ppv": targets.ppv,
             "confidence": targets.confidence, "method": METHOD, "n_calibration": int(len(y)),
@@ -89,7 +92,7 @@ def fit_triage(y: np.ndarray, scores: np.ndarray, targets: TriageTargets) -> dic
 
 def triage_summary(y: np.ndarray, scores: np.ndarray, triage: dict) -> dict:
     """Each class's share and the realised NPV (rule-out) and PPV (rule-in) with exact 95 % intervals."""
-    y, classes = np.asarray(y, int), np.array([triage_class(float(s), triage) for s in scores])
+    y, classes = np.asarray(y, int), triage_classes(np.asarray(scores, float), triage)
     out: dict = {"n": int(len(y))}
     for name, correct_label, promise in ((RULE_OUT, 0, "npv"), (RULE_IN, 1, "ppv"), (READER, None, None)):
         inside = classes == name

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from covidcxr.preprocess.spec import PreprocessSpec
 
 
@@ -66,14 +68,21 @@ def read_triage(run_dir: Path) -> dict | None:
 
 
 def triage_class(probability: float, triage: dict) -> str:
-    """rule-out at or below `rule_out_max`, rule-in at or above `rule_in_min` (a null bound: that class is empty),
-    everything else needs a reader."""
+    """rule-out at or below `rule_out_max`, rule-in at or above `rule_in_min` (a null bound: that class is empty;
+    rule-in wins should the two overlap), everything else needs a reader."""
+    return str(triage_classes(np.array([probability]), triage)[0])
+
+
+def triage_classes(probabilities: np.ndarray, triage: dict) -> np.ndarray:
+    """`triage_class` of many probabilities at once."""
+    p = np.asarray(probabilities, float)
     low, high = triage.get("rule_out_max"), triage.get("rule_in_min")
-    if high is not None and probability >= high:
-        return RULE_IN
-    if low is not None and probability <= low:
-        return RULE_OUT
-    return READER
+    classes = np.full(p.shape, READER, dtype=object)
+    if low is not None:
+        classes[p <= low] = RULE_OUT
+    if high is not None:
+        classes[p >= high] = RULE_IN
+    return classes
 
 
 def training_kind(weights: str, arch: str = "") -> str:
