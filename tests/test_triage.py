@@ -55,3 +55,11 @@ def test_too_few_images_are_refused_with_the_numbers_needed():
     with pytest.raises(InputError, match=refusal):
         check_enough(np.r_[np.zeros(30), np.ones(30)], TriageTargets(), "site")
     check_enough(np.r_[np.zeros(45), np.ones(22)], TriageTargets(), "site")
+
+
+def test_overlapping_cuts_leave_the_overlap_to_rule_in():
+    y = np.r_[np.zeros(60, int), np.ones(60, int)]
+    scores = np.r_[np.linspace(0.0, 0.5, 60), np.linspace(0.5001, 1.0, 60)]  # a perfect ranking: both cuts reach over
+    triage = fit_triage(y, scores, TriageTargets(npv=0.8, ppv=0.8))
+    assert triage["rule_out_max"] < triage["rule_in_min"]
+    assert triage["n_rule_out"] == (scores <= triage["rule_out_max"]).sum()

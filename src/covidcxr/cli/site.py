@@ -19,8 +19,11 @@ def _calibrate(a: argparse.Namespace) -> int:
     print(r["decision"])
     if r["triage"]:
         t = r["triage"]
-        print(f"triage: rule-out at P <= {t['rule_out_max']}, rule-in at P >= {t['rule_in_min']} (NPV >= {t['npv']}, "
-              f"PPV >= {t['ppv']}, each with probability {t['confidence']}; {t['method']}); the rest needs a reader")
+        def bound(x: float | None) -> str:
+            return "none (no threshold proves it)" if x is None else f"{x:.4f}"
+        print(f"triage: rule-out at P <= {bound(t['rule_out_max'])}, rule-in at P >= {bound(t['rule_in_min'])} "
+              f"(NPV >= {t['npv']}, PPV >= {t['ppv']}, each with probability {t['confidence']}; {t['method']}); "
+              "every other image needs a reader")
     print(f"{r['summary']}; run: {Path(a.out) / 'run'}")
     return 0
 

@@ -189,13 +189,13 @@ def fit_candidate(name: str, scorer: Scorer, squares: np.ndarray, probs: np.ndar
 
 # --- choosing by patient-grouped cross-validation ---
 
-def cross_validate(scorer: Scorer, squares: np.ndarray, target: np.ndarray, y: np.ndarray, patients: pd.Series,
-                   candidates: list[str], settings: CalibrateSettings) -> dict[str, dict]:
+def cross_validate(scorer: Scorer, squares: np.ndarray, probs: np.ndarray, target: np.ndarray, y: np.ndarray,
+                   patients: pd.Series, candidates: list[str], settings: CalibrateSettings) -> dict[str, dict]:
     """Each candidate's out-of-fold scores and calls (every image scored by a fit that never saw its patient), and
-    their balanced accuracy, sensitivity, specificity, AUC and Brier score."""
-    probs = scorer.probabilities(squares)
+    their balanced accuracy, sensitivity, specificity, AUC and Brier score. `probs`: the original model's
+    probabilities of the images."""
     pos_index = scorer.spec.positive_index
-    k = min(settings.folds, *class_counts(y))
+    k = min(settings.folds, *(patients[y == c].nunique() for c in (0, 1)))  # every fold holds patients of each class
     folds = StratifiedGroupKFold(k, shuffle=True, random_state=settings.seed).split(squares, y, patients.astype(str))
     oof = {c: np.zeros(len(y)) for c in candidates}
     calls = {c: np.zeros(len(y), bool) for c in candidates}
@@ -288,12 +288,12 @@ def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings:
     if settings.finetune_epochs == 0:
         order = [c for c in order if c not in FINETUNING]
     tried, why_not = triable(tuple(order), y)
-    cv = cross_validate(scorer, squares[calib], target, y, patients, tried, settings)
+    probs = scorer.probabilities(squares[calib])
+    cv = cross_validate(scorer, squares[calib], probs, target, y, patients, tried, settings)
     gains(cv, y, patients, settings)
     choice = choose(cv, tried)
     line = decision_line(choice, cv, why_not)
-    log.info("%s", line)
-    probs = scorer.probabilities(squares[calib])
+    log.debug("%s", line)
     fitted = fit_candidate(choice, scorer, squares[calib], probs, target, y, patients, settings)
     adapted = out / "run"
     if choice == "nothing":

@@ -74,7 +74,7 @@ def _tie_safe(scores_sorted: np.ndarray, k: int, n_min: int) -> int:
 
 def fit_triage(y: np.ndarray, scores: np.ndarray, targets: TriageTargets) -> dict:
     """Thresholds from labelled calibration scores; a class no candidate can prove is empty (its bound is null).
-    Should the two overlap (a poor model with lenient promises), rule-in wins the overlap (`triage_class`)."""
+    Should the two cuts overlap (lenient promises), rule-in keeps the overlap and rule-out stops below it."""
     y, scores = np.asarray(y, int), np.asarray(scores, float)
     alpha = 1 - targets.confidence
     down = np.argsort(-scores, kind="stable")  # rule-in: from the highest score down
@@ -82,8 +82,10 @@ def fit_triage(y: np.ndarray, scores: np.ndarray, targets: TriageTargets) -> dic
                      needed(targets.ppv, targets.confidence))
     rule_in_min = float(scores[down][k_in - 1]) if k_in else None
     up = np.argsort(scores, kind="stable")  # rule-out: from the lowest score up (tested apart from rule-in)
-    k_out = _tie_safe(scores[up], _fixed_sequence(y[up] == 0, targets.npv, alpha),
-                      needed(targets.npv, targets.confidence))
+    k_out = _fixed_sequence(y[up] == 0, targets.npv, alpha)
+    if rule_in_min is not None:  # an overlap goes to rule-in: rule-out keeps an earlier, also tested, cut below it
+        k_out = min(k_out, int((scores < rule_in_min).sum()))
+    k_out = _tie_safe(scores[up], k_out, needed(targets.npv, targets.confidence))
     rule_out_max = float(scores[up][k_out - 1]) if k_out else None
     return {"rule_out_max": rule_out_max, "rule_in_min": rule_in_min, "npv": targets.npv, "ppv": targets.ppv,
             "confidence": targets.confidence, "method": METHOD, "n_calibration": int(len(y)),
