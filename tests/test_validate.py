@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import run_cli
-from covidcxr.config import IngestConfig
+from covidcxr.config import IngestConfig, ValidateSettings
 from covidcxr.data.ingest import ingest
+from covidcxr.hospital.validate import decide, split_refused
 
-pytestmark = pytest.mark.slow  # trains the shared tiny run, runs `covidcxr validate` in a subprocess
+slow = pytest.mark.slow  # trains the shared tiny run, runs `covidcxr validate` in a subprocess
 
 
 def site(root: Path, xray_source, n: int, seed: int, **columns) -> Path:
@@ -48,6 +50,7 @@ def report(tiny_run, labelled_site, tmp_path_factory) -> tuple[Path, dict]:
     return out, validate(tiny_run, labelled_site, out, "--min-sensitivity", "0", "--min-specificity", "0")
 
 
+@slow
 def test_a_site_meeting_its_requirements_is_validated_with_a_full_report(report):
     out, r = report
     assert r["verdict"] == "validated" and "lower ends of the 95 % CIs" in r["reason"]
@@ -69,6 +72,7 @@ def test_a_site_meeting_its_requirements_is_validated_with_a_full_report(report)
         assert heading in page
 
 
+@slow
 def test_subgroup_rows_for_the_fields_the_site_carries(report):
     _, r = report
     groups = r["subgroups"]
@@ -80,14 +84,35 @@ def test_subgroup_rows_for_the_fields_the_site_carries(report):
     assert cr["n_patients"] == 15 and cr["sensitivity"]["ci95"][0] <= cr["sensitivity"]["value"]
 
 
+@slow
 def test_a_site_below_its_requirements_is_not_validated(tiny_run, labelled_site, tmp_path):
     r = validate(tiny_run, labelled_site, tmp_path / "r", "--min-sensitivity", "1", "--min-specificity", "1")
     assert r["verdict"] == "not validated"
     assert "sensitivity" in r["reason"] or "specificity" in r["reason"]
 
 
+@slow
 def test_a_site_with_few_labelled_images_has_insufficient_data(tiny_run, xray_source, tmp_path):
     small = site(tmp_path, xray_source, 12, 22)
     r = validate(tiny_run, small, tmp_path / "r")
     assert r["verdict"] == "insufficient data"
     assert r["more_images_needed"] == {"positive": 4, "negative": 4} and "label 4 more positive" in r["reason"]
+
+
+def test_a_wide_interval_says_how_many_more_labelled_images_would_narrow_it():
+    metrics = {"sensitivity": {"value": 0.9, "ci95": [0.8, 0.97]}, "specificity": {"value": 0.8, "ci95": [0.75, 0.85]}}
+    y = np.r_[np.ones(40, int), np.zeros(40, int)]
+    verdict, reason, more = decide(metrics, y, ValidateSettings(min_sensitivity=0.85, min_specificity=0.7))
+    # n' = 40 (0.10 / 0.05)^2 = 160 positives, 120 more, at a prevalence of one half 240 more images
+    assert verdict == "not validated" and more == {"sensitivity": 240} and "about 240 more labelled images" in reason
+    verdict, reason, _ = decide(metrics, y, ValidateSettings(min_sensitivity=0.95, min_specificity=0.7))
+    assert verdict == "not validated" and reason.startswith("sensitivity 0.90 (95 % CI [0.80, 0.97]) is below")
+
+
+def test_images_the_gate_refused_are_counted_by_reason_and_not_scored():
+    pred = pd.DataFrame({"path": list("abcd"), "status": ["scored", "refused", "refused", "scored"],
+                         "reason": ["", "not a chest radiograph: Modality CT", "not a chest radiograph: Modality CT",
+                                    ""]})
+    scored, refused = split_refused(pred)
+    assert list(scored["path"]) == ["a", "d"] and refused == {"not a chest radiograph: Modality CT": 2}
+    assert split_refused(pred.drop(columns=["status", "reason"]))[1] == {}
