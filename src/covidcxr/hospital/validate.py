@@ -269,10 +269,25 @@ def card_html(card: dict) -> str:
             "task": card["task"], "training data": f"{data.get('data')} (sources {data.get('sources')}); train "
             f"images by label {data.get('by_label', {})}",
             "threshold": f"{number(card['threshold'])} ({card['threshold_method']})",
-            "adapted at a site": card["adapted_at_a_site"] or "no", "triage": card["triage"] or "none"}
+            "adapted at a site": _adapted(card["adapted_at_a_site"]), "triage": _triage_rule(card["triage"])}
     table = "".join(f'<tr><th class="k">{_e(k)}</th><td class="k">{_e(v)}</td></tr>' for k, v in rows.items())
     limits = "".join(f"<li>{_e(x)}</li>" for x in card["limitations"])
     return f"<table>{table}</table><p>Known limitations:</p><ul>{limits}</ul>"
+
+
+def _adapted(calibrated: dict | None) -> str:
+    if not calibrated:
+        return "no"
+    return (f"{calibrated.get('changed', 'yes')} (covidcxr calibrate, from {calibrated.get('from')}; temperature "
+            f"{number(calibrated.get('temperature'), 2)})")
+
+
+def _triage_rule(t: dict | None) -> str:
+    if not t:
+        return "none"
+    cut = {k: "none" if t.get(k) is None else number(t[k], 4) for k in ("rule_out_max", "rule_in_min")}
+    return (f"rule-out at P <= {cut['rule_out_max']} (NPV >= {t['npv']}), rule-in at P >= {cut['rule_in_min']} (PPV >= "
+            f"{t['ppv']}), each with probability {t['confidence']}; {t['method']}")
 
 
 def site_html(site: dict) -> str:
