@@ -39,9 +39,10 @@ def validate(run: Path, data: Path, out: Path, *flags: str) -> dict:
 
 @pytest.fixture(scope="module")
 def labelled_site(xray_source, tmp_path_factory) -> Path:
-    """60 toy films whose table knows sex (half each), modality (CR/DX) and age group (5 children: too few)."""
+    """60 toy films whose table knows sex (half each), modality (CR/DX), age group (5 children: too few) and date."""
     return site(tmp_path_factory.mktemp("vsite"), xray_source, 60, 21, sex=lambda i: "MF"[i // 2 % 2],
-                modality=lambda i: "CR" if i < 30 else "DX", age_group=lambda i: "pediatric" if i < 5 else "adult")
+                modality=lambda i: "CR" if i < 30 else "DX", age_group=lambda i: "pediatric" if i < 5 else "adult",
+                date=lambda i: f"2026-01-{i % 28 + 1:02d}")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,7 @@ def test_subgroup_rows_for_the_fields_the_site_carries(report):
     _, r = report
     groups = r["subgroups"]
     assert set(groups) == {"sex", "modality", "age_group"}  # view and manufacturer are unknown here
+    assert r["site"]["dates"] == {"first": "2026-01-01", "last": "2026-01-28", "n_with_date": 60}
     assert {k: v["n"] for k, v in groups["sex"].items()} == {"F": 30, "M": 30}
     assert {k: v["n"] for k, v in groups["modality"].items()} == {"CR": 30, "DX": 30}
     assert groups["age_group"]["pediatric"] == {"n": 5, "too_few": True}

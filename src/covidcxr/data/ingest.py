@@ -34,7 +34,7 @@ from covidcxr.data.manifest import (
     thumbnail,
 )
 from covidcxr.data.reader import ImageReadError, dicom_fields, read_image
-from covidcxr.data.sources import age_group, sex
+from covidcxr.data.sources import age_group, sex, study_date
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ DUPLICATES_FILE = "duplicates.csv"
 # folder updates exactly its rows and leaves the other folders' rows alone.
 COLUMNS = [*MANIFEST_COLUMNS, "root"]
 # Subgroup fields a DICOM header can fill where the source's listing leaves them empty (ingest keeps them per row)
-HEADER_FIELDS = ("view", "age_group", "sex", "modality", "manufacturer")
+HEADER_FIELDS = ("view", "age_group", "sex", "modality", "manufacturer", "date")
 # Durable saves of the manifest during a long ingest, so a crash keeps its work. Each save runs the duplicate search
 # over everything (quadratic), so saves are spaced by time and by their own cost: at most SAVE_OVERHEAD of the run.
 SAVE_INTERVAL_S = 60.0
@@ -100,7 +100,8 @@ def _header_fields(path: str) -> dict[str, str]:
     if not tags:
         return {}
     return {"view": tags["view"], "age_group": age_group(tags["age"]) if tags["age"] else "", "sex": sex(tags["sex"]),
-            "modality": tags["modality"].upper(), "manufacturer": tags["manufacturer"]}
+            "modality": tags["modality"].upper(), "manufacturer": tags["manufacturer"],
+            "date": study_date(tags["date"]) if tags["date"] else ""}
 
 
 def _fill_fields(rows: pd.DataFrame, known: pd.DataFrame) -> pd.DataFrame:
@@ -136,7 +137,7 @@ def _list_rows(roots: list[Path], layout: str, report: IngestReport) -> pd.DataF
     bad = rows["problem"] != ""
     report.bad_rows += [_entry(row, row["problem"]) for row in rows[bad].to_dict("records")]
     rows = rows[~bad].drop_duplicates("path")
-    for col in ("view", "finding", "age_group", "sex", "modality", "manufacturer"):
+    for col in ("view", "finding", "age_group", "sex", "modality", "manufacturer", "date"):
         rows[col] = rows.get(col, pd.Series("", index=rows.index)).fillna("").astype(str)
     rows["patient_id"] = rows["patient_id"].astype(str)
     return rows
@@ -157,7 +158,7 @@ def _previous(out: Path) -> pd.DataFrame:
     """DATA's manifest so far (empty when new); rows written before manifests knew their folder get root ''."""
     path = out / MANIFEST_FILE
     df = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
-    df = df.assign(**{c: "" for c in ("modality", "manufacturer") if c not in df})  # manifests from before them
+    df = df.assign(**{c: "" for c in ("modality", "manufacturer", "date") if c not in df})  # manifests before them
     return df if "root" in df else df.assign(root="")
 
 

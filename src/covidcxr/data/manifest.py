@@ -16,7 +16,7 @@ from PIL import Image
 
 MANIFEST_COLUMNS = [
     "path", "label", "source", "patient_id", "view", "finding", "age_group", "sex", "modality", "manufacturer",
-    "sha1", "phash", "thumb", "orig_height", "orig_width", "mtime", "size_bytes", "cache_index", "duplicate_of",
+    "date", "sha1", "phash", "thumb", "orig_height", "orig_width", "mtime", "size_bytes", "cache_index", "duplicate_of",
 ]
 
 

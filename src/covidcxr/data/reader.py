@@ -51,12 +51,12 @@ def read_image(source: str | Path | bytes, name: str = "<upload>") -> np.ndarray
 
 
 DICOM_FIELDS = {"modality": "Modality", "manufacturer": "Manufacturer", "view": "ViewPosition",
-                "sex": "PatientSex", "age": "PatientAge"}
+                "sex": "PatientSex", "age": "PatientAge", "date": "StudyDate"}
 
 
 def dicom_fields(path: str | Path) -> dict[str, str]:
-    """The header's modality, manufacturer, view, sex and age (raw text; '' where absent) of a DICOM file, {} for
-    any other file: what a site's subgroups are made of when no metadata table lists them."""
+    """The header's modality, manufacturer, view, sex, age and study date (raw text; '' where absent) of a DICOM file,
+    {} for any other file: what a site's subgroups are made of when no metadata table lists them."""
     path = Path(path)
     try:
         with path.open("rb") as f:

@@ -65,7 +65,7 @@ def validate(run: str | Path, data: str | Path, out: str | Path, settings: Valid
     pred = with_site_fields(pred, ImageCache(data).manifest())
     scorer = Scorer.from_run(run, "cpu")
     spec, threshold = scorer.spec, scorer.spec.threshold
-    metrics = evaluate_predictions(pred.drop(columns=["cache_index", *SUBGROUP_FIELDS]), threshold,
+    metrics = evaluate_predictions(pred.drop(columns=["cache_index", "date", *SUBGROUP_FIELDS]), threshold,
                                    spec.threshold_method, n_boot=settings.n_boot, seed=settings.seed,
                                    provenance=provenance, positive_label=spec.positive_label)
     metrics["ood"] = ood_summary(pred, threshold, run, spec.positive_label)
@@ -105,10 +105,10 @@ def split_refused(pred: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
 
 def with_site_fields(pred: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
     """The predictions with each image's cache row and the subgroup fields its manifest knows ('' where not)."""
-    fields = [f for f in SUBGROUP_FIELDS if f in manifest]
+    fields = [f for f in (*SUBGROUP_FIELDS, "date") if f in manifest]
     rows = manifest.drop_duplicates("path").set_index("path")[["cache_index", *fields]]
     out = pred.join(rows, on="path")
-    for f in SUBGROUP_FIELDS:
+    for f in (*SUBGROUP_FIELDS, "date"):
         out[f] = out[f].fillna("").astype(str).str.strip() if f in out else ""
     return out
 
@@ -224,7 +224,15 @@ def site_summary(pred: pd.DataFrame, refused: dict[str, int]) -> dict:
                 str(src): {str(k): int(v) for k, v in row.items() if v} for src, row in table.iterrows()},
             "fields": {f: {str(k): int(v) for k, v in pred[f].replace("", "unknown").value_counts().items()}
                        for f in SUBGROUP_FIELDS if (~pred[f].str.lower().isin(UNKNOWN)).any()},
-            "dates": None, "n_refused": int(sum(refused.values()))}
+            "dates": dates(pred), "n_refused": int(sum(refused.values()))}
+
+
+def dates(pred: pd.DataFrame) -> dict | None:
+    """The first and last study date and how many images have one; None when no image has a date."""
+    known = pred["date"][pred["date"] != ""] if "date" in pred else pd.Series(dtype=str)
+    if known.empty:
+        return None
+    return {"first": str(known.min()), "last": str(known.max()), "n_with_date": int(len(known))}
 
 
 def failures(pred: pd.DataFrame, threshold: float, scorer: Scorer, cache: ImageCache, out: Path,
@@ -296,10 +304,15 @@ def site_html(site: dict) -> str:
     fields = "".join(f"<li>{_e(f)}: {_e(', '.join(f'{k} {v}' for k, v in c.items()))}</li>"
                      for f, c in site["fields"].items())
     return (f"<p>{site['n']} images of {site['n_patients']} patients, {site['positives']} positive; "
-            f"{site['n_refused']} refused by the gate (see validation.json's refused). Dates: not recorded.</p>"
+            f"{site['n_refused']} refused by the gate (see validation.json's refused). Dates: {_dates(site['dates'])}."
+            "</p>"
             f'<table><tr><th class="k">source</th><th class="k">images by label</th></tr>{rows}</table>'
             + (f"<ul>{fields}</ul>" if fields else "<p>No subgroup fields (sex, age, view, modality, manufacturer) "
                "are known for these images.</p>"))
+
+
+def _dates(d: dict | None) -> str:
+    return "not recorded" if d is None else f"{d['first']} to {d['last']} ({d['n_with_date']} images with a date)"
 
 
 def prevalence_html(p: dict) -> str:

@@ -26,11 +26,20 @@ from covidcxr.data.sources import (
     radiography,
     rsna,
 )
-from covidcxr.data.sources._common import COLUMNS, IMAGE_SUFFIXES, LABELS, age_group, file_problem, image_files, sex
+from covidcxr.data.sources._common import (
+    COLUMNS,
+    IMAGE_SUFFIXES,
+    LABELS,
+    age_group,
+    file_problem,
+    image_files,
+    sex,
+    study_date,
+)
 from covidcxr.errors import InputError
 
 __all__ = ["COLUMNS", "IMAGE_SUFFIXES", "LABELS", "LAYOUTS", "age_group", "detect_layout", "file_problem",
-           "image_files", "load_source", "sex"]
+           "image_files", "load_source", "sex", "study_date"]
 
 # Auto-detection tries these in order; the first match wins. csv precedes cohen/figure1/actualmed (all use
 # metadata.csv; theirs has no path or label column), the specific layouts precede the generic

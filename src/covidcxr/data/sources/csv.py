@@ -1,6 +1,6 @@
 """Generic CSV layout (DESIGN.md, "Files"): path (relative to the CSV) and label required; patient_id, source, view,
-age_group, sex, finding, modality (CR, DX) and manufacturer used when present. ROOT is the folder holding metadata.csv,
-or a CSV.
+age_group, sex, finding, modality (CR, DX), manufacturer and date used when present. ROOT is the folder holding
+metadata.csv, or a CSV.
 A row with an empty path or a value not allowed is returned with its line and the reason, never raised: ingest
 lists every such row and ingests the rest."""
 
@@ -19,6 +19,7 @@ from covidcxr.data.sources._common import (
     read_header,
     require_columns,
     sex,
+    study_date,
     view,
 )
 from covidcxr.errors import InputError
@@ -81,11 +82,12 @@ def rows(root: Path) -> pd.DataFrame:
             "sex": sex(sx),
             "modality": mod.upper(),
             "manufacturer": maker,
+            "date": study_date(day),
             "listed_in": str(path),
             "line": str(line),
             "problem": problem,
         }
-        for rel, lab, src, pid, v, fnd, age, sx, mod, maker, line, problem in zip(
+        for rel, lab, src, pid, v, fnd, age, sx, mod, maker, day, line, problem in zip(
             df["path"],
             df["label"],
             sources,
@@ -96,6 +98,7 @@ def rows(root: Path) -> pd.DataFrame:
             _optional(df, "sex"),
             _optional(df, "modality"),
             _optional(df, "manufacturer"),
+            _optional(df, "date"),
             df.index,
             problems,
         )
