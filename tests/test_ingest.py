@@ -424,3 +424,22 @@ def test_broken_symlink_is_listed_through_the_cli(tmp_path, images):
     reason = "broken symbolic link (points to moved.png, which does not exist)"
     assert f"{src / 'normal/link.png'}: {reason}" in result.stdout
     assert len(_manifest(tmp_path / "data")) == 2
+
+
+def test_subgroup_fields_and_dates_come_from_the_table_or_the_dicom_header_and_survive_a_reingest(tmp_path, images):
+    src = tmp_path / "src"
+    images.save(src / "a.png", images.smooth(1))
+    pixels = (images.smooth(2) * 4000).astype(np.uint16)
+    images.dicom(src / "b.dcm", pixels, Modality="DX", Manufacturer="Acme Imaging", PatientSex="F",
+                 PatientAge="045Y", ViewPosition="PA", StudyDate="20260314")
+    pd.DataFrame([{"path": "a.png", "label": "covid", "modality": "cr", "manufacturer": "Fuji", "sex": "m",
+                   "date": "2025-12-01"},
+                  {"path": "b.dcm", "label": "normal", "modality": "", "manufacturer": "", "sex": "", "date": ""}]
+                 ).to_csv(src / "metadata.csv", index=False)
+    for _ in range(2):  # the second ingest reuses both files: the header's fields must stay
+        ingest([src], tmp_path / "data", CFG)
+        m = _manifest(tmp_path / "data")
+        a, b = m.loc[str(src / "a.png")], m.loc[str(src / "b.dcm")]
+        assert (a["modality"], a["manufacturer"], a["sex"], a["date"]) == ("CR", "Fuji", "M", "2025-12-01")
+        assert (b["modality"], b["manufacturer"], b["sex"], b["age_group"], b["view"], b["date"]) == \
+            ("DX", "Acme Imaging", "F", "adult", "PA", "2026-03-14")

@@ -306,3 +306,15 @@ def test_a_refused_instance_is_tried_again_then_given_up(tmp_path):
     assert state.is_final("1.2.3")
     reopened = State(tmp_path / "s.sqlite")  # a restart sees the same
     assert reopened.is_final("1.2.3") and not reopened.is_final("1.2.4")
+
+
+def test_the_report_carries_the_triage_class_when_the_run_has_one(predictor):
+    from covidcxr.deploy.predict import Prediction
+    from covidcxr.hospital.sr import TRIAGE, structured_report
+
+    source = dicom_image("CR", ComputedRadiographyImageStorage, 3)
+    def items(triage):
+        sr = structured_report(source, Prediction("x", 0.2, "normal", 0.5, triage=triage), predictor.model_id)
+        return {i.ConceptNameCodeSequence[0].CodeValue: i for i in sr.ContentSequence}
+    assert items("rule-out")[TRIAGE.value].ConceptCodeSequence[0].CodeValue == "RULE-OUT"
+    assert TRIAGE.value not in items(None)

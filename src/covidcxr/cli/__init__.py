@@ -23,9 +23,9 @@ from covidcxr.errors import CovidcxrError, CovidcxrWarning, one_line
 
 # the sub-commands in the order --help lists them
 COMMANDS = (data.add_ingest, data.add_data, train.add_train, evaluate.add_evaluate, deploy.add_predict,
-            deploy.add_serve, deploy.add_export, train.add_reproduce, site.add_calibrate, evaluate.add_compare,
-            evaluate.add_diagnose, train.add_experiment, site.add_lungs, site.add_pacs, loop.add_feedback,
-            loop.add_monitor)
+            deploy.add_serve, deploy.add_export, train.add_reproduce, site.add_calibrate, site.add_validate,
+            evaluate.add_compare, evaluate.add_diagnose, train.add_experiment, site.add_lungs, site.add_pacs,
+            loop.add_feedback, loop.add_monitor)
 
 
 def build_parser() -> argparse.ArgumentParser:

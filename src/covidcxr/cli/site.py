@@ -6,16 +6,35 @@ import argparse
 from pathlib import Path
 
 from covidcxr.cli.args import COUNT_ARG, FRACTION_ARG, POSITIVE_INT_ARG, Commands
-from covidcxr.config import LAYER_CHOICES
+from covidcxr.config import CANDIDATE_CHOICES
 
 
 def _calibrate(a: argparse.Namespace) -> int:
     from covidcxr.config import CalibrateSettings
     from covidcxr.hospital.calibrate import calibrate
-    settings = CalibrateSettings(fraction=a.fraction, finetune_epochs=a.finetune_epochs, layers=a.finetune_layers,
-                                 target_sensitivity=a.target_sensitivity, n_boot=a.n_boot)
+    settings = CalibrateSettings(fraction=a.fraction, candidates=tuple(a.candidates.split(",")), folds=a.folds,
+                                 finetune_epochs=a.finetune_epochs, target_sensitivity=a.target_sensitivity,
+                                 n_boot=a.n_boot, triage=a.triage, npv=a.npv, ppv=a.ppv, confidence=a.confidence)
     r = calibrate(a.run, a.data, a.out, settings)
-    print(f"{r['summary']}; adapted run: {Path(a.out) / 'run'}")
+    print(r["decision"])
+    if r["triage"]:
+        t = r["triage"]
+        def bound(x: float | None) -> str:
+            return "none (no threshold proves it)" if x is None else f"{x:.4f}"
+        print(f"triage: rule-out at P <= {bound(t['rule_out_max'])}, rule-in at P >= {bound(t['rule_in_min'])} "
+              f"(NPV >= {t['npv']}, PPV >= {t['ppv']}, each with probability {t['confidence']}; {t['method']}); "
+              "every other image needs a reader")
+    print(f"{r['summary']}; run: {Path(a.out) / 'run'}")
+    return 0
+
+
+def _validate(a: argparse.Namespace) -> int:
+    from covidcxr.config import ValidateSettings
+    from covidcxr.hospital.validate import validate
+    settings = ValidateSettings(min_sensitivity=a.min_sensitivity, min_specificity=a.min_specificity,
+                                prevalence=a.prevalence, n_boot=a.n_boot)
+    r = validate(a.run, a.data, a.out, settings)
+    print(f"{r['verdict']}: {r['reason']}; report: {Path(a.out) / 'report.html'}")
     return 0
 
 
@@ -72,16 +91,43 @@ def add_calibrate(sub: Commands) -> None:
     p.add_argument("--out", required=True, help="folder for run/, before/, after/ and calibration.json (required)")
     p.add_argument("--fraction", type=FRACTION_ARG, default=0.3, help="share of the site's patients used to adapt; "
                    "the rest is held back to measure (default 0.3)")
+    p.add_argument("--candidates", default=",".join(CANDIDATE_CHOICES),
+                   help="what may change, comma-separated, chosen by patient-grouped cross-validation inside the "
+                   f"calibration images; nothing is always a candidate (default {','.join(CANDIDATE_CHOICES)})")
+    p.add_argument("--folds", type=POSITIVE_INT_ARG, default=5, help="cross-validation folds (default 5; fewer when "
+                   "a class has fewer images)")
     p.add_argument("--finetune-epochs", dest="finetune_epochs", type=COUNT_ARG, default=10,
-                   help="fine-tuning passes over the site's images (default 10; 0: threshold and temperature only)")
-    p.add_argument("--finetune-layers", dest="finetune_layers", default="head", choices=LAYER_CHOICES,
-                   help="layers fine-tuning changes (default head)")
+                   help="fine-tuning passes of the head / all candidates (default 10; 0: they are not tried)")
     p.add_argument("--target-sensitivity", dest="target_sensitivity", type=FRACTION_ARG,
                    help="choose the site's threshold for this sensitivity (default: Youden's J)")
     p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=1000,
-                   help="bootstrap resamples for the CIs (default 1000)")
+                   help="bootstrap resamples for a candidate's noise and the CIs (default 1000)")
+    p.add_argument("--triage", action="store_true", help="also set rule-out and rule-in thresholds with a guarantee "
+                   "(Learn-then-Test, exact binomial tests); the rest needs a reader (default off)")
+    p.add_argument("--npv", type=FRACTION_ARG, default=0.95, help="triage: promised NPV of rule-out (default 0.95)")
+    p.add_argument("--ppv", type=FRACTION_ARG, default=0.90, help="triage: promised PPV of rule-in (default 0.90)")
+    p.add_argument("--confidence", type=FRACTION_ARG, default=0.9,
+                   help="triage: probability that each promise holds (default 0.9)")
     p.set_defaults(func=_calibrate)
 
+
+
+def add_validate(sub: Commands) -> None:
+    """`covidcxr validate`: a local validation report."""
+    p = sub.add_parser("validate", help="local validation report on a site's labelled images, with a verdict")
+    p.add_argument("run", help="run folder to validate (covidcxr train or calibrate --out)")
+    p.add_argument("--data", required=True, help="ingested data folder of the site's labelled images (required)")
+    p.add_argument("--out", required=True, help="report folder: report.html, validation.json and evaluate's files "
+                   "(required)")
+    p.add_argument("--min-sensitivity", dest="min_sensitivity", type=FRACTION_ARG, default=0.85,
+                   help="the lower end of sensitivity's 95 %% CI must reach this for 'validated' (default 0.85)")
+    p.add_argument("--min-specificity", dest="min_specificity", type=FRACTION_ARG, default=0.70,
+                   help="the lower end of specificity's 95 %% CI must reach this for 'validated' (default 0.70)")
+    p.add_argument("--prevalence", type=FRACTION_ARG, help="PPV and NPV at this prevalence (default: the site's "
+                   "labelled images' own)")
+    p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=1000,
+                   help="bootstrap resamples for the CIs (default 1000)")
+    p.set_defaults(func=_validate)
 
 
 def add_lungs(sub: Commands) -> None:

@@ -15,7 +15,7 @@ from covidcxr.config._rules import (
                                     SENSITIVITY,
                                     Rule,
 )
-from covidcxr.config.calibrate import LAYER_CHOICES, CalibrateSettings
+from covidcxr.config.calibrate import CANDIDATE_CHOICES, CalibrateSettings
 from covidcxr.config.experiment import ExperimentConfig
 from covidcxr.config.ingest import SQUARE_CHOICES, IngestConfig
 from covidcxr.config.monitor import MonitorConfig, parse_window
@@ -40,12 +40,12 @@ from covidcxr.config.train import (
                                     GateSettings,
                                     TrainConfig,
 )
+from covidcxr.config.validate import ValidateSettings
 
 __all__ = [
     # settings
     "AugmentConfig", "CalibrateSettings", "ExperimentConfig", "GateSettings", "IngestConfig", "MonitorConfig",
-    "ServeConfig",
-    "TrainConfig",
+    "ServeConfig", "TrainConfig", "ValidateSettings",
     # in and out
     "config_hash", "from_dict", "parse_window", "read_yaml", "save_json", "to_dict",
     # rules, shared with the CLI's argument types
@@ -53,6 +53,6 @@ __all__ = [
     "SENSITIVITY", "Rule",
     # choices and defaults
     "ARCH_CHOICES", "BALANCE_CHOICES", "CROP_CHOICES", "DEVICE_PATTERN", "ENGINES", "EQUALIZE_CHOICES",
-    "LAYER_CHOICES", "MAX_BATCH", "MAX_UPLOAD_BYTES", "MAX_WAIT_MS", "REQUEST_THREADS", "SERVE_THREADS",
+    "CANDIDATE_CHOICES", "MAX_BATCH", "MAX_UPLOAD_BYTES", "MAX_WAIT_MS", "REQUEST_THREADS", "SERVE_THREADS",
     "SHIFT_BATCH", "SQUARE_CHOICES", "THRESHOLD_CHOICES",
 ]

@@ -34,7 +34,8 @@ from covidcxr.data.manifest import (
     perceptual_hash,
     thumbnail,
 )
-from covidcxr.data.reader import ImageReadError, ImageRefused, read_image
+from covidcxr.data.reader import ImageReadError, ImageRefused, dicom_fields, read_image
+from covidcxr.data.sources import age_group, sex, study_date
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ DUPLICATES_FILE = "duplicates.csv"
 # The manifest as ingest writes it: each row also remembers the source folder that listed it, so that re-ingesting a
 # folder updates exactly its rows and leaves the other folders' rows alone.
 COLUMNS = [*MANIFEST_COLUMNS, "root"]
+# Subgroup fields a DICOM header can fill where the source's listing leaves them empty (ingest keeps them per row)
+HEADER_FIELDS = ("view", "age_group", "sex", "modality", "manufacturer", "date")
 # Durable saves of the manifest during a long ingest, so a crash keeps its work. Each save runs the duplicate search
 # over everything (quadratic), so saves are spaced by time and by their own cost: at most SAVE_OVERHEAD of the run.
 SAVE_INTERVAL_S = 60.0
@@ -90,13 +93,33 @@ def _decode(job: tuple[str, int, str]) -> dict:
     try:
         img = read_image(path)
         return {"path": path, "sha1": content_hash(path), "phash": perceptual_hash(img), "thumb": thumbnail(img),
-                "orig_height": img.shape[0], "orig_width": img.shape[1], "image": to_square(img, size, square)}
+                "orig_height": img.shape[0], "orig_width": img.shape[1], "image": to_square(img, size, square),
+                "header": _header_fields(path)}
     except ImageRefused as exc:
         return {"path": path, "refused": exc.reason}
     except ImageReadError as exc:
         return {"path": path, "error": exc.reason}
     except Exception as exc:  # a decoder bug must not lose the other images; the reason is reported per file
         return {"path": path, "error": f"unexpected {type(exc).__name__}: {exc}"}
+
+
+def _header_fields(path: str) -> dict[str, str]:
+    """A DICOM's subgroup fields as the manifest writes them ({} for other files)."""
+    tags = dicom_fields(path)
+    if not tags:
+        return {}
+    return {"view": tags["view"], "age_group": age_group(tags["age"]) if tags["age"] else "", "sex": sex(tags["sex"]),
+            "modality": tags["modality"].upper(), "manufacturer": tags["manufacturer"],
+            "date": study_date(tags["date"]) if tags["date"] else ""}
+
+
+def _fill_fields(rows: pd.DataFrame, known: pd.DataFrame) -> pd.DataFrame:
+    """Each of HEADER_FIELDS left empty (or 'unknown') by the listing, taken from `known` (same index) instead."""
+    for col in HEADER_FIELDS:
+        if col in known:
+            empty = rows[col].isin(["", "unknown"]) & known[col].fillna("").ne("")
+            rows.loc[empty, col] = known.loc[empty, col]
+    return rows
 
 
 def _entry(row: dict, reason: str) -> dict:
@@ -123,7 +146,7 @@ def _list_rows(roots: list[Path], layout: str, report: IngestReport) -> pd.DataF
     bad = rows["problem"] != ""
     report.bad_rows += [_entry(row, row["problem"]) for row in rows[bad].to_dict("records")]
     rows = rows[~bad].drop_duplicates("path")
-    for col in ("view", "finding", "age_group", "sex"):
+    for col in ("view", "finding", "age_group", "sex", "modality", "manufacturer", "date"):
         rows[col] = rows.get(col, pd.Series("", index=rows.index)).fillna("").astype(str)
     rows["patient_id"] = rows["patient_id"].astype(str)
     return rows
@@ -144,6 +167,7 @@ def _previous(out: Path) -> pd.DataFrame:
     """DATA's manifest so far (empty when new); rows written before manifests knew their folder get root ''."""
     path = out / MANIFEST_FILE
     df = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
+    df = df.assign(**{c: "" for c in ("modality", "manufacturer", "date") if c not in df})  # manifests before them
     return df if "root" in df else df.assign(root="")
 
 
@@ -169,6 +193,7 @@ def _plan(rows: pd.DataFrame, roots: list[str], prev: pd.DataFrame, replace: boo
     same = old["mtime"].eq(rows["mtime"]) & old["size_bytes"].eq(rows["size_bytes"])
     hash_cols = ["sha1", "phash", "thumb", "orig_height", "orig_width", "cache_index"]
     done = rows[same].join(by_path[hash_cols], on="path")
+    done = _fill_fields(done, done[["path"]].join(by_path[list(HEADER_FIELDS)], on="path"))  # header-filled before
     todo = rows[~same].copy()
     todo["cache_index"] = todo["path"].map(by_path["cache_index"]) if len(prev) else np.nan
     next_slot = int(prev["cache_index"].max()) + 1 if len(prev) else 0
@@ -255,8 +280,10 @@ def _save(out: Path, plan: _Plan, cache: ImageCache, report: IngestReport, cfg: 
     """Write cache, manifest, duplicates and report; called periodically and at the end (also after an interrupt)."""
     cache.flush()
     todo = plan.todo
-    decoded = pd.DataFrame(plan.finished, columns=["path", "sha1", "phash", "thumb", "orig_height", "orig_width"])
+    decoded = pd.DataFrame(plan.finished, columns=["path", "sha1", "phash", "thumb", "orig_height", "orig_width",
+                                                   "header"])
     fresh = todo.drop(columns=["cache_index"]).merge(decoded, on="path")
+    fresh = _fill_fields(fresh, pd.DataFrame(list(fresh["header"]), index=fresh.index)).drop(columns="header")
     fresh["cache_index"] = fresh["path"].map(dict(zip(todo["path"], todo["cache_index"])))
     table = pd.concat([plan.kept, fresh], ignore_index=True)
     table = table.assign(_pixels=-(table["orig_height"].astype(int) * table["orig_width"].astype(int)))

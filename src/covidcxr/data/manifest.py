@@ -15,8 +15,8 @@ import pandas as pd
 from PIL import Image
 
 MANIFEST_COLUMNS = [
-    "path", "label", "source", "patient_id", "view", "finding", "age_group", "sex",
-    "sha1", "phash", "thumb", "orig_height", "orig_width", "mtime", "size_bytes", "cache_index", "duplicate_of",
+    "path", "label", "source", "patient_id", "view", "finding", "age_group", "sex", "modality", "manufacturer",
+    "date", "sha1", "phash", "thumb", "orig_height", "orig_width", "mtime", "size_bytes", "cache_index", "duplicate_of",
 ]
 
 

@@ -50,6 +50,25 @@ def read_image(source: str | Path | bytes, name: str = "<upload>") -> np.ndarray
     return _read_pillow(data, label)
 
 
+DICOM_FIELDS = {"modality": "Modality", "manufacturer": "Manufacturer", "view": "ViewPosition",
+                "sex": "PatientSex", "age": "PatientAge", "date": "StudyDate"}
+
+
+def dicom_fields(path: str | Path) -> dict[str, str]:
+    """The header's modality, manufacturer, view, sex, age and study date (raw text; '' where absent) of a DICOM file,
+    {} for any other file: what a site's subgroups are made of when no metadata table lists them."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+        if not _is_dicom(head, str(path)):
+            return {}
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, InvalidDicomError, ValueError):
+        return {}
+    return {field: str(ds.get(keyword, "") or "").strip() for field, keyword in DICOM_FIELDS.items()}
+
+
 def _is_dicom(data: bytes, label: str) -> bool:
     return data[128:132] == b"DICM" or label.lower().endswith((".dcm", ".dicom"))
 

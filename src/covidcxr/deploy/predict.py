@@ -35,6 +35,7 @@ class Prediction:
     probability: float | None
     label: str | None
     threshold: float
+    triage: str | None = None  # rule-out | rule-in | needs a reader, when the run has triage thresholds (triage.json)
 
 
 class Predictor:
@@ -86,7 +87,8 @@ class Predictor:
                 verdict = verdicts[i]
                 if i in scores:
                     p = float(scores[i])
-                    results.append(Prediction(name, SCORED, None, p, self.spec.label_for(p), self.threshold))
+                    results.append(Prediction(name, SCORED, None, p, self.spec.label_for(p), self.threshold,
+                                              self.spec.triage_for(p)))
                 else:
                     assert verdict is not None  # only the gate leaves an image unscored
                     results.append(Prediction(name, REFUSED, verdict.reason, None, None, self.threshold))
@@ -154,10 +156,12 @@ def format_predictions(results: list[Prediction], fmt: str) -> str:
         writer.writerows(rows)
         return buf.getvalue().rstrip("\n")
     width = max([len(r.path) for r in results] + [4])
-    lines = [f"{'file':<{width}}  {'P(covid)':>8}  {'label':<10} threshold"]
+    lines = [f"{'file':<{width}}  {'P(covid)':>8}  {'label':<10} threshold"
+             + ("  triage" if any(r.triage for r in results) else "")]
     for r in results:
         if r.status == SCORED:
-            lines.append(f"{r.path:<{width}}  {r.probability:>8.3f}  {r.label:<10} {r.threshold:.3f}")
+            triage = f"  {r.triage}" if r.triage else ""
+            lines.append(f"{r.path:<{width}}  {r.probability:>8.3f}  {r.label:<10} {r.threshold:.3f}{triage}")
         else:
             lines.append(f"{r.path:<{width}}  {'-':>8}  {r.status.upper():<10} {r.reason}")
     return "\n".join(lines)

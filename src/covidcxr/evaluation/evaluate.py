@@ -21,6 +21,7 @@ from covidcxr.evaluation.metrics_json import evaluate_predictions
 from covidcxr.evaluation.report import write_report
 from covidcxr.evaluation.selection import select_images
 from covidcxr.evaluation.trust import ood_summary, trust_html
+from covidcxr.model.spec import training_kind
 from covidcxr.scoring import Scorer
 from covidcxr.trust.gate import verdicts as gate_verdicts
 
@@ -75,6 +76,7 @@ def predictions(run: str | Path, data: str | Path, split: str = "test", device: 
         "run_manifest_hash": meta.get("manifest_hash", ""), "data": str(Path(data).resolve()),
         "data_manifest_hash": manifest_hash(rows), "split": split, "excluded_seen_images": excluded,
         "task": task, "arch": meta["arch"], "weights": weights_shown(config),
+        "training": training_kind(str(meta.get("weights_used", ""))),
         "train_sources": ", ".join(config.get("train_sources", [])), "threshold_method": meta.get("threshold_method"),
         "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
     }

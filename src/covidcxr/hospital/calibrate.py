@@ -1,14 +1,25 @@
-"""`covidcxr calibrate RUN --data SITE --out OUT`: adapt a run to a new site with some of its labelled images.
+"""`covidcxr calibrate RUN --data SITE --out OUT`: adapt a run to a site only when that demonstrably helps.
 
-The site's images are split by patient into a calibration part (`fraction`) and a held-back part that only measures.
-The calibration part is split again by patient: two thirds fine-tune the model, one third (never trained on) sets
-the temperature (so probabilities are calibrated) and the threshold. The guard and the shift reference are then
-refit on the run's validation images plus the site's calibration images. OUT/before and OUT/after are evaluation
-reports of the original and the adapted run on the held-back part; OUT/calibration.json says which images did what.
+The site's images are split by patient into calibration images (`fraction`) and held-back images that only measure.
+Inside the calibration images, patient-grouped cross-validation scores each candidate change (nothing; the threshold;
+temperature and threshold; fine-tuning the head; fine-tuning all layers) on images it was not fitted on. The criterion
+is balanced accuracy of the out-of-fold calls. A candidate is kept only when its gain over "nothing" is more than its
+noise: the lower end of the one-sided 95 % interval of the gain (a paired patient-level bootstrap of the out-of-fold
+calls) must be above zero. Of the candidates that pass, the best wins (ties: the better calibrated, by Brier score,
+then the simpler). Otherwise OUT/run is the original run and one line says so.
+
+Every candidate sets a threshold, so none is tried on fewer than MIN_THRESHOLD_PER_CLASS calibration images of each
+class; the fine-tuning candidates set theirs on the third of the calibration images they do not train on, so they need
+three times as many. OUT/before and OUT/after are validation reports (`covidcxr validate`) on the held-back images;
+OUT/calibration.json records the candidates, their cross-validated figures and the choice. With `triage`, rule-out and
+rule-in thresholds with a guarantee (hospital/triage.py) are set on the calibration images the final weights were not
+trained on, and stored as OUT/run/triage.json, which every scorer of the run reads.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import shutil
 from pathlib import Path
 
@@ -17,31 +28,42 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
+from sklearn.model_selection import StratifiedGroupKFold
 
-from covidcxr.config import AugmentConfig, CalibrateSettings, from_dict, save_json, to_dict
+from covidcxr.config import AugmentConfig, CalibrateSettings, ValidateSettings, from_dict, save_json, to_dict
 from covidcxr.data import tasks
 from covidcxr.data.cache import ImageCache
 from covidcxr.data.splits import patient_uniform
 from covidcxr.errors import InputError
-from covidcxr.evaluation.evaluate import evaluate
+from covidcxr.evaluation.bootstrap import patient_bootstrap_weights
+from covidcxr.evaluation.metrics import binary_metrics, weighted_metrics
 from covidcxr.formatting import number
+from covidcxr.hospital.triage import TriageTargets, check_enough, fit_triage
+from covidcxr.hospital.validate import validate
 from covidcxr.model.checkpoint import save_checkpoint
 from covidcxr.model.network import unwrap
+from covidcxr.model.spec import TRIAGE_FILE
 from covidcxr.model.threshold import choose_threshold
 from covidcxr.preprocess.augment import augment_batch
 from covidcxr.scoring import Scorer
 from covidcxr.training.guarding import attach_guard, run_data, squares_for
 from covidcxr.training.schedule import class_weights
+from covidcxr.trust.gate import verdicts as gate_verdicts
 from covidcxr.trust.guard import GUARD_DIR, Guard
 
-MIN_PER_CLASS = 3  # calibration images of each class, at least
+log = logging.getLogger(__name__)
+
+MIN_THRESHOLD_PER_CLASS = 10  # images of each class a threshold is chosen on, at least
 MIN_HELD_BACK = 10  # held-back images, at least: fewer measure nothing
+FINETUNE_SHARE = 2 / 3  # of the images a fine-tuning candidate fits on: these train, the rest set T and threshold
+FINETUNING = ("head", "all")
 SPLIT_COLUMNS = ["path", "source", "patient_id", "label", "split"]
 METRICS = ("sensitivity", "specificity", "auc")  # reported before and after, each with its bootstrap 95 % CI
+NOISE_QUANTILE = 5  # percent: the one-sided 95 % lower end of a candidate's bootstrap gain
 
 
 def site_parts(site: pd.DataFrame, settings: CalibrateSettings) -> pd.Series:
-    """'finetune' / 'tune' / 'held-back' (/ 'unused') per row, by patient (a patient's images stay together)."""
+    """'calibration' / 'held-back' (/ 'unused') per row, by patient (a patient's images stay together)."""
     u = pd.Series(patient_uniform(site["patient_id"].astype(str), settings.seed), index=site.index)
     if settings.n_images is not None:  # the first n images in the patients' random order
         order = u.sort_values(kind="stable").index
@@ -49,36 +71,51 @@ def site_parts(site: pd.DataFrame, settings: CalibrateSettings) -> pd.Series:
         calibration[order[:settings.n_images]] = True
     else:
         calibration = u < settings.fraction
-    inner = pd.Series(patient_uniform(site["patient_id"].astype(str), settings.seed + 1), index=site.index)
-    parts = pd.Series(np.where(~calibration, "held-back", np.where(inner < 2 / 3, "finetune", "tune")),
-                      index=site.index, name="part")
+    parts = pd.Series(np.where(calibration, "calibration", "held-back"), index=site.index, name="part")
     if settings.max_held_back is not None:
-        held = inner[parts == "held-back"].sort_values(kind="stable").index
+        held = u[parts == "held-back"].sort_values(kind="stable").index
         parts[held[settings.max_held_back:]] = "unused"
     return parts
 
 
 def check_site(site: pd.DataFrame, parts: pd.Series, name: str) -> None:
-    """One-line errors for a site that cannot be calibrated on: one class, or too few images in a part."""
+    """One-line errors for a site that cannot be measured: one class, or too few held-back images."""
     if site["y"].nunique() < 2:
         only = ", ".join(sorted(site["label"].unique())) or "none"
         raise InputError(f"{name}: the site's images have one class only ({only}); calibrate needs labelled "
                          "images of both classes")
-    for part, need in (("finetune", MIN_PER_CLASS), ("tune", MIN_PER_CLASS)):
-        counts = site.loc[parts == part, "y"].value_counts()
-        if min(counts.get(0, 0), counts.get(1, 0)) < need:
-            raise InputError(f"{name}: too few images to calibrate ({len(site)}; the {part} part has "
-                             f"{counts.get(1, 0)} positive / {counts.get(0, 0)} negative, needs {need} of each); "
-                             "label more of the site's images or raise --fraction")
-    if (parts == "held-back").sum() < MIN_HELD_BACK:
-        raise InputError(f"{name}: too few images to calibrate: {(parts == 'held-back').sum()} held back "
-                         f"(needs {MIN_HELD_BACK}); label more of the site's images or lower --fraction")
+    held = int((parts == "held-back").sum())
+    if held < MIN_HELD_BACK:
+        raise InputError(f"{name}: too few images to calibrate: {held} held back (needs {MIN_HELD_BACK}; the site "
+                         f"has {len(site)}); label more of the site's images or lower --fraction")
 
 
-def finetune(scorer: Scorer, x: torch.Tensor, y: torch.Tensor, settings: CalibrateSettings) -> None:
+def class_counts(y: np.ndarray) -> tuple[int, int]:
+    return int((y == 1).sum()), int((y == 0).sum())
+
+
+def triable(candidates: tuple[str, ...], y: np.ndarray) -> tuple[list[str], str]:
+    """The candidates these calibration images can support, and why the others are not tried ('' if all are)."""
+    pos, neg = class_counts(y)
+    fewest = min(pos, neg)
+    if fewest < MIN_THRESHOLD_PER_CLASS:
+        return ["nothing"], (f"choosing a threshold needs at least {MIN_THRESHOLD_PER_CLASS} calibration images of "
+                             f"each class (there are {pos} positive and {neg} negative); the original threshold "
+                             "stays until then")
+    need = int(np.ceil(MIN_THRESHOLD_PER_CLASS / (1 - FINETUNE_SHARE)))
+    if fewest < need and any(c in candidates for c in FINETUNING):
+        return ([c for c in candidates if c not in FINETUNING],
+                f"fine-tuning is not tried: it sets its threshold on a third of the images, so it needs {need} of "
+                f"each class (there are {pos} positive and {neg} negative)")
+    return list(candidates), ""
+
+
+# --- fitting one candidate on some calibration images ---
+
+def finetune(scorer: Scorer, x: torch.Tensor, y: torch.Tensor, layers: str, settings: CalibrateSettings) -> None:
     """Fine-tune the run's model in place on normalised squares `x` with its own augmentation and class weights."""
     net = unwrap(scorer.model)
-    params = list(net.head.parameters()) if settings.layers == "head" else list(net.parameters())
+    params = list(net.head.parameters()) if layers == "head" else list(net.parameters())
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=0.9, weight_decay=5e-4)
     augment = from_dict(AugmentConfig, dict(scorer.meta["augment"]))
     weights = class_weights(y.numpy(), len(scorer.spec.classes))
@@ -96,8 +133,9 @@ def finetune(scorer: Scorer, x: torch.Tensor, y: torch.Tensor, settings: Calibra
 
 
 def fit_temperature(log_probs: np.ndarray, y: np.ndarray) -> float:
-    """The temperature T minimising the tune images' log loss of softmax(log p / T)."""
+    """The temperature T minimising the images' log loss of softmax(log p / T)."""
     lp, target = torch.tensor(log_probs, dtype=torch.float64), torch.tensor(y)
+
     def nll(log_t: float) -> float:
         return float(F.cross_entropy(lp / np.exp(log_t), target))
     return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
@@ -109,12 +147,127 @@ def fold_temperature(scorer: Scorer, temperature: float) -> None:
     with torch.no_grad():
         head.weight.div_(temperature)
         head.bias.div_(temperature)
+    scorer.refresh()
+
+
+def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): what the model gives once T is folded into its head."""
+    return torch.softmax(torch.tensor(np.log(np.clip(probs, 1e-12, 1))) / temperature, 1).numpy()
+
+
+class Fitted:
+    """A candidate fitted on some calibration images: its scorer (the original's, or a fine-tuned copy), temperature
+    and threshold, and which of the images set them (the rest of those given trained the weights)."""
+
+    def __init__(self, scorer: Scorer, temperature: float, threshold: float, tune: np.ndarray):
+        self.scorer, self.temperature, self.threshold, self.tune = scorer, temperature, threshold, tune
+
+    def scores(self, squares: np.ndarray) -> np.ndarray:
+        """Positive-class scores of cache squares, as the fitted model (temperature included) gives them."""
+        return tempered(self.scorer.probabilities(squares), self.temperature)[:, self.scorer.spec.positive_index]
+
+
+def fit_candidate(name: str, scorer: Scorer, squares: np.ndarray, probs: np.ndarray, target: np.ndarray,
+                  y: np.ndarray, patients: pd.Series, settings: CalibrateSettings) -> Fitted:
+    """Fit candidate `name` on these calibration images (`probs`: the original model's probabilities of them)."""
+    pos, method, sens = scorer.spec.positive_index, settings.threshold_method, settings.target_sensitivity or 0.95
+    everything = np.arange(len(y))
+    if name == "nothing":
+        return Fitted(scorer, 1.0, scorer.spec.threshold, everything)
+    if name == "threshold":
+        return Fitted(scorer, 1.0, choose_threshold(y, probs[:, pos], method, sens), everything)
+    if name == "temperature":
+        t = fit_temperature(np.log(np.clip(probs, 1e-12, 1)), target)
+        return Fitted(scorer, t, choose_threshold(y, tempered(probs, t)[:, pos], method, sens), everything)
+    inner = patient_uniform(patients.astype(str), settings.seed + 1) < FINETUNE_SHARE
+    tuned = copy.deepcopy(scorer)
+    finetune(tuned, tuned.normalise(squares[inner]), torch.tensor(target[inner]), name, settings)
+    tune = np.flatnonzero(~inner)
+    p = tuned.probabilities(squares[tune])
+    t = fit_temperature(np.log(np.clip(p, 1e-12, 1)), target[tune])
+    return Fitted(tuned, t, choose_threshold(y[tune], tempered(p, t)[:, pos], method, sens), tune)
+
+
+# --- choosing by patient-grouped cross-validation ---
+
+def cross_validate(scorer: Scorer, squares: np.ndarray, probs: np.ndarray, target: np.ndarray, y: np.ndarray,
+                   patients: pd.Series, candidates: list[str], settings: CalibrateSettings) -> dict[str, dict]:
+    """Each candidate's out-of-fold scores and calls (every image scored by a fit that never saw its patient), and
+    their balanced accuracy, sensitivity, specificity, AUC and Brier score. `probs`: the original model's
+    probabilities of the images."""
+    pos_index = scorer.spec.positive_index
+    k = min(settings.folds, *(patients[y == c].nunique() for c in (0, 1)))  # every fold holds patients of each class
+    folds = StratifiedGroupKFold(k, shuffle=True, random_state=settings.seed).split(squares, y, patients.astype(str))
+    oof = {c: np.zeros(len(y)) for c in candidates}
+    calls = {c: np.zeros(len(y), bool) for c in candidates}
+    for train, val in folds:
+        for c in candidates:
+            fitted = fit_candidate(c, scorer, squares[train], probs[train], target[train], y[train],
+                                   patients.iloc[train], settings)
+            raw = probs[val] if c in ("nothing", "threshold", "temperature") else fitted.scorer.probabilities(
+                squares[val])
+            oof[c][val] = tempered(raw, fitted.temperature)[:, pos_index]
+            calls[c][val] = oof[c][val] >= fitted.threshold
+    out = {}
+    for c in candidates:
+        m = binary_metrics(y, calls[c].astype(float), 0.5)
+        out[c] = {"balanced_accuracy": m["balanced_accuracy"], "sensitivity": m["sensitivity"],
+                  "specificity": m["specificity"], "auc": binary_metrics(y, oof[c], 0.5)["auc"],
+                  "brier": float(np.mean((oof[c] - y) ** 2)), "folds": k, "scores": oof[c], "calls": calls[c]}
+    return out
+
+
+def gains(cv: dict[str, dict], y: np.ndarray, patients: pd.Series, settings: CalibrateSettings) -> None:
+    """Add each candidate's gain in balanced accuracy over "nothing" and the one-sided 95 % lower end of that gain
+    (paired patient-level bootstrap of the out-of-fold calls)."""
+    codes = pd.factorize(patients.astype(str))[0]
+    base = cv["nothing"]["calls"].astype(float)
+    for c, r in cv.items():
+        r["gain"] = r["balanced_accuracy"] - cv["nothing"]["balanced_accuracy"]
+        if c == "nothing":
+            r["gain_lower"] = 0.0
+            continue
+        diffs = np.concatenate([weighted_metrics(y, r["calls"].astype(float), 0.5, w)["balanced_accuracy"]
+                                - weighted_metrics(y, base, 0.5, w)["balanced_accuracy"]
+                                for w in patient_bootstrap_weights(codes, settings.n_boot, settings.seed)])
+        finite = diffs[np.isfinite(diffs)]
+        r["gain_lower"] = float(np.percentile(finite, NOISE_QUANTILE)) if finite.size else float("nan")
+
+
+def choose(cv: dict[str, dict], order: list[str]) -> str:
+    """The best candidate whose gain is more than its noise (ties: lower Brier score, then simpler); else nothing."""
+    passing = [c for c in order if c != "nothing" and cv[c]["gain_lower"] > 0]
+    if not passing:
+        return "nothing"
+    return min(passing, key=lambda c: (-round(cv[c]["balanced_accuracy"], 9), round(cv[c]["brier"], 9),
+                                       order.index(c)))
+
+
+def decision_line(choice: str, cv: dict[str, dict], why_not: str) -> str:
+    """calibrate's one line: what it did and why."""
+    if choice != "nothing":
+        r = cv[choice]
+        return (f"adapted ({describe(choice)}): cross-validated balanced accuracy "
+                f"{number(cv['nothing']['balanced_accuracy'], 2)} -> {number(r['balanced_accuracy'], 2)} (gain "
+                f"{r['gain']:+.2f}, one-sided 95 % lower end {r['gain_lower']:+.2f})")
+    if len(cv) == 1:
+        return f"kept the original model: {why_not}"
+    best = max((c for c in cv if c != "nothing"), key=lambda c: cv[c]["gain"])
+    return (f"kept the original model: no adaptation beat it on patient-grouped cross-validation by more than its "
+            f"noise (best: {describe(best)}, balanced accuracy gain {cv[best]['gain']:+.2f}, one-sided 95 % lower "
+            f"end {cv[best]['gain_lower']:+.2f})" + (f"; {why_not}" if why_not else ""))
+
+
+def describe(candidate: str) -> str:
+    return {"nothing": "nothing", "threshold": "the threshold", "temperature": "temperature and threshold",
+            "head": "the head fine-tuned, temperature and threshold",
+            "all": "all layers fine-tuned, temperature and threshold"}[candidate]
 
 
 def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings: CalibrateSettings | None = None,
               sources: list[str] | None = None) -> dict:
-    """Adapt `run` to the site; returns calibration.json's content. `sources`: only these sources of `site_data`
-    are the site (the cross-source measurement uses a run's held-out sources)."""
+    """Adapt `run` to the site where it demonstrably helps; returns calibration.json's content. `sources`: only these
+    sources of `site_data` are the site (the cross-source measurement uses a run's held-out sources)."""
     run, site_data, out = Path(run), Path(site_data), Path(out)
     settings = settings or CalibrateSettings()
     scorer = Scorer.from_run(run, "cpu")
@@ -123,27 +276,59 @@ def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings:
     site = site[site["source"].isin(sources)] if sources else site
     site = site.assign(target=tasks.encode(site["label"], scorer.spec.task))  # the model's classes
     site = site[site["target"] >= 0].reset_index(drop=True)
+    squares = cache.load(site["cache_index"]).numpy()
+    accepted = np.array([v is None or v.accepted for v in gate_verdicts(scorer.gate, squares)], dtype=bool)
+    if not accepted.all():  # what the run does not answer about can neither adapt it nor measure it
+        log.warning("%s: the run's gate refused %d of the site's %d images (not frontal chest radiographs); "
+                    "calibrate uses the other %d", site_data, int((~accepted).sum()), len(site), int(accepted.sum()))
+        site, squares = site[accepted].reset_index(drop=True), squares[accepted]
     site["y"] = (site["target"] == scorer.spec.positive_index).astype(int)
     parts = site_parts(site, settings)
     check_site(site, parts, str(site_data))
-    squares = cache.load(site["cache_index"]).numpy()
-    ft, tune = (parts == "finetune").to_numpy(), (parts == "tune").to_numpy()
-    target, labels = site["target"].to_numpy(), site["y"].to_numpy()
-    finetune(scorer, scorer.normalise(squares[ft]), torch.tensor(target[ft]), settings)
-    temperature = fit_temperature(np.log(np.clip(scorer.probabilities(squares[tune]), 1e-12, 1)), target[tune])
-    fold_temperature(scorer, temperature)
-    method = settings.threshold_method
-    threshold = choose_threshold(labels[tune], scorer.scores(squares[tune]), method,
-                                 settings.target_sensitivity or 0.95)
-    adapted = write_run(scorer, run, out / "run", site, parts, threshold, method, temperature, squares)
+    calib = (parts == "calibration").to_numpy()
+    y, target, patients = site["y"].to_numpy()[calib], site["target"].to_numpy()[calib], site["patient_id"][calib]
+    targets = TriageTargets(settings.npv, settings.ppv, settings.confidence)
+    if settings.triage:
+        check_enough(y, targets, str(site_data))
+    order = ["nothing", *[c for c in settings.candidates if c != "nothing"]]
+    if settings.finetune_epochs == 0:
+        order = [c for c in order if c not in FINETUNING]
+    tried, why_not = triable(tuple(order), y)
+    probs = scorer.probabilities(squares[calib])
+    cv = cross_validate(scorer, squares[calib], probs, target, y, patients, tried, settings)
+    gains(cv, y, patients, settings)
+    choice = choose(cv, tried)
+    line = decision_line(choice, cv, why_not)
+    log.debug("%s", line)
+    fitted = fit_candidate(choice, scorer, squares[calib], probs, target, y, patients, settings)
+    adapted = out / "run"
+    if choice == "nothing":
+        write_original(run, adapted)
+    else:
+        split = pd.Series(np.where(calib, "train", "test"), index=site.index)
+        split[np.flatnonzero(calib)[fitted.tune]] = "val"
+        split[(parts == "unused").to_numpy()] = "unused"
+        write_run(fitted, run, adapted, site, split, calib, squares, choice, settings)
+    triage = None
+    if settings.triage:  # on the calibration images the final weights never trained on
+        tune = fitted.tune
+        check_enough(y[tune], targets, str(site_data))
+        triage = fit_triage(y[tune], fitted.scores(squares[calib][tune]), targets)
+        save_json(triage, adapted / TRIAGE_FILE)
     held = site.loc[parts == "held-back", "path"].tolist()
-    reports = {name: evaluate(r, site_data, "all", out / name, n_boot=settings.n_boot, diagnostics=False, images=held,
-                              title=f"{name} calibrate: {r.name} on the held-back part of {site_data.name}")
+    checks = ValidateSettings(n_boot=settings.n_boot, seed=settings.seed)
+    reports = {name: validate(r, site_data, out / name, checks, images=held,
+                              title=f"{name} calibrate: {r.name} on the held-back part of {site_data.name}")["metrics"]
                for name, r in (("before", run), ("after", adapted))}
     record = {"run": str(run.resolve()), "site": str(site_data.resolve()), "sources": sources,
-              "settings": to_dict(settings), "temperature": temperature, "threshold": threshold,
-              "threshold_method": method, "counts": parts.value_counts().to_dict(),
-              "images": {part: site.loc[parts == part, "path"].tolist() for part in ("finetune", "tune", "held-back")},
+              "settings": to_dict(settings), "decision": line, "choice": choice, "not_tried": why_not,
+              "candidates": {c: {k: v for k, v in r.items() if k not in ("scores", "calls")} for c, r in cv.items()},
+              "criterion": "balanced accuracy of out-of-fold calls (patient-grouped); kept only when the one-sided "
+                           "95 % lower end of its gain over nothing (paired patient bootstrap) is above 0",
+              "temperature": fitted.temperature, "threshold": fitted.threshold,
+              "threshold_method": settings.threshold_method if choice != "nothing" else scorer.spec.threshold_method,
+              "triage": triage, "counts": parts.value_counts().to_dict(),
+              "images": {part: site.loc[parts == part, "path"].tolist() for part in ("calibration", "held-back")},
               **{f"{k}_{m}": reports[k][m]["value"] for k in reports for m in METRICS},
               **{f"{k}_{m}_ci95": reports[k][m]["ci95"] for k in reports for m in METRICS}}
     record["summary"] = "held-back part: " + ", ".join(
@@ -152,22 +337,33 @@ def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings:
     return record
 
 
-def write_run(scorer: Scorer, run: Path, out: Path, site: pd.DataFrame, parts: pd.Series, threshold: float,
-              method: str, temperature: float, squares: np.ndarray) -> Path:
-    """OUT/run: the adapted weights, their threshold, a split.csv with the site's parts, a refit guard and shift
-    reference (val_predictions.csv: the run's validation images and the site's calibration images, rescored)."""
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {**scorer.meta, "threshold": threshold, "threshold_method": method,
-            "calibrated": {"from": str(run.resolve()), "temperature": temperature}}
+def write_original(run: Path, out: Path) -> None:
+    """OUT/run as the original run: its files copied unchanged (the same weights, the same model id)."""
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("last.pt", TRIAGE_FILE))
+
+
+def write_run(fitted: Fitted, run: Path, out: Path, site: pd.DataFrame, split: pd.Series, calib: np.ndarray,
+              squares: np.ndarray, choice: str, settings: CalibrateSettings) -> Path:
+    """OUT/run: the adapted weights (temperature folded in), their threshold, a split.csv with the site's parts, a
+    refit guard and shift reference (val_predictions.csv: the run's validation images and the site's calibration
+    images, rescored)."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    scorer = copy.deepcopy(fitted.scorer)
+    fold_temperature(scorer, fitted.temperature)
+    meta = {**scorer.meta, "threshold": fitted.threshold, "threshold_method": settings.threshold_method,
+            "calibrated": {"from": str(run.resolve()), "changed": describe(choice), "temperature": fitted.temperature}}
     save_checkpoint(out / "model.pt", scorer.model, meta)
     if (run / "config.json").is_file():  # provenance: what the adapted run was trained from
         shutil.copyfile(run / "config.json", out / "config.json")
-    site_split = site.assign(split=parts.map({"finetune": "train", "tune": "val", "held-back": "test",
-                                              "unused": "unused"}))
+    site_split = site.assign(split=split)
     old = pd.read_csv(run / "split.csv")
     old = old[~old["path"].isin(site_split["path"])]
     pd.concat([old, site_split[SPLIT_COLUMNS]]).to_csv(out / "split.csv", index=False)
-    reference, ref_squares = reference_images(run, site, parts, squares)
+    reference, ref_squares = reference_images(run, site, calib, squares)
     reference.assign(score=scorer.scores(ref_squares)).to_csv(out / "val_predictions.csv", index=False)
     guard = Guard.load(run)
     if guard is not None:  # same members, thresholds refit around the adapted model and the site
@@ -176,10 +372,9 @@ def write_run(scorer: Scorer, run: Path, out: Path, site: pd.DataFrame, parts: p
     return out
 
 
-def reference_images(run: Path, site: pd.DataFrame, parts: pd.Series,
+def reference_images(run: Path, site: pd.DataFrame, calib: np.ndarray,
                      squares: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
     """The run's validation images (when its data folder is here and of the same size) plus the site's calibration."""
-    calib = parts.isin(["finetune", "tune"]).to_numpy()
     rows, ref = site.loc[calib, ["path", "source", "patient_id", "label"]], squares[calib]
     try:
         val = pd.read_csv(run / "val_predictions.csv")
@@ -189,4 +384,3 @@ def reference_images(run: Path, site: pd.DataFrame, parts: pd.Series,
     if val_squares.shape[1:] != ref.shape[1:]:
         return rows.reset_index(drop=True), ref
     return pd.concat([val.drop(columns="score"), rows]).reset_index(drop=True), np.concatenate([val_squares, ref])
-

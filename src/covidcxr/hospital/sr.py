@@ -36,6 +36,10 @@ SUSPECTED = CodedConcept("SUSPECTED", SCHEME, "COVID-19 suspected")
 NOT_SUSPECTED = CodedConcept("NOT-SUSPECTED", SCHEME, "COVID-19 not suspected")
 PROBABILITY = CodedConcept("PROBABILITY", SCHEME, "Probability of COVID-19")
 THRESHOLD = CodedConcept("THRESHOLD", SCHEME, "Decision threshold")
+TRIAGE = CodedConcept("TRIAGE", SCHEME, "Triage class")
+TRIAGE_CLASSES = {"rule-out": CodedConcept("RULE-OUT", SCHEME, "Rule-out: COVID-19 not suspected (NPV guarantee)"),
+                  "rule-in": CodedConcept("RULE-IN", SCHEME, "Rule-in: COVID-19 suspected (PPV guarantee)"),
+                  "needs a reader": CodedConcept("READER", SCHEME, "Needs a reader")}
 UNITLESS = CodedConcept("1", "UCUM", "no units")
 DISCLAIMER = "covidcxr is a research tool, not a medical device: not for diagnosis or treatment decisions."
 MANUFACTURER = "covidcxr"
@@ -72,6 +76,8 @@ def structured_report(source: Dataset, prediction: Prediction, model_id: str) ->
         CodeContentItem(QUALITATIVE, finding(prediction), relationship_type="CONTAINS"),
         NumContentItem(PROBABILITY, prediction.probability, UNITLESS, relationship_type="CONTAINS"),
         NumContentItem(THRESHOLD, prediction.threshold, UNITLESS, relationship_type="CONTAINS"),
+        *([CodeContentItem(TRIAGE, TRIAGE_CLASSES[prediction.triage], relationship_type="CONTAINS")]
+          if prediction.triage else []),
         ImageContentItem(codes.DCM.SourceOfMeasurement, source.SOPClassUID, source.SOPInstanceUID,
                          relationship_type="CONTAINS"),
         TextContentItem(codes.DCM.Comment, DISCLAIMER, relationship_type="CONTAINS"),

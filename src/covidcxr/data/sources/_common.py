@@ -14,8 +14,8 @@ from covidcxr.errors import InputError
 
 # The row contract; the last three say where a row is listed (a CSV and its line; '' for files found in folders)
 # and why it cannot be used ('' when it can), so ingest lists every bad row instead of stopping at the first.
-COLUMNS = ("path", "label", "source", "patient_id", "view", "finding", "age_group", "sex",
-           "listed_in", "line", "problem")
+COLUMNS = ("path", "label", "source", "patient_id", "view", "finding", "age_group", "sex", "modality", "manufacturer",
+           "date", "listed_in", "line", "problem")
 LABELS = ("covid", "normal", "pneumonia", "other")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 
@@ -56,6 +56,12 @@ def age_group(raw: object) -> str:
     if not match:
         return "unknown"
     return "adult" if float(match.group(1)) >= 18 else "pediatric"
+
+
+def study_date(raw: object) -> str:
+    """YYYY-MM-DD from the usual spellings (DICOM's YYYYMMDD, ISO dates, ISO timestamps), '' when not a date."""
+    parsed = pd.to_datetime(str(raw).strip(), errors="coerce", format="mixed")
+    return "" if pd.isna(parsed) else parsed.strftime("%Y-%m-%d")
 
 
 def view(raw: object) -> str:

@@ -1,5 +1,6 @@
-"""Generic CSV layout (DESIGN.md, "Files"): path (relative to the CSV) and label required; patient_id,
-source, view, age_group, sex, finding used when present. ROOT is the folder holding metadata.csv, or a CSV.
+"""Generic CSV layout (DESIGN.md, "Files"): path (relative to the CSV) and label required; patient_id, source, view,
+age_group, sex, finding, modality (CR, DX), manufacturer and date used when present. ROOT is the folder holding
+metadata.csv, or a CSV.
 A row with an empty path or a value not allowed is returned with its line and the reason, never raised: ingest
 lists every such row and ingests the rest."""
 
@@ -18,6 +19,7 @@ from covidcxr.data.sources._common import (
     read_header,
     require_columns,
     sex,
+    study_date,
     view,
 )
 from covidcxr.errors import InputError
@@ -78,11 +80,14 @@ def rows(root: Path) -> pd.DataFrame:
             "finding": fnd,
             "age_group": age,
             "sex": sex(sx),
+            "modality": mod.upper(),
+            "manufacturer": maker,
+            "date": study_date(day),
             "listed_in": str(path),
             "line": str(line),
             "problem": problem,
         }
-        for rel, lab, src, pid, v, fnd, age, sx, line, problem in zip(
+        for rel, lab, src, pid, v, fnd, age, sx, mod, maker, day, line, problem in zip(
             df["path"],
             df["label"],
             sources,
@@ -91,6 +96,9 @@ def rows(root: Path) -> pd.DataFrame:
             _optional(df, "finding"),
             df["age_group"],
             _optional(df, "sex"),
+            _optional(df, "modality"),
+            _optional(df, "manufacturer"),
+            _optional(df, "date"),
             df.index,
             problems,
         )

@@ -57,6 +57,8 @@ class Prediction(BaseModel):
     probability: float = Field(description="probability of the positive class, in [0, 1]")
     label: str = Field(description="label at the threshold")
     threshold: float
+    triage: str | None = Field(default=None, description="rule-out, rule-in or needs a reader, when the run has "
+                                                          "triage thresholds (covidcxr calibrate --triage); else null")
     model_id: str
     heatmap: str | None = Field(description="Grad-CAM overlay as a PNG data URL, when cam=true")
     sha256: str = Field(description="SHA-256 of the uploaded bytes, as logged")
@@ -66,9 +68,13 @@ class Health(BaseModel):
     status: str
     engine: str = Field(description="what scores: onnxruntime (the run's exported graphs) or torch")
     model_id: str
+    training: str = Field(description="how the weights came about: transfer learning from ImageNet, or trained from "
+                                      "scratch")
     positive_label: str
     negative_label: str = Field(description="the label a reader gives when disagreeing with a positive call")
     threshold: float
+    triage: dict | None = Field(default=None, description="the run's triage thresholds and their guarantee; null "
+                                                          "without")
     max_upload_bytes: int
     shift: dict | None = Field(description="the shift alarm over the latest full batch of predictions against the "
                                            "run's validation scores (alarm, rates, p-values, message); null without "
@@ -250,7 +256,8 @@ def _api(predictor: Predictor | EnginePredictor, cfg: ServeConfig, batcher: Batc
     @api.get("/health")
     async def health() -> Health:
         return Health(status="ok", engine=predictor.engine, model_id=predictor.model_id,
-                      positive_label=predictor.positive_label, negative_label=negative, threshold=predictor.threshold,
+                      training=predictor.spec.training, positive_label=predictor.positive_label,
+                      negative_label=negative, threshold=predictor.threshold, triage=predictor.spec.triage,
                       max_upload_bytes=cfg.max_upload_bytes, shift=monitor.status() if monitor else None,
                       monitor=await view.get())
 
@@ -283,8 +290,8 @@ def _api(predictor: Predictor | EnginePredictor, cfg: ServeConfig, batcher: Batc
                            predictor.model_id, image_path=upload.image_path, origin="serve")
         prediction_id = log.add(record, upload.ids)  # on the loop: one insert (WAL, no fsync) beats a thread hop
         return Prediction(prediction_id=prediction_id, probability=probability, label=label,
-                          threshold=predictor.threshold, model_id=predictor.model_id, heatmap=_data_url(heatmap),
-                          sha256=upload.sha256)
+                          threshold=predictor.threshold, triage=predictor.spec.triage_for(probability),
+                          model_id=predictor.model_id, heatmap=_data_url(heatmap), sha256=upload.sha256)
 
     @api.post("/feedback", responses={404: {"model": Problem, "description": "no such prediction in the log"}})
     async def feedback(verdict: Feedback) -> VerdictRecorded:
