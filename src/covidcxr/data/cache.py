@@ -132,9 +132,11 @@ class ImageCache:
         tmp.write_text(json.dumps(meta, indent=2))
         tmp.replace(self.dir / CACHE_META)
 
-    def manifest(self, include_duplicates: bool = False) -> pd.DataFrame:
-        """The manifest's kept images; copies stay listed (so re-ingest skips them) but are left out unless asked."""
-        df = pd.read_parquet(self.dir / MANIFEST_FILE)
+    def manifest(self, include_duplicates: bool = False, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The manifest's kept images; copies stay listed (so re-ingest skips them) but are left out unless asked.
+        `columns`: only these (with duplicate_of), e.g. training's, which leaves out the 1 KB thumbnail per image."""
+        wanted = None if columns is None else list(dict.fromkeys([*columns, "duplicate_of"]))
+        df = pd.read_parquet(self.dir / MANIFEST_FILE, columns=wanted)
         return df if include_duplicates else df[df["duplicate_of"] == ""].reset_index(drop=True)
 
     def load(self, indices: Sequence[int] | np.ndarray | pd.Series) -> torch.Tensor:

@@ -1,0 +1,159 @@
+"""Training as the data grow: images/s and peak memory at 10k, 50k and 200k images, streamed vs held in memory.
+
+    python benchmarks/bench_scale.py [--sizes 10000 50000 200000] [--side 32] [--image-size 64] [--steps 20]
+                                     [--batch-size 32] [--work DIR] [--out docs/results/bench_scale]
+
+Writes a synthetic data folder per size straight to disk (a cache file of random gray squares and a manifest with
+every column ingest writes, thumbnails included; nothing is decoded), then, in a fresh process per size and path,
+builds the trainer and times a fixed number of steps after a short warm-up. Peak RSS is the process's own high-water
+mark (set-up included: the in-memory path reads and normalises every image there). Writes OUT.md (the table, and what
+400k images need) and OUT.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidcxr.config import TrainConfig
+from covidcxr.data.cache import CACHE_FILE, MANIFEST_FILE, ImageCache
+from covidcxr.data.manifest import MANIFEST_COLUMNS
+from covidcxr.formatting import markdown_table, number, percent
+
+PATHS = ("stream", "memory")
+WARMUP = 3  # steps before the clock starts (allocations, first-touch)
+TARGET_SIDE = 256  # the cache side ingest writes by default, for what 400k images need
+CHUNK = 8192
+
+
+def write_data(folder: Path, n: int, side: int) -> None:
+    """A data folder of n random squares and their manifest, written without decoding anything."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(n)
+    with open(folder / CACHE_FILE, "wb") as fh:
+        for start in range(0, n, CHUNK):
+            rng.integers(0, 256, (min(CHUNK, n - start), side, side), np.uint8).tofile(fh)
+    i = np.arange(n)
+    df = pd.DataFrame({
+        "path": [f"/data/sources/synthetic-{i % 4}/images/{k:07d}.png" for k in i],
+        "label": np.where(i % 2 == 0, "covid", "normal"),
+        "source": [f"synthetic-{k % 4}" for k in i],
+        "patient_id": [f"synthetic-{k % 4}:{k // 2}" for k in i],
+        "view": "PA", "finding": "", "age_group": "adult", "sex": "",
+        "sha1": [hashlib.sha1(str(k).encode()).hexdigest() for k in i],
+        "phash": "0123456789abcdef", "thumb": [bytes(1024)] * n, "orig_height": 2048, "orig_width": 2048,
+        "mtime": 0.0, "size_bytes": 1_000_000, "cache_index": i, "duplicate_of": "",
+    })[MANIFEST_COLUMNS]
+    df.to_parquet(folder / MANIFEST_FILE, index=False)
+    cache = ImageCache(folder, size=side)
+    cache.capacity = n
+    cache.write_meta()
+
+
+def measure(data: Path, path: str, image_size: int, batch: int, steps: int) -> dict:
+    """In this process: build the trainer on `data`, time `steps` steps; images/s, set-up seconds, peak RSS."""
+    from covidcxr.training.trainer import Trainer
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(data=str(data), out=str(Path(out) / "run"), weights="none", image_size=image_size,
+                          epochs=2, batch_size=batch, device="cpu", seed=0, amp=False, data_path=path)
+        start = time.perf_counter()
+        trainer = Trainer(cfg)
+        setup = time.perf_counter() - start
+        trainer.train_epoch(0, stop=WARMUP)
+        start = time.perf_counter()
+        trainer.train_epoch(1, stop=steps)
+        seconds = time.perf_counter() - start
+    return {"path": "stream" if not trainer.in_memory else "memory", "images_per_s": steps * batch / seconds,
+            "setup_s": setup, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_child(data: Path, path: str, args: argparse.Namespace) -> dict:
+    """`measure` in a fresh process, so that each peak is its own."""
+    cmd = [sys.executable, __file__, "--child", str(data), path, "--image-size", str(args.image_size), "--batch-size",
+           str(args.batch_size), "--steps", str(args.steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(results: list[dict], args: argparse.Namespace) -> str:
+    """The table, the two targets and what 400k images need."""
+    by = {(r["images"], r["path"]): r for r in results}
+    sizes = sorted({r["images"] for r in results})
+    rows = [[f"{n:,}", path, number(by[n, path]["setup_s"], 1), number(by[n, path]["images_per_s"], 1),
+             f"{by[n, path]['peak_rss_mb']:,.0f}",
+             percent(by[n, "stream"]["images_per_s"] / by[n, "memory"]["images_per_s"]) if path == "stream" else ""]
+            for n in sizes for path in PATHS]
+    stream_rss = [by[n, "stream"]["peak_rss_mb"] for n in sizes]
+    ratios = [by[n, "stream"]["images_per_s"] / by[n, "memory"]["images_per_s"] for n in sizes]
+    memory_rss = [by[n, "memory"]["peak_rss_mb"] for n in sizes]
+    per_image_kb = (memory_rss[-1] - memory_rss[0]) * 1024 / (sizes[-1] - sizes[0])  # the in-memory path's slope
+    scale = (TARGET_SIDE / args.side) ** 2
+    lines = [
+        f"device: cpu ({args.threads} threads); cache side {args.side} px, model input {args.image_size} px "
+        f"(default preprocessing: global equalization); batch {args.batch_size}; "
+        f"{args.steps} timed steps after {WARMUP}; AlexNet, random init; one process per row",
+        "",
+        markdown_table(["images", "path", "set-up s", "images/s", "peak RSS MB", "streaming / in-memory"], rows),
+        "",
+        f"streaming peak RSS from {sizes[0]:,} to {sizes[-1]:,} images: {min(stream_rss):,.0f} to "
+        f"{max(stream_rss):,.0f} MB, spread {percent(max(stream_rss) / min(stream_rss) - 1, 1)} (target <= 10 %)",
+        f"streaming throughput / in-memory: {percent(min(ratios))} at worst (target >= 90 %)",
+        f"in-memory path: {per_image_kb:.1f} KB of peak RSS per image at {args.side} px "
+        f"({per_image_kb / (args.side ** 2 / 1024):.1f} x the cache's bytes)",
+        "",
+        f"400,000 images at {TARGET_SIDE} px (ingest's default side): a cache file of "
+        f"{400_000 * TARGET_SIDE ** 2 / 1e9:.1f} GB on disk; in memory, ~{per_image_kb * scale * 400_000 / 1024 ** 2:.0f}"
+        f" GB of RAM per rank by the slope above; streamed, the flat figure above (the data stay on disk and in the "
+        "page cache, shared by every rank of a node).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])
+    ap.add_argument("--side", type=int, default=32, help="cache side in px (default 32)")
+    ap.add_argument("--image-size", dest="image_size", type=int, default=64, help="model input in px (default 64)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default 20)")
+    ap.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    ap.add_argument("--work", help="folder for the synthetic data folders (default: a temporary one)")
+    ap.add_argument("--out", default="docs/results/bench_scale", help="results path without suffix")
+    ap.add_argument("--child", nargs=2, metavar=("DATA", "PATH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(Path(args.child[0]), args.child[1], args.image_size, args.batch_size, args.steps)))
+        return
+    import torch
+    args.threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(dir=args.work) as work:
+        results = []
+        for n in args.sizes:
+            data = Path(work) / f"data{n}"
+            start = time.perf_counter()
+            write_data(data, n, args.side)
+            print(f"{n:,} images written in {time.perf_counter() - start:.1f} s", flush=True)
+            for path in PATHS:
+                results.append({"images": n, **run_child(data, path, args)})
+                print(json.dumps(results[-1]), flush=True)
+            for f in data.iterdir():
+                f.unlink()
+    text = report(results, args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.md").write_text(text)
+    Path(f"{args.out}.json").write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()
+                                                                 if k != "child"}, "results": results}, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
