@@ -1,14 +1,15 @@
 """Training as the data grow: images/s and peak memory at 10k, 50k and 200k images, streamed vs held in memory.
 
     python benchmarks/bench_scale.py [--sizes 10000 50000 200000] [--side 32] [--image-size 64] [--steps 20]
-                                     [--batch-size 32] [--work DIR] [--out docs/results/bench_scale]
+                                     [--batch-size 32] [--device cpu] [--work DIR] [--out docs/results/bench_scale]
 
 Writes a synthetic data folder per size straight to disk (a cache file of random gray squares and a manifest with
 every column ingest writes, thumbnails included; nothing is decoded), then, in a fresh process per size and path,
 builds the trainer (default preprocessing, global equalization included) and trains a fixed number of steps. Peak RSS
 is that process's own high-water mark (set-up included: the in-memory path reads and normalises every image there).
 Throughput is measured in the in-memory path's process, in rounds that alternate its held images with a streamed feed
-of the same images and the same batches, so that a busy shared machine slows both alike. Writes OUT.md (the table, and
+of the same images and the same batches (each going first in every other round), so that a busy shared machine slows
+both alike. Writes OUT.md (the table, and
 what 400k images need) and OUT.json.
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from covidcxr.config import TrainConfig
 from covidcxr.data.cache import CACHE_FILE, MANIFEST_FILE, ImageCache
@@ -74,20 +76,28 @@ def interleaved(trainer: Trainer, steps: int) -> dict[str, float]:
     seconds = dict.fromkeys(feeds, 0.0)
     per_round = max(1, steps // ROUNDS)
     for epoch in range(1 + ROUNDS):  # epoch 0: warm-up of both
-        for name, feed in feeds.items():
-            trainer.train_images = feed
+        for name in sorted(feeds, reverse=epoch % 2 == 1):
+            trainer.train_images = feeds[name]
+            sync(trainer.device)
             start = time.perf_counter()
             trainer.train_epoch(epoch, stop=per_round if epoch else WARMUP)
+            sync(trainer.device)
             seconds[name] += (time.perf_counter() - start) if epoch else 0.0
     return {name: ROUNDS * per_round * trainer.cfg.batch_size / s for name, s in seconds.items()}
 
 
-def measure(data: Path, path: str, image_size: int, batch: int, steps: int) -> dict:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(data: Path, path: str, image_size: int, batch: int, steps: int, device: str) -> dict:
     """In this process: build the trainer on `data` and train `steps` steps after a warm-up; set-up seconds, peak RSS,
     and (in-memory path) the interleaved images/s of both feeds, or (streaming path) its own."""
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(data=str(data), out=str(Path(out) / "run"), weights="none", image_size=image_size,
-                          epochs=1 + ROUNDS, batch_size=batch, device="cpu", seed=0, amp=False, data_path=path)
+                          epochs=1 + ROUNDS, batch_size=batch, device=device, seed=0, amp=device != "cpu",
+                          data_path=path)
         start = time.perf_counter()
         trainer = Trainer(cfg)
         setup = time.perf_counter() - start
@@ -95,8 +105,10 @@ def measure(data: Path, path: str, image_size: int, batch: int, steps: int) -> d
             speeds = interleaved(trainer, steps)
         else:
             trainer.train_epoch(0, stop=WARMUP)
+            sync(trainer.device)
             start = time.perf_counter()
             trainer.train_epoch(1, stop=steps)
+            sync(trainer.device)
             speeds = {"stream_alone": steps * batch / (time.perf_counter() - start)}
     return {"path": path, "setup_s": setup, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "images_per_s": speeds}
@@ -105,7 +117,7 @@ def measure(data: Path, path: str, image_size: int, batch: int, steps: int) -> d
 def run_child(data: Path, path: str, args: argparse.Namespace) -> dict:
     """`measure` in a fresh process, so that each peak is its own."""
     cmd = [sys.executable, __file__, "--child", str(data), path, "--image-size", str(args.image_size), "--batch-size",
-           str(args.batch_size), "--steps", str(args.steps)]
+           str(args.batch_size), "--steps", str(args.steps), "--device", args.device]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -128,7 +140,7 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
     scale = (TARGET_SIDE / args.side) ** 2
     need_gb = (image_kb * scale + row_kb) * 400_000 / 1024 ** 2
     lines = [
-        f"device: cpu ({args.threads} threads); cache side {args.side} px, model input {args.image_size} px "
+        f"device: {args.device_name}; cache side {args.side} px, model input {args.image_size} px "
         f"(default preprocessing: global equalization); batch {args.batch_size}; "
         f"{args.steps} timed steps per path; AlexNet, random init; one process per row (its set-up and peak RSS); "
         f"images/s of both paths from the in-memory row's process, alternating the two feeds in {ROUNDS} rounds",
@@ -157,15 +169,17 @@ def main() -> None:
     ap.add_argument("--image-size", dest="image_size", type=int, default=64, help="model input in px (default 64)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default 20)")
     ap.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (default cpu; bf16 autocast on cuda)")
     ap.add_argument("--work", help="folder for the synthetic data folders (default: a temporary one)")
     ap.add_argument("--out", default="docs/results/bench_scale", help="results path without suffix")
     ap.add_argument("--child", nargs=2, metavar=("DATA", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(measure(Path(args.child[0]), args.child[1], args.image_size, args.batch_size, args.steps)))
+        print(json.dumps(measure(Path(args.child[0]), args.child[1], args.image_size, args.batch_size, args.steps,
+                                 args.device)))
         return
-    import torch
-    args.threads = torch.get_num_threads()
+    args.device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"cpu ({torch.get_num_threads()} threads)"
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         results = []
         for n in args.sizes:
