@@ -53,10 +53,12 @@ def rows(root: Path) -> pd.DataFrame:
             cells = line.split()
             if not cells:
                 continue
-            record = {"listed_in": listing.name, "line": str(number), "view": "unknown", "age_group": "unknown",
+            record = {"listed_in": str(listing), "line": str(number), "view": "unknown", "age_group": "unknown",
                       "sex": ""}
             if len(cells) < 4:
-                records.append({**record, "problem": "expected `patient_id filename class source`"})
+                records.append({**record, "label": "other", "source": NAME,
+                                "patient_id": patient(NAME, f"{listing.name}:{number}"),
+                                "problem": "expected `patient_id filename class source`"})
                 continue
             pid, filename, cls, source = cells[:4]
             label = CLASSES.get(cls.lower())
