@@ -48,7 +48,8 @@ def test_the_layout_is_detected_and_read_with_patients_sources_and_problems(tmp_
     assert Path(first["path"]) == (root / "train" / "train-ricord-000.png").resolve()
     assert rows.loc[rows["finding"] == "normal", "label"].eq("normal").all()
     odd = rows[rows["finding"] == "fracture"].iloc[0]
-    assert odd["problem"] == "unknown class 'fracture'" and odd["listed_in"] == str(root / "train.txt") and odd["line"] == "8"
+    assert odd["problem"] == "unknown class 'fracture'"
+    assert odd["listed_in"] == str(root / "train.txt") and odd["line"] == "8"
 
 
 def test_split_files_are_read_and_a_bad_one_is_one_clear_error(tmp_path):

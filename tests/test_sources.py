@@ -236,7 +236,8 @@ def build_covidx(tmp: Path) -> Path:
     write_image(root / "train" / "a.png")
     write_image(root / "train" / "b.jpg")
     write_image(root / "test" / "c.png")
-    (root / "train_COVIDx9A.txt").write_text("17 a.png COVID-19 cohen\n18 b.jpg pneumonia rsna\n19 gone.png normal rsna\n")
+    (root / "train_COVIDx9A.txt").write_text(
+        "17 a.png COVID-19 cohen\n18 b.jpg pneumonia rsna\n19 gone.png normal rsna\n")
     (root / "test_COVIDx9A.txt").write_text("p7 c.png negative ricord\np8 d.png fracture ricord\n")
     return root
 

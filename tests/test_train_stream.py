@@ -4,6 +4,7 @@ memory gives, and a streaming run checkpointed within an epoch resumes to the un
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from covidcxr.model.checkpoint import load_checkpoint
 from covidcxr.preprocess.spec import PreprocessSpec
 from covidcxr.preprocess.transform import Preprocess
 from covidcxr.training import trainer as train_mod
-from covidcxr.training.feed import Images, in_memory
+from covidcxr.training.feed import PREFETCH, Images, in_memory
 
 
 def test_reading_rows_from_the_file_equals_the_memory_map(tiny_data):
@@ -38,6 +39,20 @@ def test_streamed_batches_equal_the_held_ones(tiny_data):
     a, b = list(held.batches(order, 16, 1, 6)), list(streamed.batches(order, 16, 1, 6))
     assert len(a) == len(b) == 5 and all(torch.equal(x, y) for x, y in zip(a, b))
     assert torch.equal(torch.cat(list(streamed.in_order(10))), held.held)
+
+
+def test_a_loop_that_stops_early_stops_the_reader(tiny_data, monkeypatch):
+    cache = ImageCache(tiny_data)
+    reads = []
+    real_read = cache.read
+    monkeypatch.setattr(cache, "read", lambda rows: reads.append(len(rows)) or real_read(rows))
+    pre = Preprocess(PreprocessSpec(cache.square, cache.size, 64, AugmentConfig()))
+    streamed = Images(cache, np.arange(cache.capacity), pre, torch.device("cpu"), hold=False)
+    before = threading.active_count()
+    batches = streamed.batches(torch.arange(cache.capacity), 1, 0, cache.capacity)
+    assert next(batches).shape == (1, cache.size, cache.size)
+    batches.close()  # as when the loop breaks off: the reader ends without reading the rest of the epoch
+    assert threading.active_count() == before and len(reads) <= 2 + PREFETCH < cache.capacity
 
 
 def test_a_reader_error_reaches_the_loop(tiny_data, tmp_path):

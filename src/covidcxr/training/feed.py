@@ -94,6 +94,8 @@ class Images:
         def reader() -> None:
             try:
                 for s in range(start, stop):
+                    if done.is_set():  # the loop stopped asking (early stop, an error, an interrupt)
+                        return
                     put(self._read(order[s * batch_size:(s + 1) * batch_size]))
                 put(None)
             except BaseException as exc:  # handed to the loop, which raises it
