@@ -86,9 +86,6 @@ class Trainer:
         val = self.df[self.df["split"] == "val"].reset_index(drop=True)
         self.val_df = val
         self.in_memory = in_memory(cfg.data_path, len(train) + len(val), self.cache.size, self.device)
-        if self.d.main:
-            log.info("%d training and %d validation images %s", len(train), len(val),
-                     "held in memory" if self.in_memory else "streamed from the cache")
         self.train_images = Images(self.cache, train["cache_index"].to_numpy(), self.preprocess, self.device,
                                    self.in_memory)
         val_device = torch.device("cpu") if self.in_memory else self.device  # scoring moves each batch on
@@ -116,6 +113,9 @@ class Trainer:
             if not resume and (self.out / "last.pt").exists():
                 raise RunExistsError(
                     f"{self.out} already holds a run; add --resume to continue it or choose a new --out")
+        if self.d.main:  # once the model is built: a bad --weights is then the one line a run prints
+            log.info("%d training and %d validation images %s", len(train), len(val),
+                     "held in memory" if self.in_memory else "streamed from the cache")
         if resume:
             self._resume()
         elif self.d.main:
