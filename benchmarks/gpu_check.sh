@@ -4,6 +4,9 @@
 #      torch.compile (the gain from compiling);
 #   2. inference throughput: the model alone (float32 and bf16) and the scoring path (Scorer.scores, float32);
 #   3. `covidcxr reproduce` end to end at 224 px (timed), on $DATA;
+#   4. streamed vs in-memory training (benchmarks/bench_scale.py) on synthetic data folders of 10k and 100k images
+#      written on the machine: images/s (interleaved in one process) and peak RSS of each path. It needs no $DATA;
+#      SCALE_ONLY=1 runs it alone (about 3 minutes): `SCALE_ONLY=1 bash benchmarks/gpu_check.sh`;
 # and writes each result, with the device and versions, to $RESULTS (default $OUT/docs/results, so the files come
 # back at the path they belong in; copy them into docs/results/). Not run in the session that wrote it.
 #
@@ -35,10 +38,19 @@ run() {  # run NAME TIMEOUT CMD...: output (without progress bars) to $RESULTS/N
   echo "exit: ${PIPESTATUS[0]}" | tee -a "$RESULTS/$name.txt"
 }
 
+SCALE=(python3 benchmarks/bench_scale.py --device cuda --sizes 10000 100000 --side 64 --image-size 224 --batch-size 256
+       --steps 40 --out "$RESULTS/gpu_scale")
+if [ -n "${SCALE_ONLY:-}" ]; then
+  run gpu_scale_run "${SCALE_SECONDS:-270}" "${SCALE[@]}"
+  ls -l "$RESULTS"
+  exit 0
+fi
+
 TRAIN=(python3 benchmarks/bench_train.py "$DATA" --device cuda --batch-size 1024 --image-size 224 --steps 30 --epochs 8)
 run gpu_train_224 "$STEP_SECONDS" "${TRAIN[@]}"
 run gpu_train_224_compile "$STEP_SECONDS" "${TRAIN[@]}" --compile
 run gpu_infer_224 "$STEP_SECONDS" python3 benchmarks/bench_infer.py --device cuda --image-size 224 --images 32768
+run gpu_scale_run "${SCALE_SECONDS:-270}" "${SCALE[@]}"
 
 REPRO=(python3 -m covidcxr.cli reproduce --data "$DATA" --out "$OUT/reproduce" --device cuda --image-size 224)
 start=$(date +%s)

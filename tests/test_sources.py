@@ -231,7 +231,19 @@ def build_csv(tmp: Path) -> Path:
     return root
 
 
+def build_covidx(tmp: Path) -> Path:
+    root = tmp / "COVIDx"
+    write_image(root / "train" / "a.png")
+    write_image(root / "train" / "b.jpg")
+    write_image(root / "test" / "c.png")
+    (root / "train_COVIDx9A.txt").write_text(
+        "17 a.png COVID-19 cohen\n18 b.jpg pneumonia rsna\n19 gone.png normal rsna\n")
+    (root / "test_COVIDx9A.txt").write_text("p7 c.png negative ricord\np8 d.png fracture ricord\n")
+    return root
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "covidx": build_covidx,
     "cohen": build_cohen,
     "figure1": build_figure1,
     "actualmed": build_actualmed,
@@ -282,6 +294,20 @@ def test_cohen_keeps_frontal_xrays_and_maps_findings(tmp_path):
     assert rows["c.jpg"]["finding"] == "Tuberculosis"
     assert rows["missing.jpg"]["path"] == str(root / "images" / "missing.jpg")  # listed but missing: kept
     assert not Path(rows["missing.jpg"]["path"]).exists()
+
+
+def test_covidx_reads_both_vocabularies_and_lists_missing_files_and_bad_lines(tmp_path):
+    root = build_covidx(tmp_path)
+    df, _ = load_source(root)
+    rows = by_name(df)
+    assert {n: (r["label"], r["source"], r["patient_id"]) for n, r in rows.items() if n != "d.png"} == {
+        "a.png": ("covid", "cohen", "cohen:17"), "b.jpg": ("pneumonia", "rsna", "rsna:18"),
+        "gone.png": ("normal", "rsna", "rsna:19"), "c.png": ("other", "ricord", "ricord:p7")}
+    assert rows["c.png"]["path"] == str(root / "test" / "c.png") and rows["c.png"]["finding"] == "negative"
+    assert not Path(rows["gone.png"]["path"]).exists()  # listed but missing: kept, ingest lists it
+    bad = df[df["problem"] != ""]
+    assert bad[["listed_in", "line", "problem"]].values.tolist() == [
+        [str(root / "test_COVIDx9A.txt"), "2", "unknown class 'fracture'"]]
 
 
 def test_figure1_groups_lettered_images_and_finds_the_extension(tmp_path):

@@ -144,12 +144,14 @@ def test_finetunes_from_torchvision_weights_file(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_gloo(tiny_data, tmp_path):
-    """torchrun with two CPU processes (gloo): one run folder, written by rank 0, with both ranks in step."""
+@pytest.mark.parametrize("data_path", [["--data-in-memory"], ["--stream", "--checkpoint-steps", "2"]])
+def test_ddp_two_processes_gloo(tiny_data, tmp_path, data_path):
+    """torchrun with two CPU processes (gloo): one run folder, written by rank 0, with both ranks in step, whether
+    each rank holds the images or streams its shard of every epoch (checkpointing within epochs: a collective)."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "covidcxr.cli", "train", "--no-gate", str(tiny_data), "--out", str(out), "--weights", "none",
-           "--image-size", "64", "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--seed", "1"]
+           "--image-size", "64", "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--seed", "1", *data_path]
     env = cli_env({"OMP_NUM_THREADS": "1"})
     result = subprocess.run([*cmd, "--keep-last"], capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -104,16 +104,19 @@ def test_a_file_and_its_cached_copy_give_the_model_bit_identical_input(augment: 
         assert torch.equal(via_cache, direct)
 
 
-def test_training_normalises_exactly_as_scoring_does(tiny_data, tiny_run) -> None:
-    """The validation images a run's threshold was chosen on reach the model exactly as `Scorer` feeds them."""
+@pytest.mark.parametrize("data_path", ["memory", "stream"])
+def test_training_normalises_exactly_as_scoring_does(tiny_data, tiny_run, data_path: str) -> None:
+    """The validation images a run's threshold was chosen on reach the model exactly as `Scorer` feeds them, whether
+    the run holds them in memory or streams them from the cache."""
     cfg = TrainConfig(data=str(tiny_data), out=str(tiny_run.parent / "unused"), weights="none", image_size=64,
-                      epochs=1, device="cpu")
+                      epochs=1, device="cpu", data_path=data_path)
     trainer = Trainer(cfg)
     scorer = Scorer.from_run(tiny_run, "cpu")
     cache = ImageCache(tiny_data)
     raw = cache.load(trainer.val_df["cache_index"])
-    assert torch.equal(trainer.val_x, scorer.normalise(raw))
-    assert torch.equal(trainer.preprocess.model_input_u8(trainer.val_x), torch.cat(list(scorer.inputs(raw))))
+    val = torch.cat(list(trainer.val_images.in_order(7)))  # a batch size that leaves a partial last batch
+    assert torch.equal(val, scorer.normalise(raw))
+    assert torch.equal(trainer.preprocess.model_input_u8(val), torch.cat(list(scorer.inputs(raw))))
 
 
 def test_the_module_scripts_for_export() -> None:

@@ -18,6 +18,7 @@ from covidcxr.data.ingest import ingest
 from covidcxr.data.splits import MIN_CLASS, external_folds
 from covidcxr.errors import MissingInputError
 from covidcxr.evaluation.evaluate import evaluate
+from covidcxr.evaluation.published import PAPER, PAPER_NAME
 from covidcxr.formatting import markdown_table, number, value_ci
 from covidcxr.hospital.crosssite import calibrate_rows, guard_fold, measure_fold, nested_members, write_trust
 from covidcxr.model.weights import resolve_weights
@@ -26,7 +27,6 @@ from covidcxr.training.trainer import train
 
 log = logging.getLogger(__name__)
 
-PAPER = {"accuracy": 0.965, "sensitivity": 0.980, "specificity": 0.917}
 METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc")
 
 
@@ -70,7 +70,7 @@ def _table_row(name: str, metrics: dict) -> list[str]:
 
 def _results_table(main: dict, external: dict[str, dict]) -> str:
     """The paper's figures beside ours: the in-distribution test split and each external fold."""
-    paper = ["paper (Cortes & Sanchez 2021)", *(number(PAPER[k], 1, 100) if k in PAPER else "-" for k in METRICS),
+    paper = [PAPER_NAME, *(number(PAPER[k], 1, 100) if k in PAPER else "-" for k in METRICS),
              "11,312 (all splits)"]
     ours = [_table_row("ours, in-distribution test split", main)]
     ours += [_table_row(f"ours, external: trained without {name}", m) for name, m in external.items()]

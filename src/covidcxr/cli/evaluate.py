@@ -9,9 +9,16 @@ from covidcxr.cli.args import POSITIVE_INT_ARG, Commands
 
 
 def _evaluate(a: argparse.Namespace) -> int:
-    from covidcxr.evaluation.evaluate import evaluate
+    from covidcxr.evaluation.evaluate import evaluate, evaluate_split_files
     from covidcxr.formatting import NA, value_ci
-    metrics = evaluate(a.run, a.data, a.split, a.out, n_boot=a.n_boot, diagnostics=a.diagnose, lung_model=a.lung_model)
+    options = {"n_boot": a.n_boot, "diagnostics": a.diagnose, "lung_model": a.lung_model}
+    if a.split_file:
+        metrics = evaluate_split_files(a.run, a.data, a.split_file, a.out, **options)
+        sens, ppv = metrics["sensitivity"], metrics["ppv"]
+        print(f"COVID-19 sensitivity {value_ci(sens['value'], sens['ci95'])}  PPV {value_ci(ppv['value'], ppv['ci95'])}"
+              f"  beside published figures: {Path(a.out) / 'published_comparison.md'}")
+    else:
+        metrics = evaluate(a.run, a.data, a.split, a.out, **options)
     auc = metrics["auc"]
     shown = f"{NA} (one class)" if auc["value"] is None else value_ci(auc["value"], auc["ci95"])
     print(f"AUC {shown}  report: {Path(a.out) / 'report.html'}")
@@ -45,6 +52,10 @@ def add_evaluate(sub: Commands) -> None:
     p.add_argument("--split", default="test", choices=["test", "all"],
                    help="test: the run's test part; all: every image, except that on the run's own data its train "
                         "and validation images are left out and counted in a printed line (default test)")
+    p.add_argument("--split-file", dest="split_file", nargs="+", metavar="FILE",
+                   help="score the images these published split files list instead (e.g. COVIDx's test.txt: lines "
+                        "`patient_id filename class source`), and write published_comparison.md: COVID-19 "
+                        "sensitivity and PPV beside COVID-Net's figures (default: none)")
     p.add_argument("--out", required=True, help="report folder (required)")
     p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=1000,
                    help="bootstrap resamples for the confidence intervals (default 1000)")

@@ -37,6 +37,8 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
     values["data"], values["out"] = str(a.data), str(a.out)
     if a.holdout:
         values["holdout_sources"] = a.holdout
+    if a.split_file:
+        values["split_files"] = [str(f) for f in a.split_file]
     if a.target_sensitivity is not None:
         values["threshold_method"] = "sensitivity"
     preprocessing = {"equalize": a.equalize, "crop": a.crop, "lung_model": a.lung_model}
@@ -94,6 +96,19 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="deterministic kernels, slower (default off)")
     p.add_argument("--holdout", nargs="+", metavar="SOURCE",
                    help="sources kept out of training and validation: the test part is them (default: none)")
+    p.add_argument("--split-file", dest="split_file", nargs="+", metavar="FILE",
+                   help="a published split instead of covidcxr's own: files named for their part (train, val, "
+                        "test), lines `patient_id filename class source` (COVIDx's); without a val file, validation "
+                        "patients come from the train file's (default: none)")
+    path = p.add_mutually_exclusive_group()
+    path.add_argument("--data-in-memory", dest="data_path", action="store_const", const="memory",
+                      help="hold the images in memory (default auto: in memory while they fit, else streamed)")
+    path.add_argument("--stream", dest="data_path", action="store_const", const="stream",
+                      help="stream the images from the data folder's cache file batch by batch: memory stays flat "
+                           "however many images (default auto)")
+    p.add_argument("--checkpoint-steps", dest="checkpoint_steps", type=COUNT_ARG,
+                   help="also checkpoint every N steps within an epoch, to resume long epochs (default 0: at epoch "
+                        "ends only)")
     p.add_argument("--balance", choices=BALANCE_CHOICES, help=f"how the sampler weights images (default {d.balance})")
     p.add_argument("--target-sensitivity", dest="target_sensitivity", type=FRACTION_ARG,
                    help="choose the threshold on validation data for this sensitivity (default: Youden's J)")

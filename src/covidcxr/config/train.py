@@ -25,6 +25,7 @@ EQUALIZE_CHOICES = ("none", "global", "clahe")
 CROP_CHOICES = ("none", "border", "lungs")
 ARCH_CHOICES = ("alexnet", "resnet18", "densenet121", "efficientnet_b0")  # backbones model.network can build
 BALANCE_CHOICES = ("class", "source-class")
+DATA_PATH_CHOICES = (AUTO, "memory", "stream")  # how training reads its images (training/feed.py)
 THRESHOLD_CHOICES = ("youden", "sensitivity")  # how a run's operating threshold is chosen on validation data
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -108,11 +109,17 @@ class TrainConfig:
     weight_decay: float = 5e-4
     patience: int = 5  # early stopping on validation AUC (from scratch, AUC creeps up for many epochs)
     checkpoint_every: int = 1  # epochs between checkpoints (always at the end); larger for short grid runs
+    checkpoint_steps: int = 0  # also checkpoint every this many steps within an epoch (0 = off): large data sets
+    # have long epochs, and a run resumed from such a checkpoint ends with the weights of one never interrupted
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     holdout_sources: list[str] = field(default_factory=list)  # excluded from train/val (external test)
+    split_files: list[str] = field(default_factory=list)  # a published split (e.g. COVIDx's train.txt, test.txt)
+    # instead of covidcxr's own: each file's part is in its name (data/splits.py, read_split_files)
+    data_path: str = AUTO  # auto | memory | stream: hold the images in memory, or stream them from the cache file;
+    # auto: in memory while they fit (training/feed.py). Either gives the same weights
     max_train_images: int = 0  # 0 = all; subsample for quick grids
     balance: str = "class"  # class | source-class: how the sampler weights images
     domain_adversarial: float = 0.0  # weight of a gradient-reversal source head, 0 = off
@@ -128,6 +135,9 @@ class TrainConfig:
         check_rules(self, _TRAIN_RULES)
         check_choice("arch", self.arch, ARCH_CHOICES)
         check_choice("balance", self.balance, BALANCE_CHOICES)
+        check_choice("data_path", self.data_path, DATA_PATH_CHOICES)
+        if self.split_files and self.holdout_sources:
+            raise InputError("split_files and holdout_sources both decide the test part; give one of them")
         check_choice("threshold_method", self.threshold_method, THRESHOLD_CHOICES)
         if not DEVICE_PATTERN.fullmatch(str(self.device)):
             raise InputError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
@@ -137,7 +147,7 @@ _TRAIN_RULES: dict[str, Rule] = {
     "image_size": IMAGE_SIZE,
     "epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE, "backbone_lr_scale": NON_NEGATIVE,
     "momentum": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"), "weight_decay": NON_NEGATIVE,
-    "patience": POSITIVE_INT, "checkpoint_every": POSITIVE_INT, "seed": COUNT,
+    "patience": POSITIVE_INT, "checkpoint_every": POSITIVE_INT, "checkpoint_steps": COUNT, "seed": COUNT,
     "split_fractions": (lambda v: len(v) == 3 and all(FRACTION[0](x) for x in v) and abs(sum(v) - 1) < 1e-6,
                         "three fractions (train, val, test) that sum to 1"),
     "max_train_images": COUNT, "domain_adversarial": NON_NEGATIVE,

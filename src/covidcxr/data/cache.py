@@ -7,6 +7,7 @@ GPU and keeps data feeding cheap on a CPU.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, cast
@@ -131,12 +132,30 @@ class ImageCache:
         tmp.write_text(json.dumps(meta, indent=2))
         tmp.replace(self.dir / CACHE_META)
 
-    def manifest(self, include_duplicates: bool = False) -> pd.DataFrame:
-        """The manifest's kept images; copies stay listed (so re-ingest skips them) but are left out unless asked."""
-        df = pd.read_parquet(self.dir / MANIFEST_FILE)
+    def manifest(self, include_duplicates: bool = False, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The manifest's kept images; copies stay listed (so re-ingest skips them) but are left out unless asked.
+        `columns`: only these (with duplicate_of), e.g. training's, which leaves out the 1 KB thumbnail per image."""
+        wanted = None if columns is None else list(dict.fromkeys([*columns, "duplicate_of"]))
+        df = pd.read_parquet(self.dir / MANIFEST_FILE, columns=wanted)
         return df if include_duplicates else df[df["duplicate_of"] == ""].reset_index(drop=True)
 
     def load(self, indices: Sequence[int] | np.ndarray | pd.Series) -> torch.Tensor:
         """uint8 tensor (N, S, S) of the given cache rows, read into memory once (a training set fits in RAM)."""
         return torch.from_numpy(np.ascontiguousarray(self.array[np.asarray(indices, dtype=np.int64)]))
+
+    def read(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """uint8 tensor (N, S, S) of the given cache rows, read from the file (in file order, returned in the order
+        asked) rather than through the memory map: pages a map touches stay counted in the process's resident memory,
+        so streaming an epoch of a large cache that way would grow it; reads leave them to the page cache."""
+        rows = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(rows), self.size, self.size), np.uint8)
+        side = self.size * self.size
+        fd = os.open(self.dir / CACHE_FILE, os.O_RDONLY)
+        try:
+            for i in np.argsort(rows, kind="stable"):
+                if os.preadv(fd, [out[i]], int(rows[i]) * side) != side:
+                    raise InputError(f"{self.dir / CACHE_FILE}: row {rows[i]} lies beyond the end of the file")
+        finally:
+            os.close(fd)
+        return torch.from_numpy(out)
 

@@ -8,13 +8,17 @@ therefore never changes when the manifest grows, and every label gets the reques
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from covidcxr.data import tasks
 from covidcxr.errors import InputError, LeakageError
+
+log = logging.getLogger(__name__)
 
 PARTS = ("train", "val", "test")
 
@@ -84,3 +88,53 @@ def external_folds(df: pd.DataFrame, task: str) -> list[list[str]]:
     paired = len(folds) - len(both)
     leftover = list(only_pos[paired:]) + list(only_neg[paired:])
     return folds + ([leftover] if leftover else [])  # the unpaired rest held out together: one more run, not many
+
+
+def split_file_part(path: Path) -> str:
+    """The part a published split file holds, from its name: train.txt, val.txt, test_COVIDx9A.txt ..."""
+    name = path.name.lower()
+    found = [part for part in PARTS if part in name]
+    if len(found) != 1:
+        raise InputError(f"{path}: cannot tell from its name which part it holds (name it with one of "
+                         f"{', '.join(PARTS)})")
+    return found[0]
+
+
+def read_split_file(path: Path | str) -> pd.DataFrame:
+    """A published split file's rows: `patient_id filename class source [...]`, space separated (COVIDx's format),
+    with the part its name says."""
+    path = Path(path)
+    try:
+        lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the split file ({exc})") from exc
+    short = next((i + 1 for i, cells in enumerate(lines) if len(cells) < 4), 0)
+    if short:
+        raise InputError(f"{path}:{short}: expected `patient_id filename class source`")
+    df = pd.DataFrame([cells[:4] for cells in lines], columns=["patient_id", "filename", "class", "source"])
+    return df.assign(part=split_file_part(path))
+
+
+def listed_rows(df: pd.DataFrame, files: Sequence[Path | str]) -> pd.Series:
+    """The part of each manifest row per the published split files (matched by file name), '' where none lists it."""
+    listed = pd.concat([read_split_file(f) for f in files], ignore_index=True)
+    twice = listed["filename"].duplicated(keep=False)
+    if twice.any():
+        raise InputError(f"split files list {listed.loc[twice, 'filename'].iloc[0]} more than once")
+    part = df["path"].map(lambda p: Path(p).name).map(dict(zip(listed["filename"], listed["part"])))
+    missing = len(listed) - int(part.notna().sum())
+    if missing:
+        log.info("%d image(s) named in the split files are not in the data folder (not ingested, or copies)", missing)
+    return part.fillna("").rename("split")
+
+
+def published_split(df: pd.DataFrame, files: Sequence[Path | str], val_fraction: float, seed: int) -> pd.Series:
+    """train / val / test / unused per row from published split files; without a val file, `val_fraction` of the
+    train file's patients become the validation part."""
+    split = listed_rows(df, files).replace("", "unused")
+    if not (split == "val").any():
+        train = split == "train"
+        split[train] = patient_split(df[train], (1 - val_fraction, val_fraction, 0.0), seed)
+    used = split != "unused"
+    assert_patient_disjoint(df.loc[used, "patient_id"], split[used])
+    return split

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Collection
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,8 +17,10 @@ import torch
 from covidcxr.data import tasks
 from covidcxr.data.cache import ImageCache
 from covidcxr.data.manifest import manifest_hash
+from covidcxr.data.splits import listed_rows
 from covidcxr.errors import InputError
 from covidcxr.evaluation.metrics_json import evaluate_predictions
+from covidcxr.evaluation.published import comparison_table
 from covidcxr.evaluation.report import write_report
 from covidcxr.evaluation.selection import select_images
 from covidcxr.evaluation.trust import ood_summary, trust_html
@@ -89,6 +92,26 @@ def refusal_counts(pred: pd.DataFrame) -> dict[str, int]:
     return {str(k): int(v) for k, v in refused.value_counts().items()}
 
 
+def split_file_images(data: str | Path, files: Collection[str | Path]) -> list[str]:
+    """The data folder's images that published split files list (e.g. COVIDx's test.txt), by file name."""
+    df = ImageCache(data).manifest(columns=["path"])
+    listed = listed_rows(df, list(files)) != ""
+    if not listed.any():
+        raise InputError(f"{data}: holds none of the images that {', '.join(Path(f).name for f in files)} list")
+    return df.loc[listed, "path"].tolist()
+
+
+def evaluate_split_files(run: str | Path, data: str | Path, files: Collection[str | Path], out: str | Path,
+                         **options: Any) -> dict:
+    """`evaluate` on the images published split files list (COVIDx's test file), plus REPORT/published_comparison.md:
+    COVID-19 sensitivity and PPV with CIs beside the paper's and COVID-Net's published figures."""
+    names = ", ".join(Path(f).name for f in files)
+    metrics = evaluate(run, data, f"listed in {names}", out, images=split_file_images(data, files), **options)
+    ours = (f"covidcxr ({Path(run).name})", f"{Path(data).name}, {names}", metrics)
+    (Path(out) / "published_comparison.md").write_text(comparison_table([ours]))
+    return metrics
+
+
 def _only(cache: ImageCache, images: Collection[str]) -> pd.DataFrame:
     rows = cache.manifest()
     return rows[rows["path"].isin(set(images))].reset_index(drop=True)
@@ -116,13 +139,14 @@ def evaluate(run: str | Path, data: str | Path, split: str, out: str | Path, n_b
     sections = [("Can these predictions be trusted?", trust_html(metrics["ood"])), *extra_sections]
     write_report(out, pred, metrics, title, provenance, sections)  # on disk before the slower checks start
     if diagnostics:
-        sections.append(("Shortcut diagnostics", _diagnostics_section(run, data, split, Path(out) / "diagnose", device,
-                                                                     lung_model)))
+        chosen = split if split in ("test", "all") else None  # other images (a split file's): diagnose's own choice
+        sections.append(("Shortcut diagnostics", _diagnostics_section(run, data, chosen, Path(out) / "diagnose",
+                                                                     device, lung_model)))
         write_report(out, pred, metrics, title, provenance, sections)
     return metrics
 
 
-def _diagnostics_section(run: str | Path, data: str | Path, split: str, out: Path, device: str,
+def _diagnostics_section(run: str | Path, data: str | Path, split: str | None, out: Path, device: str,
                          lung_model: str | Path | None) -> str:
     """The diagnostics as an HTML section; when they cannot run, the reason, in the report and on stderr."""
     from covidcxr.evaluation.diagnose import diagnose, diagnostics_html

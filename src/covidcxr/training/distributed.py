@@ -38,8 +38,11 @@ def init_distributed(device_type: str) -> Dist:
     if world == 1:
         return Dist()
     backend = "nccl" if device_type == "cuda" else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":  # NCCL's object collectives (all_gather_object) use the current device
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend)
-    return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), world, local_rank)
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -31,6 +31,7 @@ from covidcxr.trust.negatives import THUMB, thumbnail
 
 log = logging.getLogger(__name__)
 
+MAX_FILMS = 20_000  # training films a gate is fitted on at most (a seeded sample beyond), a quarter as many validation
 ACCEPT_QUANTILE = 0.005  # the threshold lets through all but this share of the run's validation films
 TRANSFORMED = ("rotated_cw", "rotated_180", "rotated_ccw", "inverted")  # made from the frontal films in the loop
 ROTATION = {"rotated_cw": -1, "rotated_180": 2, "rotated_ccw": 1}  # torch.rot90's k (positive: counter-clockwise)
@@ -72,12 +73,16 @@ def make_class(kind: str, pools: dict[str, torch.Tensor], count: int, g: torch.G
     return 1 - x if kind == "inverted" else x
 
 
-def film_thumbs(data: str | Path, paths: pd.Series) -> np.ndarray:
-    """Thumbnails of an ingested data folder's films, by manifest path."""
+def film_thumbs(data: str | Path, paths: pd.Series, limit: int, seed: int = 0) -> np.ndarray:
+    """Thumbnails of (at most `limit`, a seeded sample of) an ingested data folder's films, by manifest path, read a
+    chunk at a time: a gate needs thousands of films, not the whole of a large data set in memory."""
     cache = ImageCache(data)
-    index = cache.manifest().set_index("path")["cache_index"]
-    squares = cache.load(index.loc[paths].to_numpy()).numpy()
-    return np.stack([thumbnail(s) for s in squares]) if len(squares) else np.zeros((0, THUMB, THUMB), np.float32)
+    index = cache.manifest(columns=["path", "cache_index"]).set_index("path")["cache_index"]
+    rows = index.loc[paths].to_numpy()
+    if len(rows) > limit:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+    thumbs = [thumbnail(s) for i in range(0, len(rows), 1024) for s in cache.load(rows[i:i + 1024]).numpy()]
+    return np.stack(thumbs) if thumbs else np.zeros((0, THUMB, THUMB), np.float32)
 
 
 def negative_pools(train: np.ndarray, settings: GateSettings, seed: int = 0,
@@ -174,7 +179,7 @@ def fit_gate(run: str | Path, data: str | Path, settings: GateSettings | None = 
     its validation films. Returns gate.json's content."""
     settings, run = settings or GateSettings(), Path(run)
     split = pd.read_csv(run / "split.csv")
-    train = film_thumbs(data, split.loc[split["split"] == "train", "path"])
-    val = film_thumbs(data, split.loc[split["split"] == "val", "path"])
+    train = film_thumbs(data, split.loc[split["split"] == "train", "path"], MAX_FILMS, seed)
+    val = film_thumbs(data, split.loc[split["split"] == "val", "path"], MAX_FILMS // 4, seed)
     log.info("fitting the run's gate (%d steps) ...", settings.steps)
     return build_gate(run, {"frontal": train, **negative_pools(train, settings, seed)}, val, settings, seed)

@@ -10,14 +10,18 @@ import pandas as pd
 from covidcxr.config import TrainConfig
 from covidcxr.data import tasks
 from covidcxr.data.cache import ImageCache
-from covidcxr.data.splits import leave_sources_out, patient_split
+from covidcxr.data.splits import leave_sources_out, patient_split, published_split
 from covidcxr.errors import InputError
+
+RUN_COLUMNS = ("path", "label", "source", "patient_id", "sha1", "cache_index")  # what a run reads of the manifest
 
 
 def make_split(df: pd.DataFrame, cfg: TrainConfig) -> pd.Series:
-    """Patient-level split, or held-out sources as the test part (external validation)."""
+    """Patient-level split, held-out sources as the test part (external validation), or a published split."""
+    val_frac = cfg.split_fractions[1] / (cfg.split_fractions[0] + cfg.split_fractions[1])
+    if cfg.split_files:
+        return published_split(df, cfg.split_files, val_frac, cfg.seed)
     if cfg.holdout_sources:
-        val_frac = cfg.split_fractions[1] / (cfg.split_fractions[0] + cfg.split_fractions[1])
         return leave_sources_out(df, cfg.holdout_sources, (1 - val_frac, val_frac), cfg.seed)
     return patient_split(df, cfg.split_fractions, cfg.seed)
 
@@ -25,7 +29,7 @@ def make_split(df: pd.DataFrame, cfg: TrainConfig) -> pd.Series:
 def load_data(cfg: TrainConfig) -> tuple[ImageCache, pd.DataFrame]:
     """The task's images with their split; training rows optionally subsampled (seeded) for quick grids."""
     cache = ImageCache(cfg.data)
-    df = cache.manifest()
+    df = cache.manifest(columns=RUN_COLUMNS)
     df["y"] = tasks.encode(df["label"], cfg.task)
     df = df[df["y"] >= 0].reset_index(drop=True)
     df["split"] = make_split(df, cfg)

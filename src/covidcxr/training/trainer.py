@@ -2,9 +2,10 @@
 
 Launched as a plain process (one device) or by torchrun (DDP across GPUs/nodes; gloo on CPUs). Rank 0 alone writes
 files and prints; every rank sees the same epoch order (a DistributedSampler seeded by the run's seed and the epoch),
-so an interrupted run resumed from its last checkpoint ends with the same weights as an uninterrupted one. Beside
-the loop: `distributed` (the job), `rundata` (the images and their split), `schedule` (the order, weighting and
-learning rate of the steps), `runfiles` (what the run folder holds).
+so an interrupted run resumed from its last checkpoint (at an epoch's end, or within one with `checkpoint_steps`)
+ends with the same weights as an uninterrupted one. Beside the loop: `distributed` (the job), `rundata` (the images
+and their split), `feed` (the images held in memory or streamed from the cache), `schedule` (the order, weighting
+and learning rate of the steps), `runfiles` (what the run folder holds).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,14 +27,15 @@ from covidcxr.config import AUTO, TrainConfig, config_hash, to_dict
 from covidcxr.data import tasks
 from covidcxr.data.manifest import manifest_hash
 from covidcxr.device import autocast, resolve_device
-from covidcxr.errors import RunExistsError
+from covidcxr.errors import InputError, RunExistsError
 from covidcxr.model.network import build_model, forward_with_features, parameter_groups, source_logits
 from covidcxr.model.threshold import choose_threshold
 from covidcxr.model.weights import resolve_weights
 from covidcxr.preprocess.augment import augment_batch
 from covidcxr.preprocess.transform import Preprocess, PreprocessSpec
-from covidcxr.scoring import predict_probs
+from covidcxr.scoring import BATCH_SIZE, predict_probs
 from covidcxr.training.distributed import check_ranks_agree, init_distributed
+from covidcxr.training.feed import Images, in_memory
 from covidcxr.training.gate import fit_gate
 from covidcxr.training.rundata import load_data
 from covidcxr.training.runfiles import (
@@ -83,13 +85,17 @@ class Trainer:
         self.sources = sorted(train["source"].unique())
         # the deterministic preprocessing, once per set: the same code and rounding that scoring uses
         self.preprocess = Preprocess(PreprocessSpec(self.cache.square, self.cache.size, self.image_size, cfg.augment))
-        self.train_x = self.preprocess.normalise_u8(self.cache.load(train["cache_index"]).to(self.device))
+        val = self.df[self.df["split"] == "val"].reset_index(drop=True)
+        self.val_df = val
+        self.in_memory = in_memory(cfg.data_path, len(train) + len(val), self.cache.size, self.device)
+        self.train_images = Images(self.cache, train["cache_index"].to_numpy(), self.preprocess, self.device,
+                                   self.in_memory)
+        val_device = torch.device("cpu") if self.in_memory else self.device  # scoring moves each batch on
+        self.val_images = Images(self.cache, val["cache_index"].to_numpy(), self.preprocess, val_device,
+                                 self.in_memory)
         self.train_y = torch.tensor(train["y"].to_numpy()).to(self.device)
         source_index = train["source"].map({s: i for i, s in enumerate(self.sources)})
         self.train_src = torch.tensor(source_index.to_numpy()).to(self.device)
-        val = self.df[self.df["split"] == "val"].reset_index(drop=True)
-        self.val_df = val
-        self.val_x = self.preprocess.normalise_u8(self.cache.load(val["cache_index"]))
         self.model = self._build_model()
         scale = 1.0 if self.weights == "none" else cfg.backbone_lr_scale  # nothing pretrained to protect
         self.optimizer = torch.optim.SGD(parameter_groups(self.model, cfg.lr, scale),
@@ -101,6 +107,7 @@ class Trainer:
             self.optimizer, lr_lambda(total, warmup=max(1, self.steps_per_epoch // 2)))
         self.loss_weights = class_weights(train["y"].to_numpy(), len(self.classes)).to(self.device)
         self.start_epoch, self.best_auc, self.bad_epochs = 0, -1.0, 0
+        self.within: dict[str, Any] | None = None  # where a run checkpointed within an epoch resumes that epoch
         self.best: tuple[dict, dict, np.ndarray] | None = None  # (weights, meta, validation scores) not yet saved
         self.best_dirty = False
         if self.d.main:
@@ -108,6 +115,9 @@ class Trainer:
             if not resume and (self.out / "last.pt").exists():
                 raise RunExistsError(
                     f"{self.out} already holds a run; add --resume to continue it or choose a new --out")
+        if self.d.main:  # once the model is built: a bad --weights is then the one line a run prints
+            log.info("%d training and %d validation images %s", len(train), len(val),
+                     "held in memory" if self.in_memory else "streamed from the cache")
         if resume:
             self._resume()
         elif self.d.main:
@@ -153,7 +163,8 @@ class Trainer:
         """A new run's files, with what its "auto" settings resolved to, so a resume keeps them."""
         write_run_files(self.out, self.cfg, self.df, {
             "weights_used": self.weights, "image_size_used": self.image_size, "manifest_hash": self.manifest_hash,
-            "config_hash": config_hash(self.cfg), "train_sources": self.sources, "torch": torch.__version__})
+            "config_hash": config_hash(self.cfg), "train_sources": self.sources, "torch": torch.__version__,
+            "data_path_used": "memory" if self.in_memory else "stream"})
 
     def _resume(self) -> None:
         """Continue from last.pt: model, optimizer, schedule, early-stopping state; history cut back to match."""
@@ -167,23 +178,35 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.start_epoch, self.best_auc, self.bad_epochs = ckpt["epoch"] + 1, ckpt["best_auc"], ckpt["bad_epochs"]
+        self.within = ckpt.get("within_epoch")
+        if self.within is not None and len(self.within["rng"]) != self.d.world:
+            raise InputError(f"{self.out}: checkpointed within an epoch by {len(self.within['rng'])} process(es); "
+                             "resume it with as many")
         if self.d.main:
             cut_history(self.out, ckpt["epoch"])
             log.info("resuming %s after epoch %d (best val AUC %.4f)", self.out, ckpt["epoch"], self.best_auc)
 
-    def train_epoch(self, epoch: int) -> tuple[float, float]:
-        """One pass over this rank's shard; returns (mean loss, images/s)."""
+    def train_epoch(self, epoch: int, stop: int | None = None) -> tuple[float, float]:
+        """One pass over this rank's shard (its first `stop` steps when given); returns (mean loss, images/s)."""
         cfg, model = self.cfg, self.step_model
+        stop = self.steps_per_epoch if stop is None else min(stop, self.steps_per_epoch)
         model.train()
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + self.d.rank)  # dropout: a function of the epoch
         gen = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + epoch)
         order = epoch_order(self.train_df, cfg, epoch, self.d).to(self.device)
-        losses, seen, start = torch.zeros((), device=self.device), 0, time.perf_counter()
-        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+        losses, seen, first, before = torch.zeros((), device=self.device), 0, 0, 0.0
+        if self.within is not None and epoch == self.start_epoch:  # resumed within this epoch: where it stood
+            first, before, seen = self.within["step"], self.within["seconds"], self.within["seen"]
+            losses += self.within["loss_sum"]
+            self._set_rng(gen, self.within["rng"][self.d.rank])
+            self.within = None
+        start = time.perf_counter() - before
+        bar = tqdm(range(first, stop), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                    disable=not self.d.main, leave=False)
-        for step in bar:
+        batches = self.train_images.batches(order, cfg.batch_size, first, stop)
+        for step, images in zip(bar, batches):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = augment_batch(self.train_x[idx], cfg.augment, self.image_size, gen)
+            x = augment_batch(images, cfg.augment, self.image_size, gen)
             loss = self._loss(model, x.contiguous(memory_format=torch.channels_last), idx, epoch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -191,12 +214,38 @@ class Trainer:
             self.scheduler.step()
             losses += loss.detach()
             seen += len(idx)
-            if step % 10 == 0 or step == self.steps_per_epoch - 1:
+            if step % 10 == 0 or step == stop - 1:
                 bar.set_postfix(loss=f"{losses.item() / (step + 1):.4f}",
                                 img_s=f"{seen * self.d.world / (time.perf_counter() - start):.0f}")
+            if cfg.checkpoint_steps and (step + 1) % cfg.checkpoint_steps == 0 and step + 1 < stop:
+                self._checkpoint_within(epoch, {"step": step + 1, "seen": seen, "loss_sum": losses.item(),
+                                                "seconds": time.perf_counter() - start}, gen)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return losses.item() / self.steps_per_epoch, seen * self.d.world / (time.perf_counter() - start)
+        return losses.item() / stop, seen * self.d.world / (time.perf_counter() - start)
+
+    def _rng(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """This process's random state within an epoch: the augmentation's generator and dropout's."""
+        state = {"augment": gen.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng(self, gen: torch.Generator, state: dict[str, torch.Tensor]) -> None:
+        gen.set_state(state["augment"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    def _checkpoint_within(self, epoch: int, progress: dict[str, Any], gen: torch.Generator) -> None:
+        """last.pt within an epoch: how far it got and every rank's random state, so a resume continues the epoch
+        exactly (every rank takes part: the states are gathered to rank 0, which writes)."""
+        states: list[Any] = [self._rng(gen)]
+        if self.d.world > 1:
+            states = [None] * self.d.world
+            dist.all_gather_object(states, self._rng(gen))
+        if self.d.main:
+            self._checkpoint(epoch - 1, float("nan"), False, {**progress, "rng": states})
 
     def _loss(self, model: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
         """Class-weighted cross-entropy, plus the source head's loss for domain-adversarial runs."""
@@ -211,7 +260,8 @@ class Trainer:
 
     def validate(self) -> tuple[float, float, np.ndarray]:
         """(loss, AUC, probabilities) on the validation images, scored as every later stage scores them."""
-        probs = predict_probs(self.model, self.val_x, self.preprocess, self.device)
+        probs = torch.cat([predict_probs(self.model, images, self.preprocess, self.device)
+                           for images in self.val_images.in_order(BATCH_SIZE)])
         y = self.val_df["y"].to_numpy()
         loss = F.nll_loss(torch.log(probs.clamp_min(1e-7)), torch.tensor(y)).item()
         return loss, positive_auc(y, probs.numpy()), probs.numpy()
@@ -262,8 +312,9 @@ class Trainer:
         self.best = (state, self.meta(epoch, val_auc, float(threshold)), score)
         self.best_dirty = True
 
-    def _checkpoint(self, epoch: int, val_auc: float, finished: bool) -> None:
-        """model.pt (best so far) first, then last.pt: a crash between the two leaves a resumable pair.
+    def _checkpoint(self, epoch: int, val_auc: float, finished: bool, within: dict[str, Any] | None = None) -> None:
+        """model.pt (best so far) first, then last.pt: a crash between the two leaves a resumable pair. `within`:
+        taken within the epoch after `epoch`, where that epoch stood.
 
         Once the run is finished nothing can resume it, so last.pt then keeps only the record that it is finished
         (a finished AlexNet run is model.pt's ~228 MB instead of ~684 MB); `keep_last` keeps the whole of it."""
@@ -272,7 +323,8 @@ class Trainer:
             state, meta, score = self.best
             save_best(self.out, self.model, state, meta, self.val_df, score)
             self.best_dirty = False
-        progress = {"epoch": epoch, "best_auc": self.best_auc, "bad_epochs": self.bad_epochs, "finished": finished}
+        progress = {"epoch": epoch, "best_auc": self.best_auc, "bad_epochs": self.bad_epochs, "finished": finished,
+                    "within_epoch": within}
         training = None  # a finished run keeps no optimizer state, unless keep_last
         if not finished or self.keep_last:
             training = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

@@ -17,6 +17,7 @@ import pandas as pd
 from covidcxr.data.sources import (
     actualmed,
     cohen,
+    covidx,
     csv,
     figure1,
     folders,
@@ -41,12 +42,13 @@ from covidcxr.errors import InputError
 __all__ = ["COLUMNS", "IMAGE_SUFFIXES", "LABELS", "LAYOUTS", "age_group", "detect_layout", "file_problem",
            "image_files", "load_source", "sex", "study_date"]
 
-# Auto-detection tries these in order; the first match wins. csv precedes cohen/figure1/actualmed (all use
+# Auto-detection tries these in order; the first match wins. covidx (split files beside image folders) comes first;
+# csv precedes cohen/figure1/actualmed (all use
 # metadata.csv; theirs has no path or label column), the specific layouts precede the generic
 # folder-per-class one.
 LAYOUTS: dict[str, ModuleType] = {
     m.NAME: m
-    for m in (csv, cohen, actualmed, figure1, rsna, nih, radiography, kermany, montgomery_shenzhen, folders)
+    for m in (covidx, csv, cohen, actualmed, figure1, rsna, nih, radiography, kermany, montgomery_shenzhen, folders)
 }
 
 
