@@ -23,8 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from covidcxr.data.reader import ImageReadError, read_image
-from covidcxr.data.sources import image_files
+from covidcxr.errors import ImageReadError
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +164,10 @@ def screenshot(film: np.ndarray, rng: np.random.Generator, size: int = THUMB) ->
 def folder_pools(folder: str | Path, crops: int = 8, seed: int = 0) -> dict[str, list[np.ndarray]]:
     """Thumbnails (whole image plus random crops) from a folder of refusable images: its metadata.csv's `kind`
     column names each image's kind (as ../shared/cxr-nonfrontal's does), else each sub-folder's name does."""
+    # imported here: the DICOM decoders are needed only for a folder of negatives, not by every process that trains
+    from covidcxr.data.reader import read_image
+    from covidcxr.data.sources import image_files
+
     folder, rng = Path(folder), np.random.default_rng(seed)
     table = folder / "metadata.csv"
     if table.is_file():
