@@ -213,3 +213,22 @@ def test_a_gate_fitted_on_real_films_refuses_unseen_laterals_and_ct_and_turned_f
     assert np.mean(refused) >= 0.8, [(p.name, rows[p]["reason"]) for p in unseen]
     kinds = {rows[p]["reason"] for p in unseen if "lateral" in str(p)}
     assert REASONS["lateral"] in kinds
+
+
+@pytest.mark.slow
+def test_the_service_refuses_real_lateral_films_and_ct_slices(real_gate_run, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from covidcxr.config import ServeConfig
+    from covidcxr.deploy.predict import Predictor
+    from covidcxr.deploy.serve.app import create_app
+
+    run, unseen, films = real_gate_run
+    lateral = next(p for p in unseen if "/lateral/" in str(p))
+    ct = next(p for p in unseen if "/ct/" in str(p))
+    with TestClient(create_app(Predictor.from_run(run), ServeConfig(db=str(tmp_path / "log.sqlite")))) as client:
+        answers = {p: client.post("/api/predict", files={"file": (p.name, p.read_bytes(), "image/png")})
+                   for p in (lateral, ct, films[0])}
+    assert answers[films[0]].status_code == 200
+    for path in (lateral, ct):
+        assert answers[path].status_code == 422 and answers[path].json()["detail"].startswith(f"{path.name}: refused")
