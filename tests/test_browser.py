@@ -106,7 +106,8 @@ def test_upload_shows_probability_and_heatmap(predictor, browser, tmp_path: Path
         page.set_input_files("#file-input", str(tmp_path / "blank.png"))  # the gate's refusal, in its own words
         sync_api.expect(page.locator("#error")).to_have_text(f"blank.png: refused: {REASONS['blank_or_noise']}")
         sync_api.expect(page.locator("#result")).to_be_hidden()
-    assert len(PredictionLog(tmp_path / "log.sqlite").records()) == 1
+    records = PredictionLog(tmp_path / "log.sqlite").records()  # the refusal is logged with its reason
+    assert [r.status for r in records] == ["scored", "refused"] and REASONS["blank_or_noise"] in str(records[1].reason)
     assert outside == []
 
 

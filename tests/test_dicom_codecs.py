@@ -136,7 +136,7 @@ def test_palette_colour_uses_the_colour_tables(images):
 # --- only chest radiographs: the reader's rule holds in ingest, predict and serve ------------------------------------
 
 @pytest.mark.slow
-def test_ingest_lists_a_ct_as_unreadable_and_does_not_cache_it(tmp_path, images, xray_source):
+def test_ingest_lists_a_ct_as_refused_and_does_not_cache_it(tmp_path, images, xray_source):
     (tmp_path / "src").mkdir()
     src = xray_source(tmp_path / "src", 4, seed=1)
     images.dicom(src / "ct.dcm", make.film(), Modality="CT")
@@ -145,8 +145,8 @@ def test_ingest_lists_a_ct_as_unreadable_and_does_not_cache_it(tmp_path, images,
     data = tmp_path / "data"
     result = run_cli("ingest", str(src), "--out", str(data), "--size", "32", "--workers", "1")
     assert result.returncode == 1, result.stderr
-    unreadable = json.loads((data / "ingest_report.json").read_text())["unreadable"]
-    assert [(u["path"].endswith("ct.dcm"), u["reason"]) for u in unreadable] == [(True, CT_REASON)]
+    refused = json.loads((data / "ingest_report.json").read_text())["refused"]  # readable, but not a radiograph
+    assert [(u["path"].endswith("ct.dcm"), u["reason"], u["kept"]) for u in refused] == [(True, CT_REASON, False)]
     manifest = pd.read_parquet(data / "manifest.parquet")
     assert len(manifest) == 4 and not manifest["path"].str.endswith("ct.dcm").any()
 

@@ -58,7 +58,7 @@ def test_one_line_folds_library_messages():
     (CalibrateSettings, "fraction", 0.0, "(0, 1)"),
     (CalibrateSettings, "fraction", 1.0, "(0, 1)"),
     (CalibrateSettings, "finetune_epochs", -1, "an integer >= 0"),
-    (CalibrateSettings, "layers", "middle", "head, all"),
+    (CalibrateSettings, "candidates", ("middle",), "nothing, threshold, temperature, head, all"),
     (CalibrateSettings, "target_sensitivity", 0.0, "(0, 1], or unset"),
     (CalibrateSettings, "n_images", 0, "an integer >= 1, or unset"),
     (CalibrateSettings, "n_boot", 0, "an integer >= 1"),

@@ -32,8 +32,11 @@ pytestmark = pytest.mark.slow  # exports, and `covidcxr export` and `covidcxr pr
 
 def _with_meta(run: Path, out: Path, head_scale: float = 1.0, **augment) -> Path:
     """A copy of `run` whose head is scaled (so that probabilities spread instead of sitting near 0.5) and whose
-    preprocessing settings are changed by `augment`."""
+    preprocessing settings are changed by `augment`. Without the run's gate: an export is the model's path (the gate
+    is its own graph, RUN/gate.onnx), so it is compared with `covidcxr predict` scoring every image."""
     shutil.copytree(run, out)
+    for name in ("gate.json", "gate.onnx"):
+        (out / name).unlink(missing_ok=True)
     ckpt = load_checkpoint(out / "model.pt")
     model = build_model(ckpt["meta"]["arch"], len(ckpt["meta"]["classes"]), "none")
     model.load_state_dict(ckpt["model"])

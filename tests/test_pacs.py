@@ -314,7 +314,8 @@ def test_the_report_carries_the_triage_class_when_the_run_has_one(predictor):
 
     source = dicom_image("CR", ComputedRadiographyImageStorage, 3)
     def items(triage):
-        sr = structured_report(source, Prediction("x", 0.2, "normal", 0.5, triage=triage), predictor.model_id)
+        prediction = Prediction("x", "scored", None, 0.2, "normal", 0.5, triage=triage)
+        sr = structured_report(source, prediction, predictor.model_id)
         return {i.ConceptNameCodeSequence[0].CodeValue: i for i in sr.ContentSequence}
     assert items("rule-out")[TRIAGE.value].ConceptCodeSequence[0].CodeValue == "RULE-OUT"
     assert TRIAGE.value not in items(None)

@@ -352,13 +352,13 @@ def test_cli_server_prints_no_line_per_request_by_default(tiny_run, tmp_path: Pa
 def test_a_run_with_triage_thresholds_answers_with_the_triage_class(tiny_run, db: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    p = _direct(Predictor.from_run(tiny_run), _noise_png(64))
+    p = _direct(Predictor.from_run(tiny_run), _image_bytes(7))
     (run / "triage.json").write_text(json.dumps({"rule_out_max": p - 0.01, "rule_in_min": p + 0.01}))
     with TestClient(create_app(Predictor.from_run(run), ServeConfig(db=str(db), max_upload_bytes=LIMIT))) as client:
         assert client.get("/api/health").json()["triage"]["rule_in_min"] == p + 0.01
-        assert _post(client, "x.png", _noise_png(64)).json()["triage"] == "needs a reader"
+        assert _post(client, "x.png", _image_bytes(7)).json()["triage"] == "needs a reader"
         page = client.get("/").text
         assert 'id="triage"' in page and "transfer-learning model" not in page
     (run / "triage.json").write_text(json.dumps({"rule_out_max": p, "rule_in_min": None}))
     with TestClient(create_app(Predictor.from_run(run), ServeConfig(db=str(db), max_upload_bytes=LIMIT))) as client:
-        assert _post(client, "x.png", _noise_png(64)).json()["triage"] == "rule-out"
+        assert _post(client, "x.png", _image_bytes(7)).json()["triage"] == "rule-out"

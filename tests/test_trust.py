@@ -77,7 +77,7 @@ def test_guard_is_stored_with_the_run_and_accepts_most_validation_images(guarded
     assert meta["info"]["stored_dtype"] == "bfloat16" and meta["info"]["stored_members_bytes"] > 0
     stored = sum((guarded_run / "guard" / m).stat().st_size for m in meta["members"])
     assert stored < 0.7 * 2 * (guarded_run / "model.pt").stat().st_size  # bf16 halves the members
-    scorer = Scorer.from_run(guarded_run, "cpu")
+    scorer = Scorer.from_run(guarded_run, "cpu", guard=True)
     assert len(scorer.members) == 2 and scorer.guard.threshold > 0
 
 

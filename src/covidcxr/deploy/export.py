@@ -105,9 +105,9 @@ def export_serving(scorer: Scorer, out: Path, check_images: Sequence[np.ndarray]
     size = scorer.spec.preprocess.cache_size
     contract = (f"score.onnx: `squares` uint8 (N, {size}, {size}), cache squares -> `probabilities` "
                 f"(N, 1): the {scorer.spec.positive_label} probability of the run")
-    meta = {"square": scorer.meta.get("square", "pad"), **{k: scorer.meta[k] for k in (
-        "arch", "task", "classes", "positive_index", "threshold", "threshold_method", "cache_size", "image_size",
-        "augment")}}
+    meta = {"square": scorer.meta.get("square", "pad"), "weights_used": scorer.meta.get("weights_used", ""),
+            **{k: scorer.meta[k] for k in ("arch", "task", "classes", "positive_index", "threshold", "threshold_method",
+                                           "cache_size", "image_size", "augment")}}
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # two servers may start at once
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -48,6 +48,7 @@ from covidcxr.preprocess.augment import augment_batch
 from covidcxr.scoring import Scorer
 from covidcxr.training.guarding import attach_guard, run_data, squares_for
 from covidcxr.training.schedule import class_weights
+from covidcxr.trust.gate import GATE_FILE, GATE_GRAPH
 from covidcxr.trust.gate import verdicts as gate_verdicts
 from covidcxr.trust.guard import GUARD_DIR, Guard
 
@@ -352,6 +353,9 @@ def write_run(fitted: Fitted, run: Path, out: Path, site: pd.DataFrame, split: p
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    for name in (GATE_FILE, GATE_GRAPH):  # the adapted run answers about the same images as the original
+        if (run / name).is_file():
+            shutil.copyfile(run / name, out / name)
     scorer = copy.deepcopy(fitted.scorer)
     fold_temperature(scorer, fitted.temperature)
     meta = {**scorer.meta, "threshold": fitted.threshold, "threshold_method": settings.threshold_method,

@@ -51,8 +51,9 @@ def resume_checkpoint(out: Path, cfg: TrainConfig) -> dict[str, Any]:
 
 def cut_history(out: Path, last_epoch: int) -> None:
     """history.csv back to the epochs last.pt holds, so a resumed run appends after them without repeating any."""
-    hist = pd.read_csv(out / "history.csv")
-    hist[hist["epoch"] <= last_epoch].to_csv(out / "history.csv", index=False)
+    header, *rows = (out / "history.csv").read_text().splitlines()
+    kept = [row for row in rows if int(row.split(",", 1)[0]) <= last_epoch]  # rows as written: their digits unchanged
+    (out / "history.csv").write_text("\n".join([header, *kept]) + "\n")
 
 
 def tensorboard_writer(log_dir: Path) -> Any:

@@ -91,6 +91,10 @@ class Gate:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         self.session = ort.InferenceSession(str(folder / GATE_GRAPH), options, providers=["CPUExecutionProvider"])
 
+    def __deepcopy__(self, memo: dict) -> "Gate":
+        """A gate never changes once fitted: a copy of a scorer (calibrate adapts one) shares it."""
+        return self
+
     @classmethod
     def load(cls, run_or_file: str | Path, threads: int = 1) -> "Gate | None":
         """The gate of a run folder (None when the run has none), or of a gate.json/gate.onnx path given directly."""
