@@ -53,7 +53,7 @@ def shifted_labels(scores: np.ndarray, threshold: float) -> np.ndarray:
 @pytest.fixture(scope="module")
 def shifted(tiny_run, xray_source, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("shifted")
-    site = scored_site(tmp, tiny_run, xray_source, 80, shifted_labels)
+    site = scored_site(tmp, tiny_run, xray_source, 160, shifted_labels)  # 20+ of each class to calibrate on
     r = calibrate(tiny_run, site, tmp / "out", "--triage", "--npv", "0.8", "--ppv", "0.8", "--confidence", "0.8")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("adapted (") and "held-back part: sensitivity" in r.stdout

@@ -98,9 +98,10 @@ def test_covidx_ingest_train_and_evaluate_on_its_published_split(tmp_path):
     assert "COVID-19 sensitivity" in done.stdout and "PPV" in done.stdout
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["n"] == 16 and metrics["provenance"]["split"] == "listed in test.txt"
-    for key in ("sensitivity", "ppv"):
+    assert metrics["sensitivity"]["value"] is not None  # the test part holds positives
+    for key in ("sensitivity", "ppv"):  # PPV is undefined when a one-epoch toy model calls nothing positive
         low, high = metrics[key]["ci95"]
-        assert low <= metrics[key]["value"] <= high
+        assert metrics[key]["value"] is None or low <= metrics[key]["value"] <= high
     assert set(metrics["per_source"]) == {"ricord", "rsna"}  # the confound: one source per class
     table = (report / "published_comparison.md").read_text()
     for figure in ("95.5", "97.0", "97.5", "99.0", "8 positive + 8 negative", "Source confound"):
