@@ -28,6 +28,7 @@ from bench_serve import (
     start_server,
     upload_request,
     write_random_run,
+    write_report,
 )
 
 TARGET_MS = 5.0
@@ -101,11 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"  target: recording a verdict adds at most {TARGET_MS:.0f} ms to the service's p50: "
                  f"{'met' if max(added, feedback) <= TARGET_MS else 'NOT met'} (the larger of the two: "
                  f"{max(added, feedback):.1f} ms)")
-    lines.append("The load average in the first line was read before the run: above about 1, other jobs shared the CPU "
-                 "and the figures are pessimistic.")
     print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    write_report(lines, args.out)
     return 0
 
 

@@ -259,11 +259,15 @@ def main(argv: list[str] | None = None) -> int:
             if r["first_error"]:
                 print(f"first error: {r['first_error']}", file=sys.stderr)
             failed |= any(run["errors"] for run in runs)
-    lines.append(SHARED_NOTE)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"{SHARED_NOTE}\nwritten to {args.out}")
+    write_report(lines, args.out)
     return 1 if failed else 0
+
+
+def write_report(lines: list[str], out: Path) -> None:
+    """The report's lines and the note on a shared machine, to `out` (and the note and where it went, to stdout)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join([*lines, SHARED_NOTE]) + "\n")
+    print(f"{SHARED_NOTE}\nwritten to {out}")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,18 @@ from fastapi import FastAPI
 from conftest import CLI_TIMEOUT_S, start_cli
 
 
-def bench_serve():
-    """benchmarks/bench_serve.py as a module."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
-    spec = importlib.util.spec_from_file_location("bench_serve", path)
+def benchmark(name: str):
+    """benchmarks/NAME.py as a module (tests use the benchmarks' runs, images and logs, so both see the same)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def bench_serve():
+    """benchmarks/bench_serve.py as a module."""
+    return benchmark("bench_serve")
 
 
 def free_port() -> int:

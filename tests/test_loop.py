@@ -4,7 +4,6 @@ readers' disagreement."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sqlite3
@@ -20,17 +19,14 @@ from covidcxr.config import ServeConfig
 from covidcxr.config.monitor import IN_CONTROL_RUN
 from covidcxr.deploy.serve.app import create_app
 from covidcxr.deploy.serve.log import PredictionLog
+from servers import benchmark
 
 TOKEN = "loop-test-token"
 
 
 def bench_monitor():
     """benchmarks/bench_monitor.py as a module: its synthetic log is what these tests monitor."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_monitor.py"
-    spec = importlib.util.spec_from_file_location("bench_monitor", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark("bench_monitor")
 
 
 def _post(client: TestClient, path: Path, **params) -> dict:

@@ -3,7 +3,8 @@
 COVID-Net reports, per COVIDx release, the sensitivity and positive predictive value of its COVID-19 class on the
 official test split; `evaluate --split-file` on COVIDx's test file gives covidcxr's with patient-level CIs. The figures
 are not comparable as they stand: every positive of the CXR-2/3 test comes from one source and every negative from
-another (COVID-Net issue #159), so a model can reach them by recognising the source; the table says so.
+another (reported on COVID-Net's GitHub tracker), so a model can reach them by recognising the source; the table says
+so.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ COVID_NET = [  # (model, test set, COVID-19 sensitivity, PPV), as published in l
     ("COVID-Net", "COVIDx CXR-3 test: 200 positive + 200 negative", 0.975, 0.990),
 ]
 CONFOUND = ("Source confound: in the COVIDx CXR-2/3 test split every positive comes from one source and every "
-            "negative from another (COVID-Net issue #159), so these figures also measure how well a model tells "
-            "the sources apart; they are not evidence of detecting COVID-19 at a new hospital.")
+            "negative from another (reported on COVID-Net's GitHub tracker), so these figures also measure how well a "
+            "model tells the sources apart; they are not evidence of detecting COVID-19 at a new hospital.")
 
 
 def comparison_table(ours: list[tuple[str, str, dict[str, Any] | None]]) -> str:
