@@ -30,10 +30,34 @@ def test_reproduce_writes_every_report_and_the_summary(tiny_data, tmp_path):
     assert "Can a prediction be trusted?" in text and (tmp_path / "trust.csv").is_file()
     trust = (tmp_path / "trust.md").read_text()
     assert trust in text and "| a |" in trust and "| b |" in trust
-    rows = pd.read_csv(tmp_path / "trust.csv")
-    calibrated = [c for c in rows.columns if c.endswith("_after_auc")]
-    assert calibrated and all(f"{c}_ci95_low" in rows and f"{c}_ci95_high" in rows for c in calibrated)
     main_run = tmp_path / "main" / "run"
     assert (main_run / "gate.json").is_file() and not (main_run / "guard.json").exists()
     assert json.loads((tmp_path / "main" / "report" / "metrics.json").read_text())["ood"]["guard"] is False  # opt-in
-    assert "gate: held-out films scored" in trust
+    _check_the_site_path(tmp_path, text)
+
+
+def _check_the_site_path(out, text: str) -> None:
+    """Fold runs trained like the main run, shown beside it; calibrate and triage per fold and site size; the alarm's
+    power per fold and batch size; every table in summary.md and in its CSV."""
+    main_cfg = json.loads((out / "config.json").read_text())
+    for fold in ("a", "b"):
+        fold_cfg = json.loads((out / "external" / fold / "run" / "config.json").read_text())
+        assert (fold_cfg["epochs"], fold_cfg["patience"], fold_cfg["augment"]) == (
+            main_cfg["epochs"], main_cfg["patience"], main_cfg["augment"])
+        split = pd.read_csv(out / "external" / fold / "run" / "split.csv")
+        assert set(split.loc[split["source"] == fold, "split"]) == {"test"}
+        assert "internal-test" in set(split.loc[split["source"] != fold, "split"])  # its own test split
+    trained = pd.read_csv(out / "training.csv")
+    assert list(trained["run"]) == ["main (all sources)", "without a", "without b"]
+    assert trained["best_val_auc"].between(0, 1).all() and trained["held_out_auc"].iloc[1:].notna().all()
+    assert "## How the runs trained" in text
+    calibrated = pd.read_csv(out / "calibrate.csv")
+    assert list(calibrated.groupby("held_out")["site_images"].apply(list)) == [["20", "50", "100", "30 %"]] * 2
+    done = calibrated[calibrated["note"].isna()] if "note" in calibrated else calibrated
+    assert len(done) and done["choice"].isin(["nothing", "threshold", "temperature", "head", "all"]).all()
+    assert {"before_balanced_accuracy", "after_auc_ci95_low"} <= set(done.columns)
+    assert (out / "triage.csv").is_file() and "### Triage at the site" in text
+    power = pd.read_csv(out / "alarm_power.csv")
+    assert sorted(power["n"].unique()) == [25, 50, 100, 200] and set(power["held_out"]) == {"a", "b"}
+    assert power["false_alarm"].dropna().between(0, 1).all()
+    assert len(pd.read_csv(out / "alarm_stream.csv")) == 2 and "The shift alarm's power" in text

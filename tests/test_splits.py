@@ -6,7 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidcxr.data.splits import LeakageError, assert_patient_disjoint, leave_sources_out, patient_split
+from covidcxr.data.splits import (
+    INTERNAL_TEST,
+    LeakageError,
+    assert_patient_disjoint,
+    leave_sources_out,
+    patient_split,
+)
 
 
 def _frame(n_patients: int = 3000, seed: int = 0, prefix: str = "p") -> pd.DataFrame:
@@ -69,15 +75,18 @@ def test_bad_fractions_are_rejected():
         patient_split(_frame(10), (1.2, -0.1, -0.1))
 
 
-def test_leave_sources_out_tests_on_the_held_out_sources_only():
+def test_leave_sources_out_tests_on_the_held_out_sources_and_keeps_the_runs_own_test_part():
     df = _frame(2000)
-    split = leave_sources_out(df, ["b"], fractions=(0.8, 0.2), seed=0)
+    split = leave_sources_out(df, ["b"], fractions=(0.7, 0.15, 0.15), seed=0)
     held = df["source"] == "b"
     assert (split[held] == "test").all()
-    assert set(split[~held]) == {"train", "val"}
-    val_share = pd.DataFrame({"p": df["patient_id"], "s": split})[~held].drop_duplicates("p")["s"].eq("val").mean()
-    assert val_share == pytest.approx(0.2, abs=0.04)
+    assert set(split[~held]) == {"train", "val", INTERNAL_TEST}
+    shares = pd.DataFrame({"p": df["patient_id"], "s": split})[~held].drop_duplicates("p")["s"].value_counts(
+        normalize=True)
+    assert shares["val"] == pytest.approx(0.15, abs=0.04) and shares[INTERNAL_TEST] == pytest.approx(0.15, abs=0.04)
     assert _parts_per_patient(df, split).max() == 1
+    everything = patient_split(df, (0.7, 0.15, 0.15), seed=0)  # the rest falls where a run on every source puts it
+    assert split[~held].replace(INTERNAL_TEST, "test").equals(everything[~held])
 
 
 def test_leave_sources_out_rejects_unknown_sources():

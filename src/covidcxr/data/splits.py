@@ -21,6 +21,7 @@ from covidcxr.errors import InputError, LeakageError
 log = logging.getLogger(__name__)
 
 PARTS = ("train", "val", "test")
+INTERNAL_TEST = "internal-test"  # a held-out-sources run's own test part: unseen patients of the sources it trained on
 
 
 def patient_uniform(patient_ids: pd.Series, seed: int) -> np.ndarray:
@@ -44,15 +45,17 @@ def patient_split(df: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.15, 0.1
     return split
 
 
-def leave_sources_out(df: pd.DataFrame, held_out: list[str], fractions: Sequence[float] = (0.85, 0.15),
+def leave_sources_out(df: pd.DataFrame, held_out: list[str], fractions: Sequence[float] = (0.7, 0.15, 0.15),
                       seed: int = 0) -> pd.Series:
-    """Held-out sources are the test part; the rest is split train/val by patient (external validation)."""
+    """Held-out sources are the test part (external validation); the rest is split train / val / INTERNAL_TEST by
+    patient with `fractions`, exactly as `patient_split` splits them (the draw is per patient), so the run trains on
+    the same share as a run on every source, and its own test part is that run's test images of these sources."""
     unknown = set(held_out) - set(df["source"])
     if unknown:
         raise InputError(f"unknown source(s) to hold out: {', '.join(sorted(unknown))}")
     rest = ~df["source"].isin(held_out)
     split = pd.Series("test", index=df.index, name="split")
-    split[rest] = patient_split(df[rest], (fractions[0], fractions[1], 0.0), seed)
+    split[rest] = patient_split(df[rest], fractions, seed).replace("test", INTERNAL_TEST)
     assert_patient_disjoint(df["patient_id"], split)
     return split
 

@@ -38,7 +38,7 @@ from covidcxr.errors import InputError
 from covidcxr.evaluation.bootstrap import patient_bootstrap_weights
 from covidcxr.evaluation.metrics import binary_metrics, weighted_metrics
 from covidcxr.formatting import number
-from covidcxr.hospital.triage import TriageTargets, check_enough, fit_triage
+from covidcxr.hospital.triage import TriageTargets, check_enough, enough, fit_triage
 from covidcxr.hospital.validate import validate
 from covidcxr.model.checkpoint import save_checkpoint
 from covidcxr.model.network import unwrap
@@ -59,7 +59,7 @@ MIN_HELD_BACK = 10  # held-back images, at least: fewer measure nothing
 FINETUNE_SHARE = 2 / 3  # of the images a fine-tuning candidate fits on: these train, the rest set T and threshold
 FINETUNING = ("head", "all")
 SPLIT_COLUMNS = ["path", "source", "patient_id", "label", "split"]
-METRICS = ("sensitivity", "specificity", "auc")  # reported before and after, each with its bootstrap 95 % CI
+METRICS = ("sensitivity", "specificity", "balanced_accuracy", "auc")  # before and after, each with its bootstrap CI
 NOISE_QUANTILE = 5  # percent: the one-sided 95 % lower end of a candidate's bootstrap gain
 
 
@@ -168,6 +168,12 @@ class Fitted:
         return tempered(self.scorer.probabilities(squares), self.temperature)[:, self.scorer.spec.positive_index]
 
 
+def finetune_tune(patients: pd.Series, settings: CalibrateSettings) -> np.ndarray:
+    """Which of these images a fine-tuning candidate does not train on (it sets its temperature and threshold on
+    them): the patients drawn past FINETUNE_SHARE."""
+    return patient_uniform(patients.astype(str), settings.seed + 1) >= FINETUNE_SHARE
+
+
 def fit_candidate(name: str, scorer: Scorer, squares: np.ndarray, probs: np.ndarray, target: np.ndarray,
                   y: np.ndarray, patients: pd.Series, settings: CalibrateSettings) -> Fitted:
     """Fit candidate `name` on these calibration images (`probs`: the original model's probabilities of them)."""
@@ -180,10 +186,11 @@ def fit_candidate(name: str, scorer: Scorer, squares: np.ndarray, probs: np.ndar
     if name == "temperature":
         t = fit_temperature(np.log(np.clip(probs, 1e-12, 1)), target)
         return Fitted(scorer, t, choose_threshold(y, tempered(probs, t)[:, pos], method, sens), everything)
-    inner = patient_uniform(patients.astype(str), settings.seed + 1) < FINETUNE_SHARE
+    tune = finetune_tune(patients, settings)
+    inner = ~tune
     tuned = copy.deepcopy(scorer)
     finetune(tuned, tuned.normalise(squares[inner]), torch.tensor(target[inner]), name, settings)
-    tune = np.flatnonzero(~inner)
+    tune = np.flatnonzero(tune)
     p = tuned.probabilities(squares[tune])
     t = fit_temperature(np.log(np.clip(p, 1e-12, 1)), target[tune])
     return Fitted(tuned, t, choose_threshold(y[tune], tempered(p, t)[:, pos], method, sens), tune)
@@ -295,6 +302,11 @@ def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings:
     if settings.finetune_epochs == 0:
         order = [c for c in order if c not in FINETUNING]
     tried, why_not = triable(tuple(order), y)
+    if settings.triage and any(c in tried for c in FINETUNING) and not enough(y[finetune_tune(patients, settings)],
+                                                                             targets):
+        tried = [c for c in tried if c not in FINETUNING]  # its third could not set the triage thresholds
+        why_not = "; ".join(filter(None, [why_not, "fine-tuning is not tried with triage: the third of the calibration "
+                                          "images it does not train on is too few to set the triage thresholds"]))
     probs = scorer.probabilities(squares[calib])
     cv = cross_validate(scorer, squares[calib], probs, target, y, patients, tried, settings)
     gains(cv, y, patients, settings)
@@ -318,9 +330,10 @@ def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings:
         save_json(triage, adapted / TRIAGE_FILE)
     held = site.loc[parts == "held-back", "path"].tolist()
     checks = ValidateSettings(n_boot=settings.n_boot, seed=settings.seed)
-    reports = {name: validate(r, site_data, out / name, checks, images=held,
-                              title=f"{name} calibrate: {r.name} on the held-back part of {site_data.name}")["metrics"]
-               for name, r in (("before", run), ("after", adapted))}
+    validations = {name: validate(r, site_data, out / name, checks, images=held,
+                                  title=f"{name} calibrate: {r.name} on the held-back part of {site_data.name}")
+                   for name, r in (("before", run), ("after", adapted))}
+    reports = {name: v["metrics"] for name, v in validations.items()}
     record = {"run": str(run.resolve()), "site": str(site_data.resolve()), "sources": sources,
               "settings": to_dict(settings), "decision": line, "choice": choice, "not_tried": why_not,
               "candidates": {c: {k: v for k, v in r.items() if k not in ("scores", "calls")} for c, r in cv.items()},
@@ -328,7 +341,8 @@ def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings:
                            "95 % lower end of its gain over nothing (paired patient bootstrap) is above 0",
               "temperature": fitted.temperature, "threshold": fitted.threshold,
               "threshold_method": settings.threshold_method if choice != "nothing" else scorer.spec.threshold_method,
-              "triage": triage, "counts": parts.value_counts().to_dict(),
+              "triage": triage, "after_triage": validations["after"]["triage"],
+              "counts": parts.value_counts().to_dict(),
               "images": {part: site.loc[parts == part, "path"].tolist() for part in ("calibration", "held-back")},
               **{f"{k}_{m}": reports[k][m]["value"] for k in reports for m in METRICS},
               **{f"{k}_{m}_ci95": reports[k][m]["ci95"] for k in reports for m in METRICS}}

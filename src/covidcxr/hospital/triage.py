@@ -26,6 +26,10 @@ METHOD = ("Learn-then-Test with fixed-sequence testing of exact binomial (one-si
           "candidates from the most cautious threshold on")
 
 
+class TooFewForTriage(InputError):
+    """The labelled images cannot prove the promises; the message says how many each class needs."""
+
+
 @dataclass(frozen=True)
 class TriageTargets:
     npv: float = 0.95  # promised NPV of rule-out
@@ -39,15 +43,21 @@ def needed(target: float, confidence: float) -> int:
     return math.ceil(math.log(1 - confidence) / math.log(target))
 
 
+def enough(y: np.ndarray, targets: TriageTargets) -> bool:
+    """Whether these labelled images hold as many of each class as the promises need to be provable at all."""
+    return (int((y == 0).sum()) >= needed(targets.npv, targets.confidence)
+            and int((y == 1).sum()) >= needed(targets.ppv, targets.confidence))
+
+
 def check_enough(y: np.ndarray, targets: TriageTargets, name: str) -> None:
     """One-line refusal when the labelled images cannot prove either promise, with the numbers needed."""
     neg_need, pos_need = needed(targets.npv, targets.confidence), needed(targets.ppv, targets.confidence)
     n_neg, n_pos = int((y == 0).sum()), int((y == 1).sum())
-    if n_neg < neg_need or n_pos < pos_need:
-        raise InputError(f"{name}: too few labelled images for triage: NPV >= {targets.npv} and PPV >= {targets.ppv} "
-                         f"with confidence {targets.confidence} need at least {neg_need} negative and {pos_need} "
-                         f"positive calibration images (there are {n_neg} and {n_pos}); label more of the site's "
-                         "images or raise --fraction")
+    if not enough(y, targets):
+        raise TooFewForTriage(f"{name}: too few labelled images for triage: NPV >= {targets.npv} and PPV >= "
+                              f"{targets.ppv} with confidence {targets.confidence} need at least {neg_need} negative "
+                              f"and {pos_need} positive calibration images (there are {n_neg} and {n_pos}); label "
+                              "more of the site's images or raise --fraction")
 
 
 def _fixed_sequence(correct_in_order: np.ndarray, target: float, alpha: float) -> int:

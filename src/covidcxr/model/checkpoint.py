@@ -61,8 +61,9 @@ def load_run(
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
     try:
-        model = build_model(meta["arch"], len(meta["classes"]), "none", int(meta.get("num_sources", 0)))
-        model.load_state_dict(ckpt["model"])
+        with torch.device("meta"):  # no random initialisation of weights the checkpoint replaces (~0.3 s a load)
+            model = build_model(meta["arch"], len(meta["classes"]), "none", int(meta.get("num_sources", 0)))
+        model.load_state_dict(ckpt["model"], assign=True)
     except (KeyError, RuntimeError) as e:
         raise InputError(f"{path}: checkpoint does not match its meta ({short_error(e)})") from None
     if meta.get("augment", {}).get("crop") == "lungs":  # score with the run's copy of its lung model

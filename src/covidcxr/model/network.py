@@ -156,11 +156,10 @@ def fold_pooling(model: nn.Module, image_size: int) -> nn.Module:
     if h * w >= 36:
         return model
     fc = net.classifier[1]
-    with torch.enable_grad():  # the adjoint of the pool, by autograd: weight' = pool^T(weight)
-        grid = torch.zeros(fc.out_features, channels, h, w, requires_grad=True)
-        pooled = nn.functional.adaptive_avg_pool2d(grid, net.avgpool.output_size)
-        (weight,) = torch.autograd.grad(pooled, grid, grad_outputs=fc.weight.view(pooled.shape))
-    folded = nn.Linear(channels * h * w, fc.out_features)
+    # the pool as a matrix (each input cell's share of every output cell), then its adjoint: weight' = weight @ pool
+    pool = nn.functional.adaptive_avg_pool2d(torch.eye(h * w).view(h * w, 1, h, w), net.avgpool.output_size)
+    weight = fc.weight.view(fc.out_features, channels, -1) @ pool.view(h * w, -1).T
+    folded = nn.utils.skip_init(nn.Linear, channels * h * w, fc.out_features)  # its weights are set just below
     folded.weight.copy_(weight.reshape(fc.out_features, -1))
     folded.bias.copy_(fc.bias)
     backbone = copy.copy(net)

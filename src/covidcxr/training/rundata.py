@@ -17,12 +17,13 @@ RUN_COLUMNS = ("path", "label", "source", "patient_id", "sha1", "cache_index")  
 
 
 def make_split(df: pd.DataFrame, cfg: TrainConfig) -> pd.Series:
-    """Patient-level split, held-out sources as the test part (external validation), or a published split."""
-    val_frac = cfg.split_fractions[1] / (cfg.split_fractions[0] + cfg.split_fractions[1])
+    """Patient-level split; held-out sources as the test part (external validation) beside the run's own test part;
+    or a published split."""
     if cfg.split_files:
+        val_frac = cfg.split_fractions[1] / (cfg.split_fractions[0] + cfg.split_fractions[1])
         return published_split(df, cfg.split_files, val_frac, cfg.seed)
     if cfg.holdout_sources:
-        return leave_sources_out(df, cfg.holdout_sources, (1 - val_frac, val_frac), cfg.seed)
+        return leave_sources_out(df, cfg.holdout_sources, cfg.split_fractions, cfg.seed)
     return patient_split(df, cfg.split_fractions, cfg.seed)
 
 
