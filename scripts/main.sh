@@ -15,7 +15,8 @@ if [ -d "$negatives" ]; then gate_args=(--gate-negatives "$negatives"); fi
 seconds=$(( $(date +%s) - start ))
 results=docs/results/reproduce
 mkdir -p "$results"
-cp "$out/summary.md" "$out/trust.md" "$out/trust.csv" "$results/"
+cp "$out/summary.md" "$out/trust.md" "$out/trust.csv" "$out/calibrate.csv" "$out/triage.csv" "$out/training.csv" \
+  "$out/alarm.md" "$out/alarm_power.csv" "$out/alarm_stream.csv" "$results/"
 cp "$out/main/report/metrics.json" "$results/main_metrics.json"
 cp "$out/main/run/history.csv" "$results/main_history.csv"
 cp "$out/main/run/gate.json" "$results/main_gate.json"
@@ -25,6 +26,7 @@ cp "$out/main/report/diagnose/verdict.md" "$results/main_diagnose_verdict.md"
 for report in "$out"/external/*/report; do
   fold=$(basename "$(dirname "$report")")
   cp "$report/metrics.json" "$results/external_${fold}_metrics.json"
+  cp "$out/external/$fold/run/history.csv" "$results/external_${fold}_history.csv"
 done
 printf 'covidcxr reproduce on %s: %d s wall clock (%s, %s cores)\n' "${DATA:-../shared/cxr}" "$seconds" \
   "$(uname -m)" "$(nproc)" > "$results/runtime.txt"
