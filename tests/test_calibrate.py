@@ -126,6 +126,21 @@ def test_too_few_images_for_triage_are_refused_with_the_number_needed(tiny_run, 
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+def test_with_triage_fine_tuning_is_not_tried_when_its_third_cannot_set_the_thresholds(tiny_run, xray_source,
+                                                                                        tmp_path):
+    """120 calibration images hold enough of each class for triage and for fine-tuning's threshold, but the third a
+    fine-tuned model sets its thresholds on does not hold the 45 negatives NPV >= 0.95 needs: it is left out, and
+    the line says why, before any cross-validation."""
+    median = lambda s, t: s >= np.median(s)  # noqa: E731
+    site = scored_site(tmp_path, tiny_run, xray_source, 240, median)
+    r = calibrate(tiny_run, site, tmp_path / "out", "--triage")
+    assert r.returncode == 0, r.stderr
+    record = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    assert set(record["candidates"]) == {"nothing", "threshold", "temperature"}
+    assert "fine-tuning is not tried with triage" in record["not_tried"]
+    assert record["triage"]["n_calibration"] == record["counts"]["calibration"]  # set on all of them
+
+
 def test_one_class_site_is_refused(tiny_run, xray_source, tmp_path):
     (tmp_path / "src").mkdir()
     root = xray_source(tmp_path / "src", 30, seed=7)

@@ -13,7 +13,8 @@ class; the fine-tuning candidates set theirs on the third of the calibration ima
 three times as many. OUT/before and OUT/after are validation reports (`covidcxr validate`) on the held-back images;
 OUT/calibration.json records the candidates, their cross-validated figures and the choice. With `triage`, rule-out and
 rule-in thresholds with a guarantee (hospital/triage.py) are set on the calibration images the final weights were not
-trained on, and stored as OUT/run/triage.json, which every scorer of the run reads.
+trained on, and stored as OUT/run/triage.json, which every scorer of the run reads; the fine-tuning candidates are then
+not tried when the third they do not train on holds too few of a class for the promises.
 """
 
 from __future__ import annotations
