@@ -95,10 +95,15 @@ def test_predict_refuses_each_kind_with_its_reason_and_scores_the_film_upright(t
 
 
 @pytest.mark.slow
-def test_the_service_answers_422_with_the_reason(tiny_run, tmp_path):
+def test_the_service_answers_422_with_the_reason_and_monitor_counts_refusals_by_reason(tiny_run, tmp_path):
+    """The answer names the file; the log keeps the bare reason (the file name has its own column), so that `monitor`
+    counts the blank and the noise image under one reason."""
+    from collections import Counter
+
     from fastapi.testclient import TestClient
 
-    from covidcxr.config import ServeConfig
+    from covidcxr.config import MonitorConfig, ServeConfig
+    from covidcxr.deploy.loop.monitor import monitor, read_log
     from covidcxr.deploy.predict import Predictor
     from covidcxr.deploy.serve.app import create_app
 
@@ -112,6 +117,10 @@ def test_the_service_answers_422_with_the_reason(tiny_run, tmp_path):
             else:
                 assert answer.status_code == 422, png.stem
                 assert answer.json()["detail"] == f"{png.name}: refused: {expected_reason(png.stem)}"
+    refused = monitor(*read_log(cfg.db), MonitorConfig(window="100"))["windows"][0]["refused"]
+    names = [p.stem for p in folder.glob("*.png") if p.stem != "frontal"]
+    assert refused == Counter(f"refused: {expected_reason(name)}" for name in names)
+    assert refused[f"refused: {REASONS['blank_or_noise']}"] == 2
 
 
 @pytest.mark.slow

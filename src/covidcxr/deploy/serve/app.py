@@ -139,11 +139,12 @@ class Upload:
 
 class Unusable(Exception):
     """An image that was read but is not scored: logged with its status (unreadable, or refused: not a frontal chest
-    radiograph) and reason, answered 422."""
+    radiograph) and the bare reason, which `monitor` counts refusals by (the log has the file name in its own column,
+    as a PACS watcher's has the instance's UID); answered 422 with `detail`, which names the file."""
 
-    def __init__(self, upload: Upload, reason: str, status: str = "unreadable"):
-        super().__init__(reason)
-        self.upload, self.reason, self.status = upload, reason, status
+    def __init__(self, upload: Upload, reason: str, detail: str, status: str = "unreadable"):
+        super().__init__(detail)
+        self.upload, self.reason, self.detail, self.status = upload, reason, detail, status
 
 
 def _decode_upload(predictor: Predictor | EnginePredictor, file: UploadFile, filename: str, limit: int,
@@ -158,10 +159,11 @@ def _decode_upload(predictor: Predictor | EnginePredictor, file: UploadFile, fil
     try:
         square = predictor.read_bytes(data, filename)
     except ImageReadError as exc:
-        raise Unusable(upload, str(exc)) from None
+        raise Unusable(upload, exc.reason, str(exc)) from None
     verdict = predictor.check(square[None])[0]
     if verdict is not None and not verdict.accepted:
-        raise Unusable(upload, f"{filename}: refused: {verdict.reason}", "refused")
+        reason = verdict.reason or ""
+        raise Unusable(upload, reason, f"{filename}: refused: {reason}", "refused")
     if keep:
         upload.image_path = keep_image(data, upload.sha256, keep)
     return upload, square
@@ -280,7 +282,7 @@ def _api(predictor: Predictor | EnginePredictor, cfg: ServeConfig, batcher: Batc
         except Unusable as exc:
             log.refuse(exc.upload.sha256, filename, exc.status, exc.reason, predictor.model_id, predictor.threshold,
                        exc.upload.ids, "serve")
-            raise HTTPException(422, exc.reason) from None
+            raise HTTPException(422, exc.detail) from None
         probability = await batcher.score(square)
         heatmap = (await batcher.explain(square))[1] if cam else None
         if monitor:
