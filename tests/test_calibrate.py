@@ -118,6 +118,17 @@ def test_too_few_images_for_a_threshold_keep_the_original_threshold(tiny_run, xr
     assert json.loads((tmp_path / "out" / "calibration.json").read_text())["candidates"].keys() == {"nothing"}
 
 
+def test_a_site_whose_calibration_images_lack_a_class_keeps_the_original(tiny_run, xray_source, tmp_path):
+    """A site with 3 normal films among 40: the calibration images hold too few of them to choose anything, so nothing
+    is cross-validated or fitted and the original stays."""
+    site = scored_site(tmp_path, tiny_run, xray_source, 40, lambda s, t: np.arange(len(s)) >= 3)
+    r = calibrate(tiny_run, site, tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("kept the original model: choosing a threshold needs at least 10")
+    record = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    assert record["choice"] == "nothing" and record["candidates"]["nothing"]["folds"] == 0
+
+
 def test_too_few_images_for_triage_are_refused_with_the_number_needed(tiny_run, xray_source, tmp_path):
     site = scored_site(tmp_path, tiny_run, xray_source, 40, shifted_labels)
     r = calibrate(tiny_run, site, tmp_path / "out", "--triage", "--npv", "0.99")

@@ -199,18 +199,27 @@ def fit_candidate(name: str, scorer: Scorer, squares: np.ndarray, probs: np.ndar
 
 # --- choosing by patient-grouped cross-validation ---
 
+def fold_count(y: np.ndarray, patients: pd.Series, settings: CalibrateSettings) -> int:
+    """Cross-validation folds: `settings.folds`, fewer when a class has fewer patients (each fold holds both)."""
+    return min(settings.folds, *(patients[y == c].nunique() for c in (0, 1)))
+
+
 def cross_validate(scorer: Scorer, squares: np.ndarray, probs: np.ndarray, target: np.ndarray, y: np.ndarray,
                    patients: pd.Series, candidates: list[str], settings: CalibrateSettings) -> dict[str, dict]:
     """Each candidate's out-of-fold scores and calls (every image scored by a fit that never saw its patient), and
     their balanced accuracy, sensitivity, specificity, AUC and Brier score. `probs`: the original model's
     probabilities of the images."""
     pos_index = scorer.spec.positive_index
-    k = min(settings.folds, *(patients[y == c].nunique() for c in (0, 1)))  # every fold holds patients of each class
-    folds = StratifiedGroupKFold(k, shuffle=True, random_state=settings.seed).split(squares, y, patients.astype(str))
+    fitting = [c for c in candidates if c != "nothing"]  # "nothing" fits nothing: it is scored as it is
+    k = fold_count(y, patients, settings) if fitting else 0
+    folds = StratifiedGroupKFold(k, shuffle=True, random_state=settings.seed).split(
+        squares, y, patients.astype(str)) if fitting else []
     oof = {c: np.zeros(len(y)) for c in candidates}
     calls = {c: np.zeros(len(y), bool) for c in candidates}
+    oof["nothing"] = probs[:, pos_index]
+    calls["nothing"] = oof["nothing"] >= scorer.spec.threshold
     for train, val in folds:
-        for c in candidates:
+        for c in fitting:
             fitted = fit_candidate(c, scorer, squares[train], probs[train], target[train], y[train],
                                    patients.iloc[train], settings)
             raw = probs[val] if c in ("nothing", "threshold", "temperature") else fitted.scorer.probabilities(
@@ -303,6 +312,9 @@ def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings:
     if settings.finetune_epochs == 0:
         order = [c for c in order if c not in FINETUNING]
     tried, why_not = triable(tuple(order), y)
+    if len(tried) > 1 and fold_count(y, patients, settings) < 2:
+        tried, why_not = ["nothing"], ("cross-validation needs at least 2 patients of each class among the "
+                                       "calibration images; the original model stays until then")
     if settings.triage and any(c in tried for c in FINETUNING) and not enough(y[finetune_tune(patients, settings)],
                                                                              targets):
         tried = [c for c in tried if c not in FINETUNING]  # its third could not set the triage thresholds

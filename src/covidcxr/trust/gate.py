@@ -142,10 +142,14 @@ def verdicts(gate: Gate | None, squares: np.ndarray) -> list[Verdict | None]:
     return list(gate.check(squares)) if gate is not None else [None] * len(squares)
 
 
+_SAID_UNGATED: set[str] = set()  # runs already said to have no gate: one line per run and process, however often loaded
+
+
 def load_gate(run: str | Path, threads: int = 1) -> Gate | None:
-    """A run's gate; a run made without one is said so in one line and still scored."""
+    """A run's gate; a run made without one is said so in one line (once per process) and still scored."""
     gate = Gate.load(run, threads)
-    if gate is None:
+    if gate is None and str(Path(run).resolve()) not in _SAID_UNGATED:
+        _SAID_UNGATED.add(str(Path(run).resolve()))
         log.warning("%s has no gate (made before gates, or trained with --no-gate): every image is scored, whatever "
                     "it shows", run)
     return gate
