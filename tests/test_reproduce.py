@@ -56,7 +56,8 @@ def _check_the_site_path(out, text: str) -> None:
     done = calibrated[calibrated["note"].isna()] if "note" in calibrated else calibrated
     assert len(done) and done["choice"].isin(["nothing", "threshold", "temperature", "head", "all"]).all()
     assert {"before_balanced_accuracy", "after_auc_ci95_low"} <= set(done.columns)
-    assert (out / "triage.csv").is_file() and "### Triage at the site" in text
+    triaged = pd.read_csv(out / "triage.csv")
+    assert set(triaged["fitted_on"]) == {"images", "one image per patient"} and "### Triage at the site" in text
     power = pd.read_csv(out / "alarm_power.csv")
     assert sorted(power["n"].unique()) == [25, 50, 100, 200] and set(power["held_out"]) == {"a", "b"}
     assert power["false_alarm"].dropna().between(0, 1).all()
