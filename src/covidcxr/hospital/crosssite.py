@@ -267,7 +267,7 @@ def trust_markdown(rows: list[dict], calibration: dict[str, list[dict]], draws: 
                                                                  if guarded else "."), "",
              folds, "",
              "### calibrate at the site", "",
-             "`calibrate --triage` with N labelled site images (20, 50, 100, or 30 % of the site's patients); before "
+             "`calibrate` with N labelled site images (20, 50, 100, or 30 % of the site's patients); before "
              "-> after on held-back site images (at most " + str(MAX_HELD_BACK) + "), with patient-level bootstrap "
              "95 % CIs; `chose`: what its patient-grouped cross-validation kept (nothing, threshold, temperature, "
              "head, all).", "", calibrated, "",
