@@ -132,7 +132,7 @@ def triage_draws(name: str, site: pd.DataFrame, targets: TriageTargets, draws: i
 
 
 def measure_fold(name: str, metrics: dict, in_coverage: float | None, members: int | None) -> dict:
-    """One row of trust.csv from the fold's external evaluation (metrics.json's `ood` and the gate's refusals);
+    """One row of trust.csv from the fold's external evaluation (metrics.json's `ood`);
     `members` is None when the member guard was not measured."""
     ood = metrics["ood"]
     return {"held_out": name, "guard_members": members, "in_distribution_coverage": in_coverage,
