@@ -64,6 +64,7 @@ def load_run(
         with torch.device("meta"):  # no random initialisation of weights the checkpoint replaces (~0.3 s a load)
             model = build_model(meta["arch"], len(meta["classes"]), "none", int(meta.get("num_sources", 0)))
         model.load_state_dict(ckpt["model"], assign=True)
+        model.float()  # assign keeps the stored dtype; weights stored in bf16 (guard members) are scored in float32
     except (KeyError, RuntimeError) as e:
         raise InputError(f"{path}: checkpoint does not match its meta ({short_error(e)})") from None
     if meta.get("augment", {}).get("crop") == "lungs":  # score with the run's copy of its lung model
