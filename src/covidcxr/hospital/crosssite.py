@@ -2,14 +2,14 @@
 sources play a new site.
 
 For each fold run (trained with the main run's recipe, without a gate of its own: the gate's cross-source figures are
-benchmarks/bench_gate.py's): whether the shift alarm fires on the held-out images; `calibrate --triage` before/after
-with 20, 50 and 100 labelled site images and with 30 % of the site, what it chose and its triage classes on the
-held-back images; the triage promise over many draws of 30 % of the site; and, when asked
-for (`reproduce --guard`), the member guard: members trained without the fold's sources either (nested runs, shorter
-than the fold's: each also leaves out one other fold's sources), its threshold set on half of the fold's validation
-patients and its in-distribution coverage measured on the other half, beside the held-out images' coverage and the
-share of wrong held-out predictions it flags. Writes DIR/trust.csv, DIR/calibrate.csv, DIR/triage.csv and
-DIR/trust.md (also in summary.md).
+benchmarks/bench_gate.py's): whether the shift alarm fires on the held-out images; `calibrate` before/after with 20, 50
+and 100 labelled site images and with 30 % of the site and what it chose, then `calibrate --triage` without fine-tuning
+on the same images and its triage classes on the held-back images; the triage promise over many draws of 30 % of the
+site; and, when asked for (`reproduce --guard`), the member guard: members trained without the fold's sources either
+(nested runs, shorter than the fold's: each also leaves out one other fold's sources), its threshold set on half of the
+fold's validation patients and its in-distribution coverage measured on the other half, beside the held-out images'
+coverage and the share of wrong held-out predictions it flags. Writes DIR/trust.csv, DIR/calibrate.csv, DIR/triage.csv
+and DIR/trust.md (also in summary.md).
 """
 
 from __future__ import annotations
