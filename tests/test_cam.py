@@ -64,9 +64,12 @@ def test_map_has_the_inputs_shape_values_in_0_1_and_depends_on_the_class(predict
     square = predictor.square(xray(np.random.default_rng(0), covid=True))
     x = next(predictor.scorer.inputs(square[None]))
     maps = {c: grad_cam(predictor.scorer.model, x, c) for c in (0, 1)}
+    favoured = int(predictor.scorer.model(x).argmax())
     for m in maps.values():
         assert m.shape == (1, *x.shape[2:]) and x.shape[2] == predictor.spec.preprocess.image_size
-        assert m.min() >= 0 and m.max() <= 1 and m.max() > 0.5  # normalised, not blank
+        assert m.min() >= 0 and m.max() <= 1  # normalised
+    assert maps[favoured].max() > 0.5  # the evidence for the class the model chose is somewhere (a map can be blank
+    # for the other class: a barely trained model may see nothing for it anywhere)
     assert not np.allclose(maps[0], maps[1], atol=1e-3)
 
 

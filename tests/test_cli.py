@@ -160,6 +160,7 @@ def test_train_defaults_work_offline_and_the_report_says_so(tiny_data, tmp_path,
     assert "image size 112 px (auto on cpu" in result.stderr
     config = json.loads((run / "config.json").read_text())
     assert (config["weights"], config["weights_used"]) == ("auto", "none")
+    assert (config["optimizer"], config["optimizer_used"]) == ("auto", "adamw")  # from scratch
     assert (config["image_size"], config["image_size_used"]) == ("auto", 112)
     meta = torch.load(run / "model.pt", weights_only=True)["meta"]
     assert meta["image_size"] == 112 and meta["weights_used"] == "none"
@@ -189,7 +190,8 @@ def test_weights_path_to_a_torchvision_state_dict(tiny_data, tmp_path):
                      "--epochs", "1", "--image-size", "64", "--device", "cpu", env=_offline(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning" not in result.stderr and "image size" not in result.stderr  # nothing was chosen for the user
-    assert json.loads((run / "config.json").read_text())["weights_used"] == str(weights)
+    config = json.loads((run / "config.json").read_text())
+    assert (config["weights_used"], config["optimizer_used"]) == (str(weights), "sgd")  # fine-tuning: the paper's
 
 
 @pytest.mark.slow

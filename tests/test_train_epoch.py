@@ -9,7 +9,7 @@ import torch
 from covidcxr.config import TrainConfig
 from covidcxr.model.network import build_model
 from covidcxr.training.distributed import Dist
-from covidcxr.training.schedule import batches_per_epoch, epoch_order
+from covidcxr.training.schedule import batches_per_epoch, build_optimizer, epoch_order
 from covidcxr.training.trainer import Trainer
 
 
@@ -23,6 +23,20 @@ from covidcxr.training.trainer import Trainer
 ])
 def test_the_last_partial_batch_is_kept(n, batch, world, batchnorm, batches):
     assert batches_per_epoch(n, batch, world, batchnorm) == batches
+
+
+@pytest.mark.parametrize(("weights", "optimizer", "kind", "lrs"), [
+    ("none", "auto", torch.optim.AdamW, (3e-4, 3e-4)),  # from scratch: every layer at AdamW's rate
+    ("imagenet", "auto", torch.optim.SGD, (1e-3, 1e-2)),  # fine-tuning: the pretrained backbone at a tenth
+    ("none", "sgd", torch.optim.SGD, (1e-2, 1e-2)),
+    ("imagenet", "adamw", torch.optim.AdamW, (3e-5, 3e-4)),
+])
+def test_the_optimizer_follows_the_weights(weights, optimizer, kind, lrs):
+    """auto: SGD to fine-tune pretrained weights (the paper's recipe), AdamW from scratch; either can be chosen."""
+    model = build_model("alexnet", 2, "none")
+    built = build_optimizer(model, TrainConfig(optimizer=optimizer), weights)
+    assert type(built) is kind
+    assert tuple(g["lr"] for g in built.param_groups) == pytest.approx(lrs)
 
 
 def test_a_batchnorm_model_cannot_train_on_one_image():

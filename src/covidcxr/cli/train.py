@@ -19,6 +19,7 @@ from covidcxr.config import (
     BALANCE_CHOICES,
     CROP_CHOICES,
     EQUALIZE_CHOICES,
+    OPTIMIZER_CHOICES,
     TrainConfig,
     from_dict,
     read_yaml,
@@ -86,8 +87,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=POSITIVE_INT_ARG,
                    help=f"most epochs; early stopping may end sooner (default {d.epochs})")
     p.add_argument("--batch-size", dest="batch_size", type=POSITIVE_INT_ARG, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=POSITIVE_ARG, help=f"learning rate of the new head; pretrained layers get x"
+    p.add_argument("--optimizer", choices=OPTIMIZER_CHOICES,
+                   help=f"default {d.optimizer}: sgd when fine-tuning pretrained weights (the paper's), adamw at "
+                        f"--adamw-lr when training from scratch")
+    p.add_argument("--lr", type=POSITIVE_ARG, help=f"SGD's learning rate of the new head; pretrained layers get x"
                    f"{d.backbone_lr_scale} (default {d.lr})")
+    p.add_argument("--adamw-lr", dest="adamw_lr", type=POSITIVE_ARG,
+                   help=f"AdamW's learning rate (same rule for pretrained layers; default {d.adamw_lr:g})")
     p.add_argument("--image-size", dest="image_size", type=IMAGE_SIZE_ARG,
                    help=f"model input side in pixels, or auto: 224 on a GPU, 112 on a CPU (default {d.image_size})")
     p.add_argument("--device", help=f"auto | cpu | cuda | cuda:N | mps (default {d.device}: cuda when available)")

@@ -35,6 +35,7 @@ from covidcxr.config.train import (
                                     CROP_CHOICES,
                                     DEVICE_PATTERN,
                                     EQUALIZE_CHOICES,
+                                    OPTIMIZER_CHOICES,
                                     THRESHOLD_CHOICES,
                                     AugmentConfig,
                                     GateSettings,
@@ -54,5 +55,5 @@ __all__ = [
     # choices and defaults
     "ARCH_CHOICES", "BALANCE_CHOICES", "CROP_CHOICES", "DEVICE_PATTERN", "ENGINES", "EQUALIZE_CHOICES",
     "CANDIDATE_CHOICES", "MAX_BATCH", "MAX_UPLOAD_BYTES", "MAX_WAIT_MS", "REQUEST_THREADS", "SERVE_THREADS",
-    "SHIFT_BATCH", "SQUARE_CHOICES", "THRESHOLD_CHOICES",
+    "OPTIMIZER_CHOICES", "SHIFT_BATCH", "SQUARE_CHOICES", "THRESHOLD_CHOICES",
 ]

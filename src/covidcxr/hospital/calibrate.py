@@ -115,18 +115,26 @@ def triable(candidates: tuple[str, ...], y: np.ndarray) -> tuple[list[str], str]
 # --- fitting one candidate on some calibration images ---
 
 def finetune(scorer: Scorer, x: torch.Tensor, y: torch.Tensor, layers: str, settings: CalibrateSettings) -> None:
-    """Fine-tune the run's model in place on normalised squares `x` with its own augmentation and class weights."""
+    """Fine-tune the run's model in place on normalised squares `x` with its own augmentation and class weights.
+    The head alone trains on the frozen backbone's features (eval mode, no gradients through it: a linear probe)."""
     net = unwrap(scorer.model)
-    params = list(net.head.parameters()) if layers == "head" else list(net.parameters())
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=0.9, weight_decay=5e-4)
+    head_only = layers == "head"
+    optimizer = torch.optim.SGD(net.head.parameters() if head_only else net.parameters(), lr=settings.lr,
+                                momentum=0.9, weight_decay=5e-4)
     augment = from_dict(AugmentConfig, dict(scorer.meta["augment"]))
     weights = class_weights(y.numpy(), len(scorer.spec.classes))
     gen = torch.Generator().manual_seed(settings.seed)
-    net.train()
+    net.train(not head_only)
     for _ in range(settings.finetune_epochs):
         for idx in torch.randperm(len(x), generator=gen).split(settings.batch_size):
             batch = augment_batch(x[idx], augment, scorer.spec.preprocess.image_size, gen)
-            loss = F.cross_entropy(net(batch), y[idx], weight=weights)
+            if head_only:
+                with torch.no_grad():
+                    features = net.features(batch)
+                logits = net.head(features)
+            else:
+                logits = net(batch)
+            loss = F.cross_entropy(logits, y[idx], weight=weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from covidcxr.config import TrainConfig
+from covidcxr.config import AUTO, TrainConfig
+from covidcxr.model.network import parameter_groups
 from covidcxr.training.distributed import Dist
 
 
@@ -60,6 +61,23 @@ def batches_per_epoch(n_images: int, batch_size: int, world: int, batchnorm: boo
     on it."""
     full, rest = divmod(math.ceil(n_images / world), batch_size)
     return max(1, full + int(rest > 1 or (rest == 1 and not batchnorm)))
+
+
+def resolve_optimizer(optimizer: str, weights: str) -> str:
+    """'auto' -> SGD when fine-tuning pretrained weights (the paper's recipe), AdamW when training from scratch."""
+    if optimizer != AUTO:
+        return optimizer
+    return "adamw" if weights == "none" else "sgd"
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, weights: str) -> torch.optim.Optimizer:
+    """The run's optimizer over parameter_groups: pretrained layers at lr * backbone_lr_scale (every layer at lr when
+    nothing is pretrained)."""
+    scale = 1.0 if weights == "none" else cfg.backbone_lr_scale  # nothing pretrained to protect
+    if resolve_optimizer(cfg.optimizer, weights) == "adamw":
+        return torch.optim.AdamW(parameter_groups(model, cfg.adamw_lr, scale), weight_decay=cfg.adamw_weight_decay)
+    return torch.optim.SGD(parameter_groups(model, cfg.lr, scale), momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
 
 
 def lr_lambda(total_steps: int, warmup: int) -> Callable[[int], float]:

@@ -28,7 +28,7 @@ from covidcxr.data import tasks
 from covidcxr.data.manifest import manifest_hash
 from covidcxr.device import autocast, resolve_device
 from covidcxr.errors import InputError, RunExistsError
-from covidcxr.model.network import build_model, forward_with_features, parameter_groups, source_logits
+from covidcxr.model.network import build_model, forward_with_features, source_logits
 from covidcxr.model.threshold import choose_threshold
 from covidcxr.model.weights import resolve_weights
 from covidcxr.preprocess.augment import augment_batch
@@ -47,7 +47,15 @@ from covidcxr.training.runfiles import (
     tensorboard_writer,
     write_run_files,
 )
-from covidcxr.training.schedule import batches_per_epoch, class_weights, epoch_order, lr_lambda, seed_everything
+from covidcxr.training.schedule import (
+    batches_per_epoch,
+    build_optimizer,
+    class_weights,
+    epoch_order,
+    lr_lambda,
+    resolve_optimizer,
+    seed_everything,
+)
 from covidcxr.trust.gate import GATE_FILE
 
 log = logging.getLogger(__name__)
@@ -97,9 +105,7 @@ class Trainer:
         source_index = train["source"].map({s: i for i, s in enumerate(self.sources)})
         self.train_src = torch.tensor(source_index.to_numpy()).to(self.device)
         self.model = self._build_model()
-        scale = 1.0 if self.weights == "none" else cfg.backbone_lr_scale  # nothing pretrained to protect
-        self.optimizer = torch.optim.SGD(parameter_groups(self.model, cfg.lr, scale),
-                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(self.model, cfg, self.weights)
         batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         self.steps_per_epoch = batches_per_epoch(len(train), cfg.batch_size, self.d.world, batchnorm)
         total = self.steps_per_epoch * cfg.epochs
@@ -163,7 +169,7 @@ class Trainer:
         """A new run's files, with what its "auto" settings resolved to, so a resume keeps them."""
         write_run_files(self.out, self.cfg, self.df, {
             "weights_used": self.weights, "image_size_used": self.image_size, "manifest_hash": self.manifest_hash,
-            "config_hash": config_hash(self.cfg), "train_sources": self.sources, "torch": torch.__version__,
+            "optimizer_used": resolve_optimizer(self.cfg.optimizer, self.weights), "config_hash": config_hash(self.cfg), "train_sources": self.sources, "torch": torch.__version__,
             "data_path_used": "memory" if self.in_memory else "stream"})
 
     def _resume(self) -> None:
