@@ -52,8 +52,9 @@ def test_thresholds_never_split_tied_scores():
 def test_too_few_images_are_refused_with_the_numbers_needed():
     assert needed(0.95, 0.9) == 45 and needed(0.90, 0.9) == 22  # 0.95^45 <= 0.1 < 0.95^44
     refusal = r"at least 45 negative and 22 positive calibration images \(there are 30 and 30\)"
-    with pytest.raises(InputError, match=refusal):
+    with pytest.raises(InputError, match=refusal) as refused:
         check_enough(np.r_[np.zeros(30), np.ones(30)], TriageTargets(), "site")
+    assert str(refused.value) == f"site: {refused.value.reason}"  # the reason alone, for a table's cell
     check_enough(np.r_[np.zeros(45), np.ones(22)], TriageTargets(), "site")
 
 

@@ -95,7 +95,7 @@ def calibrate_rows(fold_run: Path, data: Path, held: list[str], out: Path, n_boo
                                                                       candidates=TRIAGE_CANDIDATES), sources=held)
             row.update({"triage_choice": t["choice"], **triage_cells(t["after_triage"])})
         except TooFewForTriage as e:
-            row["triage_note"] = str(e).split(": ", 1)[1]
+            row["triage_note"] = e.reason
         rows.append(row)
     return rows
 

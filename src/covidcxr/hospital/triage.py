@@ -27,7 +27,12 @@ METHOD = ("Learn-then-Test with fixed-sequence testing of exact binomial (one-si
 
 
 class TooFewForTriage(InputError):
-    """The labelled images cannot prove the promises; the message says how many each class needs."""
+    """The labelled images cannot prove the promises; `reason` says how many each class needs (the message is the
+    data set's name, then the reason)."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ def check_enough(y: np.ndarray, targets: TriageTargets, name: str) -> None:
     neg_need, pos_need = needed(targets.npv, targets.confidence), needed(targets.ppv, targets.confidence)
     n_neg, n_pos = int((y == 0).sum()), int((y == 1).sum())
     if not enough(y, targets):
-        raise TooFewForTriage(f"{name}: too few labelled images for triage: NPV >= {targets.npv} and PPV >= "
+        raise TooFewForTriage(name, f"too few labelled images for triage: NPV >= {targets.npv} and PPV >= "
                               f"{targets.ppv} with confidence {targets.confidence} need at least {neg_need} negative "
                               f"and {pos_need} positive calibration images (there are {n_neg} and {n_pos}); label "
                               "more of the site's images or raise --fraction")
