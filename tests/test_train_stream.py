@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from covidcxr.config import AugmentConfig, TrainConfig
+from covidcxr.config import AugmentConfig, GateSettings, TrainConfig
 from covidcxr.data.cache import ImageCache
 from covidcxr.model.checkpoint import load_checkpoint
 from covidcxr.preprocess.spec import PreprocessSpec
@@ -71,7 +71,7 @@ def test_auto_holds_small_data_and_streams_large(tiny_data):
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", str(data), "--out", str(out), "--weights", "none", "--image-size", "64", "--epochs", "2",
-            "--batch-size", "16", "--device", "cpu", "--seed", "5", "--deterministic", "--keep-last", *extra]
+            "--batch-size", "16", "--device", "cpu", "--seed", "5", "--deterministic", "--keep-last", "--no-gate", *extra]
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -94,7 +94,8 @@ def test_stream_and_memory_train_to_the_same_model(tiny_data, tmp_path):
 
 def _cfg(data: Path, out: Path) -> TrainConfig:
     return TrainConfig(data=str(data), out=str(out), weights="none", image_size=64, epochs=2, batch_size=8,
-                       device="cpu", seed=2, deterministic=True, amp=False, data_path="stream", checkpoint_steps=3)
+                       device="cpu", seed=2, deterministic=True, amp=False, data_path="stream", checkpoint_steps=3,
+                       gate=GateSettings(enabled=False))  # the weights are what is compared
 
 
 @pytest.mark.slow
