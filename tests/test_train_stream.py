@@ -71,7 +71,8 @@ def test_auto_holds_small_data_and_streams_large(tiny_data):
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", str(data), "--out", str(out), "--weights", "none", "--image-size", "64", "--epochs", "2",
-            "--batch-size", "16", "--device", "cpu", "--seed", "5", "--deterministic", "--keep-last", "--no-gate", *extra]
+            "--batch-size", "16", "--device", "cpu", "--seed", "5", "--deterministic", "--keep-last", "--no-gate",
+            *extra]
 
 
 def _same_weights(a: Path, b: Path) -> bool:
