@@ -63,13 +63,12 @@ def _blob_image() -> tuple[torch.Tensor, np.ndarray]:
 def test_map_has_the_inputs_shape_values_in_0_1_and_depends_on_the_class(predictor):
     square = predictor.square(xray(np.random.default_rng(0), covid=True))
     x = next(predictor.scorer.inputs(square[None]))
-    maps = {c: grad_cam(predictor.scorer.model, x, c) for c in (0, 1)}
-    favoured = int(predictor.scorer.model(x).argmax())
+    torch.manual_seed(0)  # a fixed model: a barely trained one (as tiny runs are) may see no evidence for a class
+    model = build_model("alexnet", 2, "none").eval()  # anywhere, and its map for that class is rightly blank
+    maps = {c: grad_cam(model, x, c) for c in (0, 1)}
     for m in maps.values():
         assert m.shape == (1, *x.shape[2:]) and x.shape[2] == predictor.spec.preprocess.image_size
-        assert m.min() >= 0 and m.max() <= 1  # normalised
-    assert maps[favoured].max() > 0.5  # the evidence for the class the model chose is somewhere (a map can be blank
-    # for the other class: a barely trained model may see nothing for it anywhere)
+        assert m.min() >= 0 and m.max() <= 1 and m.max() > 0.5  # normalised, not blank
     assert not np.allclose(maps[0], maps[1], atol=1e-3)
 
 
