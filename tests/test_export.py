@@ -26,30 +26,46 @@ from covidcxr.scoring import Scorer
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "examples" / "onnx_client.py"
 SHAPES = ((300, 200), (200, 333), (256, 256), (97, 131), (640, 480))
+SPREAD = 0.5  # logits: probabilities spread over about 0.3-0.7; a larger head scale amplifies float32 noise as well
 
 pytestmark = pytest.mark.slow  # exports, and `covidcxr export` and `covidcxr predict` in subprocesses
 
 
-def _with_meta(run: Path, out: Path, head_scale: float = 1.0, **augment) -> Path:
-    """A copy of `run` whose head is scaled (so that probabilities spread instead of sitting near 0.5) and whose
-    preprocessing settings are changed by `augment`. Without the run's gate: an export is the model's path (the gate
-    is its own graph, RUN/gate.onnx), so it is compared with `covidcxr predict` scoring every image."""
+def _with_meta(run: Path, out: Path, spread_on: list[Path] | None = None, **augment) -> Path:
+    """A copy of `run` whose preprocessing settings are changed by `augment`, and whose head, given `spread_on`, is
+    scaled and centred so that those images' probabilities spread over (0, 1) (a tiny run's sit near 0.5, or near 1
+    once its head is only scaled up). Without the run's gate: an export is the model's path (the gate is its own
+    graph, RUN/gate.onnx), so it is compared with `covidcxr predict` scoring every image."""
     shutil.copytree(run, out)
     for name in ("gate.json", "gate.onnx"):
         (out / name).unlink(missing_ok=True)
     ckpt = load_checkpoint(out / "model.pt")
-    model = build_model(ckpt["meta"]["arch"], len(ckpt["meta"]["classes"]), "none")
+    model = build_model(ckpt["meta"]["arch"], len(ckpt["meta"]["classes"]), "none").eval()
     model.load_state_dict(ckpt["model"])
-    with torch.no_grad():
-        model.head.weight.mul_(head_scale)
+    if spread_on:
+        _spread(model, Scorer.from_run(run, "cpu"), spread_on)
     meta = {**ckpt["meta"], "augment": {**ckpt["meta"]["augment"], **augment}}
     save_checkpoint(out / "model.pt", model, meta)
     return out
 
 
+def _spread(model: torch.nn.Module, scorer: Scorer, images: list[Path]) -> None:
+    """Scale the head so that the images' logit margins have a standard deviation of SPREAD, and shift the positive
+    class's bias so that they centre on 0."""
+    squares = np.stack([scorer.cache_square(read_image(p)) for p in images])
+    pos = scorer.spec.positive_index
+    with torch.no_grad():
+        logits = model(torch.cat(list(scorer.inputs(squares))))
+        margin = logits[:, pos] - logits[:, 1 - pos]
+        scale = SPREAD / float(margin.std())
+        model.head.weight.mul_(scale)
+        model.head.bias.mul_(scale)
+        model.head.bias[pos] -= float(margin.mean()) * scale
+
+
 @pytest.fixture(scope="module")
-def sharp_run(tiny_run, tmp_path_factory) -> Path:
-    return _with_meta(tiny_run, tmp_path_factory.mktemp("sharp") / "run", head_scale=300.0)
+def sharp_run(tiny_run, shaped_images, tmp_path_factory) -> Path:
+    return _with_meta(tiny_run, tmp_path_factory.mktemp("sharp") / "run", spread_on=shaped_images)
 
 
 @pytest.fixture(scope="module")

@@ -217,7 +217,7 @@ def test_the_service_raises_the_shift_alarm(guarded_run, xray_source, tmp_path, 
     planted = sorted(planted_shift(tmp_path, xray_source, n=40).glob("*.png"))
     predictor = Predictor.from_run(guarded_run)  # the torch engine itself; load_predictor would set torch's threads
     served = predictor if engine == "torch" else load_predictor(guarded_run, engine, threads=1)
-    tolerance = 1e-6 if engine == "torch" else 1e-4
+    tolerance = 1e-5 if engine == "torch" else 1e-4  # torch: float32 sums differ with the batch a film is in
     cfg = ServeConfig(db=str(tmp_path / "log.sqlite"), shift_batch=40)
     with TestClient(create_app(served, cfg)) as client:
         assert client.get("/api/health").json()["shift"]["alarm"] is False  # nothing scored yet: no verdict
