@@ -193,10 +193,17 @@ def promise_kept(draws: list[dict]) -> dict:
             "met_share": sum(both) / len(both) if both else None}
 
 
+def _by_way(draws: list[dict]) -> dict[str, list[dict]]:
+    """The draws grouped by the way their thresholds were fitted, in the order the ways first appear."""
+    ways: dict[str, list[dict]] = {}
+    for d in draws:
+        ways.setdefault(d["fitted_on"], []).append(d)
+    return ways
+
+
 def _draws_rows(name: str, draws: list[dict]) -> list[list[str]]:
     """One fold's triage promise, a row per way the thresholds were fitted."""
-    ways = list(dict.fromkeys(d["fitted_on"] for d in draws))
-    return [_draws_row(name, way, [d for d in draws if d["fitted_on"] == way]) for way in ways]
+    return [_draws_row(name, way, of_way) for way, of_way in _by_way(draws).items()]
 
 
 def _draws_row(name: str, way: str, draws: list[dict]) -> list[str]:
@@ -227,10 +234,8 @@ def _targets_line(calibration: dict[str, list[dict]], draws: dict[str, list[dict
     share = size_label(None)
     at_share = [f"{name} {number(c.get('after_sensitivity'), 2)} / {number(c.get('after_specificity'), 2)}"
                 for name, cal in calibration.items() for c in cal if c["site_images"] == share and "note" not in c]
-    every = [d for rows in draws.values() for d in rows]
     ways = []
-    for way in dict.fromkeys(d["fitted_on"] for d in every):
-        of_way = [d for d in every if d["fitted_on"] == way]
+    for way, of_way in _by_way([d for rows in draws.values() for d in rows]).items():
         misses, within = _misses_within_ci(of_way)
         ways.append(f"{percent(promise_kept(of_way)['met_share'])} with thresholds fitted on {way} ({misses} below "
                     f"the promise, {within} of them with an exact 95 % CI that reaches it)")
