@@ -127,6 +127,31 @@ def test_target_sensitivity_takes_the_highest_threshold_reaching_it(target, expe
     assert M.binary_metrics(Y_YOUDEN, S_YOUDEN, t)["sensitivity"] >= target
 
 
+def _binormal(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores whose log-odds are N(-1, 1) for negatives and N(+1, 1) for positives, 30 % positive: the likelihood
+    ratio is 1 at log-odds 0, so Youden's optimum is the score 0.5."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(int)
+    return y, 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 2 * y - 1)))
+
+
+def test_youden_fit_finds_the_likelihood_ratio_of_one():
+    y, s = _binormal(4000, 0)
+    assert choose_threshold(y, s, "youden-fit") == pytest.approx(0.5, abs=0.03)
+
+
+def test_youden_fit_varies_less_than_the_observed_maximum_on_few_images():
+    draws = [_binormal(90, seed) for seed in range(60)]
+    fit = np.std([choose_threshold(y, s, "youden-fit") for y, s in draws])
+    observed = np.std([choose_threshold(y, s, "youden") for y, s in draws])
+    assert fit < 0.75 * observed  # measured: about half
+
+
+def test_youden_fit_takes_the_observed_maximum_when_scores_fall_with_the_label():
+    y, s = np.array(Y_YOUDEN), 1 - np.array(S_YOUDEN)
+    assert choose_threshold(y, s, "youden-fit") == choose_threshold(y, s, "youden")
+
+
 def test_threshold_choice_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="both classes"):
         choose_threshold([0, 0], [0.1, 0.2])

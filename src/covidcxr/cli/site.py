@@ -99,7 +99,8 @@ def add_calibrate(sub: Commands) -> None:
     p.add_argument("--finetune-epochs", dest="finetune_epochs", type=COUNT_ARG, default=10,
                    help="fine-tuning passes of the head / all candidates (default 10; 0: they are not tried)")
     p.add_argument("--target-sensitivity", dest="target_sensitivity", type=FRACTION_ARG,
-                   help="choose the site's threshold for this sensitivity (default: Youden's J)")
+                   help="choose the site's threshold for this sensitivity (default: Youden's J, read from a "
+                        "logistic fit of the label on the score)")
     p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=1000,
                    help="bootstrap resamples for a candidate's noise and the CIs (default 1000)")
     p.add_argument("--triage", action="store_true", help="also set rule-out and rule-in thresholds with a guarantee "

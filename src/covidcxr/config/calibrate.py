@@ -30,9 +30,9 @@ class CalibrateSettings:
     candidates: tuple[str, ...] = CANDIDATE_CHOICES  # what may change; "nothing" is always among them
     folds: int = 5  # patient-grouped cross-validation folds inside the calibration images
     finetune_epochs: int = 10  # passes over the fine-tune images of the head / all candidates
-    lr: float = 0.01
+    lr: float = 0.001  # fine-tuning's SGD (momentum 0.9): 0.01 moved a trained model too far on a few hundred films
     batch_size: int = 32  # AlexNet's 58M classifier weights make each step cost much the same at 16 or 32 images
-    target_sensitivity: float | None = None  # None: Youden's J
+    target_sensitivity: float | None = None  # None: Youden's J, read from a logistic fit (model/threshold.py)
     n_images: int | None = None  # exactly this many calibration images instead of `fraction` (measurements)
     max_held_back: int | None = None  # measure on at most this many held-back images (the rest unused; time)
     seed: int = 0
@@ -54,8 +54,9 @@ class CalibrateSettings:
 
     @property
     def threshold_method(self) -> str:
-        """The site's threshold: for the target sensitivity when one is set, else Youden's J."""
-        return "sensitivity" if self.target_sensitivity is not None else "youden"
+        """The site's threshold: for the target sensitivity when one is set, else Youden's J read from a logistic fit
+        of the label on the score (a few dozen films of each class make the observed maximum jump)."""
+        return "sensitivity" if self.target_sensitivity is not None else "youden-fit"
 
 
 _CALIBRATE_RULES: dict[str, Rule] = {

@@ -27,7 +27,7 @@ ARCH_CHOICES = ("alexnet", "resnet18", "densenet121", "efficientnet_b0")  # back
 BALANCE_CHOICES = ("class", "source-class")
 DATA_PATH_CHOICES = (AUTO, "memory", "stream")  # how training reads its images (training/feed.py)
 OPTIMIZER_CHOICES = (AUTO, "sgd", "adamw")
-THRESHOLD_CHOICES = ("youden", "sensitivity")  # how a run's operating threshold is chosen on validation data
+THRESHOLD_CHOICES = ("youden", "youden-fit", "sensitivity")  # how an operating threshold is chosen (model/threshold.py)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -129,7 +129,7 @@ class TrainConfig:
     max_train_images: int = 0  # 0 = all; subsample for quick grids
     balance: str = "class"  # class | source-class: how the sampler weights images
     domain_adversarial: float = 0.0  # weight of a gradient-reversal source head, 0 = off
-    threshold_method: str = "youden"  # youden | sensitivity
+    threshold_method: str = "youden"  # youden | youden-fit | sensitivity
     target_sensitivity: float = 0.95
     amp: bool = True  # bf16 autocast of training steps where the device has bf16 units; scoring is always float32
     compile: bool = False
