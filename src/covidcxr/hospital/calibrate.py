@@ -8,14 +8,15 @@ noise: the lower end of the one-sided 95 % interval of the gain (a paired patien
 calls) must be above zero. Of the candidates that pass, the best wins (ties: the better calibrated, by Brier score,
 then the simpler). Otherwise OUT/run is the original run and one line says so.
 
-Every candidate sets a threshold (Youden's J read from a logistic fit of the label on the score, which uses every
-score where the observed maximum jumps with one image; or the one reaching `target_sensitivity`), so none is tried on
-fewer than MIN_THRESHOLD_PER_CLASS calibration images of each class; the fine-tuning candidates set theirs on the
-third of the calibration images they do not train on, so they need three times as many. OUT/before and OUT/after are validation reports (`covidcxr validate`) on the held-back images;
-OUT/calibration.json records the candidates, their cross-validated figures and the choice. With `triage`, rule-out and
-rule-in thresholds with a guarantee (hospital/triage.py) are set on the calibration images the final weights were not
-trained on, and stored as OUT/run/triage.json, which every scorer of the run reads; the fine-tuning candidates are then
-not tried when the third they do not train on holds too few of a class for the promises.
+Every candidate sets a threshold (Youden's J read from a logistic fit of the label on the score, which uses every score
+where the observed maximum jumps with one image; or the one reaching `target_sensitivity`), so none is tried on fewer
+than MIN_THRESHOLD_PER_CLASS calibration images of each class; the fine-tuning candidates set theirs on the third of the
+calibration images they do not train on, so they need three times as many. OUT/before and OUT/after are validation
+reports (`covidcxr validate`) on the held-back images; OUT/calibration.json records the candidates, their
+cross-validated figures and the choice. With `triage`, rule-out and rule-in thresholds with a guarantee
+(hospital/triage.py) are set on the calibration images the final weights were not trained on, and stored as
+OUT/run/triage.json, which every scorer of the run reads; the fine-tuning candidates are then not tried when the third
+they do not train on holds too few of a class for the promises.
 """
 
 from __future__ import annotations
