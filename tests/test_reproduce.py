@@ -59,6 +59,8 @@ def _check_the_site_path(out, text: str) -> None:
     triaged = pd.read_csv(out / "triage.csv")
     assert set(triaged["fitted_on"]) == {"images", "one image per patient"} and "### Triage at the site" in text
     power = pd.read_csv(out / "alarm_power.csv")
-    assert sorted(power["n"].unique()) == [25, 50, 100, 200] and set(power["held_out"]) == {"a", "b"}
+    assert sorted(power["n"].unique()) == [25, 50, 100, 200]
+    assert set(power["held_out"]) == {"none (main run)", "a", "b"}  # the served run's false alarms, then each fold
     assert power["false_alarm"].dropna().between(0, 1).all()
-    assert len(pd.read_csv(out / "alarm_stream.csv")) == 2 and "The shift alarm's power" in text
+    assert power.loc[power["held_out"] == "none (main run)", "detection"].isna().all()
+    assert len(pd.read_csv(out / "alarm_stream.csv")) == 3 and "The shift alarm's power" in text

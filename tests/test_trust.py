@@ -201,6 +201,32 @@ def test_alarm_power_on_synthetic_scores():
     assert lines[4].startswith("| 100 | 0.0167 | ") and lines[4].endswith(" | n/a |") and len(lines) == 6
 
 
+def test_power_of_a_run_that_holds_nothing_out_measures_its_false_alarms_alone(tmp_path, monkeypatch):
+    """The main run's row: false alarms per n and silence over the first 300 predictions; no detection, no switch."""
+    from covidcxr.hospital import shiftpower
+    from covidcxr.hospital.shiftpower import fold_power, write_alarm
+
+    monkeypatch.setattr(shiftpower, "POWER_BATCHES", 100)  # the figures' precision is not what is tested (time)
+    monkeypatch.setattr(shiftpower, "STREAMS", 40)
+    rng = np.random.default_rng(2)
+
+    def frame(a: float, b: float, n: int) -> pd.DataFrame:
+        return pd.DataFrame({"y": (rng.random(n) < 0.5).astype(int), "score": rng.beta(a, b, n)})
+
+    main = fold_power("none (main run)", rng.beta(2, 2, 400), 0.5, frame(2, 2, 400), None)
+    fold = fold_power("far", rng.beta(2, 2, 400), 0.5, frame(2, 2, 400), frame(6, 1, 300))
+    assert main["ba_site"] is None and main["stream"]["alarm_within_batch"] is None
+    assert all(row["detection"] == {} and row["false_alarm"]["value"] <= 0.1 for row in main["power"])
+    assert main["stream"]["silent_before"]["value"] >= 0.9
+    text = write_alarm(tmp_path, [main, fold])
+    power, streams = pd.read_csv(tmp_path / "alarm_power.csv"), pd.read_csv(tmp_path / "alarm_stream.csv")
+    assert power.loc[power["held_out"] == "none (main run)", "detection"].isna().all()
+    assert power.loc[power["held_out"] == "far", "detection"].notna().all()
+    assert streams["alarm_within_batch"].isna().tolist() == [True, False]
+    assert "| none (main run) | 0.9" in text and " | n/a | n/a |" in text
+    assert "Highest false-alarm rate on own-split batches at any n: none (main run) " in text and "; far " in text
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["torch", "onnx"])
 def test_the_service_raises_the_shift_alarm(guarded_run, xray_source, tmp_path, engine):

@@ -42,6 +42,8 @@ from covidcxr.trust.shift import reference_scores
 log = logging.getLogger(__name__)
 
 METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc")
+OWN_COLUMNS = ["y", "score", "patient_id"]  # what the alarm's power and the training table read of a split
+MAIN_HELD_OUT = "none (main run)"  # the main run's row in the alarm's power table
 
 
 def prepare_data(data: str | Path, out: Path) -> Path:
@@ -192,6 +194,8 @@ def reproduce(data: str | Path, out: str | Path, weights: str = "auto", quick: b
                     extra_sections=extra, device=device)
     external, trust_rows, calibration, draws, alarms = {}, [], {}, {}, []
     trained = [training_row("main (all sources)", run, main["auc"]["value"], None)]
+    own_main = pd.read_csv(out / "main" / "report" / "predictions.csv")[OWN_COLUMNS].dropna()
+    alarms.append(fold_power(MAIN_HELD_OUT, reference_scores(run), main["threshold"], own_main, None))
     for held, (name, fold_run) in zip(folds, fold_runs.items()):
         fold_out = out / "external" / name
         members = nested_members(cfg, held, folds, fold_out / "guard_members") if guard else []
@@ -222,8 +226,7 @@ def own_and_site(fold_run: Path, data: Path, report: Path, device: str) -> tuple
     own = predictions(fold_run, data, "all", device, images=split.loc[split["split"] == INTERNAL_TEST, "path"],
                       gate=False)[0]
     site = pd.read_csv(report / "predictions.csv")
-    columns = ["y", "score", "patient_id"]
-    return own[columns].dropna().reset_index(drop=True), site[columns].dropna().reset_index(drop=True)
+    return own[OWN_COLUMNS].dropna().reset_index(drop=True), site[OWN_COLUMNS].dropna().reset_index(drop=True)
 
 
 def auc(frame: pd.DataFrame, threshold: float) -> float | None:
