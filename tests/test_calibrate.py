@@ -169,3 +169,30 @@ def test_too_small_site_is_refused_with_the_number_it_needs(tiny_run, xray_sourc
                 "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "too few images to calibrate" in r.stderr and "(needs 10;" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fine_tuning_gives_the_same_weights_whatever_ran_before(tiny_run):
+    """Dropout draws from torch's global generator: fine-tuning seeds it, so a candidate's weights do not depend on
+    which candidates (or anything else) drew from it earlier in the process."""
+    import copy
+
+    import torch
+
+    from covidcxr.config import CalibrateSettings
+    from covidcxr.hospital.calibrate import finetune
+    from covidcxr.scoring import Scorer
+
+    scorer = Scorer.from_run(tiny_run, "cpu")
+    size = scorer.spec.preprocess.cache_size
+    rng = np.random.default_rng(0)
+    x = scorer.normalise(rng.integers(0, 256, (12, size, size), dtype=np.uint8))
+    y = torch.tensor(rng.integers(0, 2, 12))
+    settings = CalibrateSettings(finetune_epochs=1, batch_size=4)
+    weights = []
+    for before in (1, 2):
+        torch.manual_seed(before)  # a different global state each time
+        tuned = copy.deepcopy(scorer)
+        finetune(tuned, x, y, "all", settings)
+        weights.append(tuned.model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], v) for k, v in scorer.model.state_dict().items())  # it did train

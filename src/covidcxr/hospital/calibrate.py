@@ -127,19 +127,21 @@ def finetune(scorer: Scorer, x: torch.Tensor, y: torch.Tensor, layers: str, sett
     weights = class_weights(y.numpy(), len(scorer.spec.classes))
     gen = torch.Generator().manual_seed(settings.seed)
     net.train(not head_only)
-    for _ in range(settings.finetune_epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(settings.batch_size):
-            batch = augment_batch(x[idx], augment, scorer.spec.preprocess.image_size, gen)
-            if head_only:
-                with torch.no_grad():
-                    features = net.features(batch)
-                logits = net.head(features)
-            else:
-                logits = net(batch)
-            loss = F.cross_entropy(logits, y[idx], weight=weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    with torch.random.fork_rng(devices=[]):  # dropout draws from the global generator: seeded here, the same images
+        torch.manual_seed(settings.seed)    # give the same weights whatever ran before in the process
+        for _ in range(settings.finetune_epochs):
+            for idx in torch.randperm(len(x), generator=gen).split(settings.batch_size):
+                batch = augment_batch(x[idx], augment, scorer.spec.preprocess.image_size, gen)
+                if head_only:
+                    with torch.no_grad():
+                        features = net.features(batch)
+                    logits = net.head(features)
+                else:
+                    logits = net(batch)
+                loss = F.cross_entropy(logits, y[idx], weight=weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     net.eval()
     scorer.refresh()
 
