@@ -66,6 +66,7 @@ def test_a_shifted_site_where_adapting_helps_is_adapted(shifted):
     chosen = record["candidates"][record["choice"]]
     assert chosen["gain"] > chosen["gain_lower"] > 0  # beats "nothing" on cross-validation beyond its noise
     assert set(record["candidates"]) == {"nothing", "threshold", "temperature"} and "fine-tuning" in record["not_tried"]
+    assert record["threshold_method"] == "youden-fit"  # the site's threshold, read from a logistic fit by default
     before = json.loads((shifted / "before" / "validation.json").read_text())["metrics"]
     after = json.loads((shifted / "after" / "validation.json").read_text())["metrics"]
     assert before["n"] == after["n"] >= 10  # the same held-back images
@@ -97,11 +98,12 @@ def test_the_adapted_run_carries_its_triage_classes(shifted, tiny_run, xray_sour
 def test_a_site_where_adapting_cannot_help_keeps_the_original_and_says_so(tiny_run, xray_source, tmp_path):
     coin = np.random.default_rng(3)
     site = scored_site(tmp_path, tiny_run, xray_source, 80, lambda s, t: coin.uniform(size=len(s)) < 0.5)
-    r = calibrate(tiny_run, site, tmp_path / "out")
+    r = calibrate(tiny_run, site, tmp_path / "out", "--lr", "0.002")
     assert r.returncode == 0, r.stderr
     first = r.stdout.splitlines()[0]
     assert first.startswith("kept the original model: no adaptation beat it on patient-grouped cross-validation")
     record = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    assert record["settings"]["lr"] == 0.002  # the flag reaches the settings saved with the result
     assert record["choice"] == "nothing" and all(c["gain_lower"] <= 0 for c in record["candidates"].values())
     assert (tmp_path / "out" / "run" / "model.pt").read_bytes() == (tiny_run / "model.pt").read_bytes()
     before = json.loads((tmp_path / "out" / "before" / "metrics.json").read_text())

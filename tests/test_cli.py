@@ -269,6 +269,17 @@ def test_every_option_has_help_that_states_its_default(command):
             assert "default" in action.help or "(required)" in action.help, f"{command} {action.option_strings}"
 
 
+def test_calibrate_defaults_are_its_settings_defaults():
+    """The parser reads calibrate's defaults from CalibrateSettings, so --help and a run without flags agree."""
+    from covidcxr.config import CalibrateSettings
+
+    d, parser = CalibrateSettings(), _parser_of(("calibrate",))
+    given = {a.dest: a.default for a in parser._actions if a.option_strings}
+    for name in ("fraction", "folds", "finetune_epochs", "lr", "n_boot", "npv", "ppv", "confidence"):
+        assert given[name] == getattr(d, name), name
+    assert given["candidates"] == ",".join(d.candidates) and given["target_sensitivity"] is None
+
+
 def _readme_rows(command: tuple[str, ...]) -> str:
     """The README command-table rows that document `covidcxr COMMAND`."""
     section = README.read_text().split("## Commands", 1)[1].split("\n## ", 1)[0]

@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from covidcxr.cli.args import COUNT_ARG, FRACTION_ARG, POSITIVE_INT_ARG, Commands
-from covidcxr.config import CANDIDATE_CHOICES
+from covidcxr.cli.args import COUNT_ARG, FRACTION_ARG, POSITIVE_ARG, POSITIVE_INT_ARG, Commands
+from covidcxr.config import CANDIDATE_CHOICES, CalibrateSettings
 
 
 def _calibrate(a: argparse.Namespace) -> int:
-    from covidcxr.config import CalibrateSettings
     from covidcxr.hospital.calibrate import calibrate
     settings = CalibrateSettings(fraction=a.fraction, candidates=tuple(a.candidates.split(",")), folds=a.folds,
-                                 finetune_epochs=a.finetune_epochs, target_sensitivity=a.target_sensitivity,
+                                 finetune_epochs=a.finetune_epochs, lr=a.lr, target_sensitivity=a.target_sensitivity,
                                  n_boot=a.n_boot, triage=a.triage, npv=a.npv, ppv=a.ppv, confidence=a.confidence)
     r = calibrate(a.run, a.data, a.out, settings)
     print(r["decision"])
@@ -86,29 +85,36 @@ def add_pacs_flags(p: argparse.ArgumentParser) -> None:
 def add_calibrate(sub: Commands) -> None:
     """`covidcxr calibrate`: adapt a run to a site."""
     p = sub.add_parser("calibrate", help="adapt a run to a new site with some of its labelled images")
+    d = CalibrateSettings()  # the defaults, said in one place
     p.add_argument("run", help="run folder to adapt (covidcxr train --out)")
     p.add_argument("--data", required=True, help="ingested data folder of the site's labelled images (required)")
     p.add_argument("--out", required=True, help="folder for run/, before/, after/ and calibration.json (required)")
-    p.add_argument("--fraction", type=FRACTION_ARG, default=0.3, help="share of the site's patients used to adapt; "
-                   "the rest is held back to measure (default 0.3)")
-    p.add_argument("--candidates", default=",".join(CANDIDATE_CHOICES),
+    p.add_argument("--fraction", type=FRACTION_ARG, default=d.fraction, help="share of the site's patients used to "
+                   f"adapt; the rest is held back to measure (default {d.fraction})")
+    p.add_argument("--candidates", default=",".join(d.candidates),
                    help="what may change, comma-separated, chosen by patient-grouped cross-validation inside the "
-                   f"calibration images; nothing is always a candidate (default {','.join(CANDIDATE_CHOICES)})")
-    p.add_argument("--folds", type=POSITIVE_INT_ARG, default=5, help="cross-validation folds (default 5; fewer when "
-                   "a class has fewer images)")
-    p.add_argument("--finetune-epochs", dest="finetune_epochs", type=COUNT_ARG, default=10,
-                   help="fine-tuning passes of the head / all candidates (default 10; 0: they are not tried)")
+                   f"calibration images; nothing is always a candidate (default {','.join(d.candidates)}; choices: "
+                   f"{','.join(CANDIDATE_CHOICES)})")
+    p.add_argument("--folds", type=POSITIVE_INT_ARG, default=d.folds, help=f"cross-validation folds (default "
+                   f"{d.folds}; fewer when a class has fewer images)")
+    p.add_argument("--finetune-epochs", dest="finetune_epochs", type=COUNT_ARG, default=d.finetune_epochs,
+                   help=f"fine-tuning passes of the head / all candidates (default {d.finetune_epochs}; 0: they are "
+                   "not tried)")
+    p.add_argument("--lr", type=POSITIVE_ARG, default=d.lr,
+                   help=f"fine-tuning's learning rate, SGD with momentum 0.9 (default {d.lr})")
     p.add_argument("--target-sensitivity", dest="target_sensitivity", type=FRACTION_ARG,
                    help="choose the site's threshold for this sensitivity (default: Youden's J, read from a "
                         "logistic fit of the label on the score)")
-    p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=1000,
-                   help="bootstrap resamples for a candidate's noise and the CIs (default 1000)")
+    p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=d.n_boot,
+                   help=f"bootstrap resamples for a candidate's noise and the CIs (default {d.n_boot})")
     p.add_argument("--triage", action="store_true", help="also set rule-out and rule-in thresholds with a guarantee "
                    "(Learn-then-Test, exact binomial tests); the rest needs a reader (default off)")
-    p.add_argument("--npv", type=FRACTION_ARG, default=0.95, help="triage: promised NPV of rule-out (default 0.95)")
-    p.add_argument("--ppv", type=FRACTION_ARG, default=0.90, help="triage: promised PPV of rule-in (default 0.90)")
-    p.add_argument("--confidence", type=FRACTION_ARG, default=0.9,
-                   help="triage: probability that each promise holds (default 0.9)")
+    p.add_argument("--npv", type=FRACTION_ARG, default=d.npv, help=f"triage: promised NPV of rule-out (default "
+                   f"{d.npv:.2f})")
+    p.add_argument("--ppv", type=FRACTION_ARG, default=d.ppv, help=f"triage: promised PPV of rule-in (default "
+                   f"{d.ppv:.2f})")
+    p.add_argument("--confidence", type=FRACTION_ARG, default=d.confidence,
+                   help=f"triage: probability that each promise holds (default {d.confidence})")
     p.set_defaults(func=_calibrate)
 
 
