@@ -53,7 +53,6 @@ from covidcxr.training.schedule import (
     class_weights,
     epoch_order,
     lr_lambda,
-    resolve_optimizer,
     seed_everything,
 )
 from covidcxr.trust.gate import GATE_FILE
@@ -169,7 +168,7 @@ class Trainer:
         """A new run's files, with what its "auto" settings resolved to, so a resume keeps them."""
         write_run_files(self.out, self.cfg, self.df, {
             "weights_used": self.weights, "image_size_used": self.image_size, "manifest_hash": self.manifest_hash,
-            "optimizer_used": resolve_optimizer(self.cfg.optimizer, self.weights),
+            "optimizer_used": type(self.optimizer).__name__.lower(),  # what build_optimizer resolved "auto" to
             "config_hash": config_hash(self.cfg), "train_sources": self.sources, "torch": torch.__version__,
             "data_path_used": "memory" if self.in_memory else "stream"})
 
