@@ -160,7 +160,7 @@ def test_ddp_two_processes_gloo(tiny_data, tmp_path, data_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "covidcxr.cli", "train", "--no-gate", str(tiny_data), "--out", str(out), "--weights", "none",
-           "--image-size", "64", "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--seed", "1", *data_path]
+           "--image-size", "64", "--epochs", "2", "--batch-size", "16", "--device", "cpu", "--seed", "1", *data_path]
     env = cli_env({"OMP_NUM_THREADS": "1"})
     result = subprocess.run([*cmd, "--keep-last"], capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
