@@ -66,7 +66,8 @@ def test_split_files_are_read_and_a_bad_one_is_one_clear_error(tmp_path):
 
 def test_without_a_val_file_validation_patients_come_from_the_train_file(tmp_path):
     names = [f"i{k}.png" for k in range(400)]
-    df = pd.DataFrame({"path": [f"/x/{n}" for n in names], "patient_id": [f"p{k // 2}" for k in range(400)]})
+    df = pd.DataFrame({"path": [f"/x/{n}" for n in names], "patient_id": [f"p{k // 2}" for k in range(400)],
+                       "source": "s", "label": ["covid"] * 300 + ["normal"] * 100})  # a manifest's columns
     (tmp_path / "train.txt").write_text("".join(f"p{k // 2} {n} positive s\n" for k, n in enumerate(names[:300])))
     (tmp_path / "test.txt").write_text("".join(f"p{k // 2} {n} negative s\n" for k, n in enumerate(names[300:390],
                                                                                                   start=300)))

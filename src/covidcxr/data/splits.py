@@ -1,8 +1,14 @@
-"""Patient-level splits: no patient ever appears in two parts of a split.
+"""Patient-level splits: no patient ever appears in two parts of a split, and every stratum is split alike.
 
-Each patient gets a uniform number from a hash of (seed, patient id); the split is a threshold on it. A patient's part
-therefore never changes when the manifest grows, and every label gets the requested fractions in expectation
-(label-stratified by construction, since the draw is independent of everything but the patient id).
+Each patient gets a uniform number from a hash of (seed, patient id), and a stratum: its source and label(s). Within a
+stratum the patients are ordered by their numbers and dealt into the parts by rank, so every source's positives and
+negatives get the requested fractions up to one patient each. A split drawn patient by patient gets them only in
+expectation: with a few hundred patients of a source, validation and test then differ in their mix of sources and
+labels by chance (one held-out-sources run drew 19 % normal films for validation and 11 % for its test part), and
+everything measured against validation (thresholds, the shift alarm's reference) inherits the difference. The price:
+adding patients to a stratum can move a few of its patients near a part's edge to the next part, so a grown manifest
+gets a new split (each run keeps its own in RUN/split.csv, which evaluation reads). Removing whole sources changes no
+other source's split.
 """
 
 from __future__ import annotations
@@ -33,11 +39,25 @@ def patient_uniform(patient_ids: pd.Series, seed: int) -> np.ndarray:
     return patient_ids.map(cache).to_numpy(dtype=np.float64)
 
 
+def stratified_positions(df: pd.DataFrame, seed: int) -> np.ndarray:
+    """Per row, its patient's place in [0, 1) among the patients of its stratum (source and labels): rank by the hash
+    draw, plus a drawn offset per stratum, over the stratum's size. Each 1/n-wide cell holds one patient, so a cut at
+    any fraction puts that fraction of the stratum's patients below it, up to one."""
+    pid = df["patient_id"].astype(str)
+    stratum = (df["source"].astype(str) + ":" + df["label"].astype(str)).groupby(pid).agg(
+        lambda s: "+".join(sorted(set(s))))
+    draw = pd.Series(patient_uniform(stratum.index.to_series(), seed), index=stratum.index)
+    rank = draw.groupby(stratum).rank(method="first") - 1
+    offset = stratum.map(dict(zip(stratum.unique(), patient_uniform(pd.Series(stratum.unique()), seed + 1))))
+    place = (rank + offset) / stratum.map(stratum.value_counts())
+    return pid.map(place).to_numpy(dtype=np.float64)
+
+
 def patient_split(df: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> pd.Series:
-    """'train' / 'val' / 'test' per row, by patient."""
+    """'train' / 'val' / 'test' per row, by patient, stratified by source and label."""
     if not np.isclose(sum(fractions), 1.0) or min(fractions) < 0:
         raise InputError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
-    u = patient_uniform(df["patient_id"].astype(str), seed)
+    u = stratified_positions(df, seed)
     edges = np.cumsum(fractions)[:-1]
     parts = np.array(PARTS)[np.searchsorted(edges, u, side="right")]
     split = pd.Series(parts, index=df.index, name="split")
@@ -48,8 +68,8 @@ def patient_split(df: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.15, 0.1
 def leave_sources_out(df: pd.DataFrame, held_out: list[str], fractions: Sequence[float] = (0.7, 0.15, 0.15),
                       seed: int = 0) -> pd.Series:
     """Held-out sources are the test part (external validation); the rest is split train / val / INTERNAL_TEST by
-    patient with `fractions`, exactly as `patient_split` splits them (the draw is per patient), so the run trains on
-    the same share as a run on every source, and its own test part is that run's test images of these sources."""
+    patient with `fractions`, exactly as `patient_split` splits them (strata are within a source), so the run trains
+    on the same share as a run on every source, and its own test part is that run's test images of these sources."""
     unknown = set(held_out) - set(df["source"])
     if unknown:
         raise InputError(f"unknown source(s) to hold out: {', '.join(sorted(unknown))}")
