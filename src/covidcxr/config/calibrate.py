@@ -29,7 +29,7 @@ class CalibrateSettings:
     fraction: float = 0.3  # share of the site's patients used to adapt; the rest is held back to measure
     candidates: tuple[str, ...] = CANDIDATE_CHOICES  # what may change; "nothing" is always among them
     folds: int = 5  # patient-grouped cross-validation folds inside the calibration images
-    finetune_epochs: int = 10  # passes over the fine-tune images of the head / all candidates
+    finetune_epochs: int = 20  # passes over the calibration images of the head / all candidates
     lr: float = 0.001  # fine-tuning's SGD (momentum 0.9): 0.01 moved a trained model too far on a few hundred films
     batch_size: int = 32  # AlexNet's 58M classifier weights make each step cost much the same at 16 or 32 images
     target_sensitivity: float | None = None  # None: Youden's J, read from a logistic fit (model/threshold.py)

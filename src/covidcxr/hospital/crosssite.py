@@ -68,14 +68,10 @@ def size_label(n: int | None) -> str:
     return f"{TRIAGE_SHARE:.0%}".replace("%", " %") if n is None else str(n)
 
 
-TRIAGE_CANDIDATES = ("nothing", "threshold", "temperature")  # triage on weights the calibration images never trained
-
-
 def calibrate_rows(fold_run: Path, data: Path, held: list[str], out: Path, n_boot: int) -> list[dict]:
     """`calibrate` with 20, 50, 100 labelled site images and with 30 % of the site: before/after on (at most
-    MAX_HELD_BACK of) the rest and its choice; then `calibrate --triage` on the same images without the fine-tuning
-    candidates (their third would rarely hold enough images for the promises): its triage classes on the held-back
-    images, or how many images it needs."""
+    MAX_HELD_BACK of) the rest and its choice; then `calibrate --triage` on the same images (which tries no
+    fine-tuning): its triage classes on the held-back images, or how many images it needs."""
     rows = []
     for n in SITE_IMAGES:
         row: dict = {"site_images": size_label(n)}
@@ -91,8 +87,7 @@ def calibrate_rows(fold_run: Path, data: Path, held: list[str], out: Path, n_boo
                     "held_back_images": r["counts"].get("held-back", 0),
                     **{k: r[k] for k in r if k.startswith(("before_", "after_")) and k != "after_triage"}})
         try:
-            t = calibrate(fold_run, data, folder / "triage", replace(settings, triage=True,
-                                                                      candidates=TRIAGE_CANDIDATES), sources=held)
+            t = calibrate(fold_run, data, folder / "triage", replace(settings, triage=True), sources=held)
             row.update({"triage_choice": t["choice"], **triage_cells(t["after_triage"])})
         except TooFewForTriage as e:
             row["triage_note"] = e.reason
