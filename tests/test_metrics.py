@@ -152,6 +152,28 @@ def test_youden_fit_takes_the_observed_maximum_when_scores_fall_with_the_label()
     assert choose_threshold(y, s, "youden-fit") == choose_threshold(y, s, "youden")
 
 
+def test_requirements_threshold_clears_both_by_the_same_margin():
+    """On binormal log-odds N(-1, 1) / N(+1, 1) at cut z, sensitivity is Phi(1 - z) and specificity Phi(1 + z): the
+    widest common margin over (0.85, 0.70) is where Phi(1 - z) - 0.85 = Phi(1 + z) - 0.70."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    z = brentq(lambda c: norm.cdf(1 - c) - 0.85 - (norm.cdf(1 + c) - 0.70), -3, 3)
+    y, s = _binormal(6000, 1)
+    t = choose_threshold(y, s, "requirements", requirements=(0.85, 0.70))
+    assert np.log(t / (1 - t)) == pytest.approx(z, abs=0.08)
+    m = M.binary_metrics(y, s, t)
+    assert m["sensitivity"] - 0.85 == pytest.approx(m["specificity"] - 0.70, abs=0.02)
+    assert m["sensitivity"] > 0.85 and m["specificity"] > 0.70  # this pair of classes can meet both
+
+
+def test_requirements_threshold_shares_a_shortfall_it_cannot_avoid():
+    y, s = _binormal(3000, 2)
+    m = M.binary_metrics(y, s, choose_threshold(y, s, "requirements", requirements=(0.95, 0.95)))
+    assert m["sensitivity"] < 0.95 and m["specificity"] < 0.95  # no cut meets both at AUC ~0.92
+    assert m["sensitivity"] == pytest.approx(m["specificity"], abs=0.02)
+
+
 def test_threshold_choice_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="both classes"):
         choose_threshold([0, 0], [0.1, 0.2])

@@ -13,7 +13,8 @@ def _calibrate(a: argparse.Namespace) -> int:
     from covidcxr.hospital.calibrate import calibrate
     settings = CalibrateSettings(fraction=a.fraction, candidates=tuple(a.candidates.split(",")), folds=a.folds,
                                  finetune_epochs=a.finetune_epochs, lr=a.lr, target_sensitivity=a.target_sensitivity,
-                                 n_boot=a.n_boot, triage=a.triage, npv=a.npv, ppv=a.ppv, confidence=a.confidence)
+                                 min_sensitivity=a.min_sensitivity, min_specificity=a.min_specificity, n_boot=a.n_boot,
+                                 triage=a.triage, npv=a.npv, ppv=a.ppv, confidence=a.confidence)
     r = calibrate(a.run, a.data, a.out, settings)
     print(r["decision"])
     if r["triage"]:
@@ -102,9 +103,15 @@ def add_calibrate(sub: Commands) -> None:
                    "not tried)")
     p.add_argument("--lr", type=POSITIVE_ARG, default=d.lr,
                    help=f"fine-tuning's learning rate, SGD with momentum 0.9 (default {d.lr})")
+    p.add_argument("--min-sensitivity", dest="min_sensitivity", type=FRACTION_ARG, default=d.min_sensitivity,
+                   help="the site's requirement, as validate's: the threshold is set where sensitivity and "
+                   "specificity clear both requirements by the widest common margin, and the before/after reports' "
+                   f"verdicts use them (default {d.min_sensitivity})")
+    p.add_argument("--min-specificity", dest="min_specificity", type=FRACTION_ARG, default=d.min_specificity,
+                   help=f"the site's other requirement (default {d.min_specificity})")
     p.add_argument("--target-sensitivity", dest="target_sensitivity", type=FRACTION_ARG,
-                   help="choose the site's threshold for this sensitivity (default: Youden's J, read from a "
-                        "logistic fit of the label on the score)")
+                   help="set the site's threshold for this sensitivity instead (default: none, aim at the "
+                        "requirements)")
     p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=d.n_boot,
                    help=f"bootstrap resamples for a candidate's noise and the CIs (default {d.n_boot})")
     p.add_argument("--triage", action="store_true", help="also set rule-out and rule-in thresholds with a guarantee "

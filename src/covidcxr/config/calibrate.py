@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from covidcxr.config._rules import (
     COUNT,
+    FRACTION,
     OPEN_FRACTION,
     POSITIVE,
     POSITIVE_INT,
@@ -32,7 +33,9 @@ class CalibrateSettings:
     finetune_epochs: int = 20  # passes over the calibration images of the head / all candidates
     lr: float = 0.001  # fine-tuning's SGD (momentum 0.9): 0.01 moved a trained model too far on a few hundred films
     batch_size: int = 32  # AlexNet's 58M classifier weights make each step cost much the same at 16 or 32 images
-    target_sensitivity: float | None = None  # None: Youden's J, read from a logistic fit (model/threshold.py)
+    target_sensitivity: float | None = None  # None: the threshold aims at min_sensitivity / min_specificity
+    min_sensitivity: float = 0.85  # the site's requirements, as `validate` judges them (its defaults): the threshold
+    min_specificity: float = 0.70  # clears both by the widest common margin, and before/after's verdicts use them
     n_images: int | None = None  # exactly this many calibration images instead of `fraction` (measurements)
     max_held_back: int | None = None  # measure on at most this many held-back images (the rest unused; time)
     seed: int = 0
@@ -54,14 +57,15 @@ class CalibrateSettings:
 
     @property
     def threshold_method(self) -> str:
-        """The site's threshold: for the target sensitivity when one is set, else Youden's J read from a logistic fit
-        of the label on the score (a few dozen films of each class make the observed maximum jump)."""
-        return "sensitivity" if self.target_sensitivity is not None else "youden-fit"
+        """The site's threshold: for the target sensitivity when one is set, else where sensitivity and specificity
+        clear the site's requirements by the widest common margin (model/threshold.py)."""
+        return "sensitivity" if self.target_sensitivity is not None else "requirements"
 
 
 _CALIBRATE_RULES: dict[str, Rule] = {
     "fraction": OPEN_FRACTION, "folds": POSITIVE_INT, "finetune_epochs": COUNT, "lr": POSITIVE,
-    "batch_size": POSITIVE_INT, "target_sensitivity": optional(SENSITIVITY), "n_images": optional(POSITIVE_INT),
+    "batch_size": POSITIVE_INT, "target_sensitivity": optional(SENSITIVITY),
+    "min_sensitivity": FRACTION, "min_specificity": FRACTION, "n_images": optional(POSITIVE_INT),
     "max_held_back": optional(POSITIVE_INT), "seed": COUNT, "n_boot": POSITIVE_INT, "npv": OPEN_FRACTION,
     "ppv": OPEN_FRACTION, "confidence": OPEN_FRACTION,
 }

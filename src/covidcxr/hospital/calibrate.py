@@ -8,9 +8,10 @@ noise: the lower end of the one-sided 95 % interval of the gain (a paired patien
 calls) must be above zero. Of the candidates that pass, the best wins (ties: the better calibrated, by Brier score,
 then the simpler). Otherwise OUT/run is the original run and one line says so.
 
-Every candidate sets a threshold (Youden's J read from a logistic fit of the label on the score, which uses every score
-where the observed maximum jumps with one image; or the one reaching `target_sensitivity`), so none is tried on fewer
-than MIN_THRESHOLD_PER_CLASS calibration images of each class. The fine-tuning candidates are cross-fitted: the final
+Every candidate sets a threshold (where sensitivity and specificity clear the site's requirements, `min_sensitivity`
+and `min_specificity`, by the widest common margin; or the one reaching `target_sensitivity`), so none is tried on
+fewer than MIN_THRESHOLD_PER_CLASS calibration images of each class. The same requirements are the bar of the
+before/after reports' verdicts. The fine-tuning candidates are cross-fitted: the final
 weights train on every calibration image, and their temperature and threshold are set on the out-of-fold scores of the
 cross-validation (each image scored by weights fine-tuned without its patient); inside the cross-validation, a fold's
 calls use the temperature and threshold set on the other folds' out-of-fold scores, so no image ever sets its own.
@@ -203,7 +204,8 @@ def set_threshold(probs: np.ndarray, target: np.ndarray, y: np.ndarray, pos: int
     """(temperature, threshold) set on these probabilities (temperature 1 unless `temperature`)."""
     t = fit_temperature(np.log(np.clip(probs, 1e-12, 1)), target) if temperature else 1.0
     return t, choose_threshold(y, tempered(probs, t)[:, pos], settings.threshold_method,
-                               settings.target_sensitivity or 0.95)
+                               settings.target_sensitivity or 0.95,
+                               (settings.min_sensitivity, settings.min_specificity))
 
 
 def finetuned(name: str, scorer: Scorer, squares: np.ndarray, target: np.ndarray, settings: CalibrateSettings,
@@ -382,7 +384,8 @@ def calibrate(run: str | Path, site_data: str | Path, out: str | Path, settings:
         triage = fit_triage(y, fitted.scores(squares[calib]), targets)
         save_json(triage, adapted / TRIAGE_FILE)
     held = site.loc[parts == "held-back", "path"].tolist()
-    checks = ValidateSettings(n_boot=settings.n_boot, seed=settings.seed)
+    checks = ValidateSettings(min_sensitivity=settings.min_sensitivity, min_specificity=settings.min_specificity,
+                              n_boot=settings.n_boot, seed=settings.seed)
     validations = {name: validate(r, site_data, out / name, checks, images=held,
                                   title=f"{name} calibrate: {r.name} on the held-back part of {site_data.name}")
                    for name, r in (("before", run), ("after", adapted))}

@@ -16,13 +16,19 @@ FIT_RIDGE = 1e4  # inverse ridge strength of the youden-fit logistic: weak, but 
 
 
 def choose_threshold(
-    y: Any, score: Any, method: str = "youden", target_sensitivity: float = 0.95
+    y: Any, score: Any, method: str = "youden", target_sensitivity: float = 0.95,
+    requirements: tuple[float, float] = (0.85, 0.70),
 ) -> float:
     """Decision threshold from VALIDATION predictions (the caller guarantees which split it passes).
 
     youden: maximises sensitivity + specificity - 1 over the observed scores (ties: the highest such score);
     youden-fit: the same optimum read from a logistic fit of the label on the score's log-odds (fitted_youden);
-    sensitivity: the highest observed score whose sensitivity reaches `target_sensitivity`.
+    sensitivity: the highest observed score whose sensitivity reaches `target_sensitivity`;
+    requirements: the observed score where sensitivity and specificity clear `requirements` (minimum sensitivity,
+    minimum specificity) by the widest common margin, max of min(sensitivity - S, specificity - P) (ties: the highest
+    such score). Where both can be met this leaves the same room to each; where they cannot, it shares the shortfall.
+    Sensitivity falls and specificity rises with the threshold, so the optimum is where the two margins cross, which
+    one image moves by one image's share (Youden's flat top lets it jump).
     """
     y_arr, s_arr = np.asarray(y), np.asarray(score, dtype=float)
     if y_arr.min() == y_arr.max():
@@ -36,12 +42,16 @@ def choose_threshold(
     fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # drop the 'call nobody positive' point (inf)
     if method == "youden":
         best = int(np.argmax(tpr - fpr))
+    elif method == "requirements":
+        min_sensitivity, min_specificity = requirements
+        best = int(np.argmax(np.minimum(tpr - min_sensitivity, (1 - fpr) - min_specificity)))
     elif method == "sensitivity":
         if not 0.0 < target_sensitivity <= 1.0:
             raise InputError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
         best = int(np.argmax(tpr >= target_sensitivity - 1e-12))  # tpr ends at 1, so a match exists
     else:
-        raise InputError(f"unknown threshold method {method!r}; use one of {', '.join(THRESHOLD_CHOICES)}")
+        raise InputError(f"unknown threshold method {method!r}; use one of {', '.join(THRESHOLD_CHOICES)} (calibrate "
+                         "also aims at a site's requirements)")
     return float(thresholds[best])
 
 
