@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 CLI_TIMEOUT_S = 600
 # The shared tiny run's gate: a fraction of the default's steps tells toy films from the rest (rotations, inversions,
 # photographs, pages, blank and noise images) and keeps the suite quick; tests/test_gate.py checks what it refuses.
-TINY_GATE_STEPS = 150
+TINY_GATE_STEPS = 300
 
 
 def cli_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:

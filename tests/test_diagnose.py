@@ -93,11 +93,11 @@ def test_shortcut_is_flagged(diagnosed):
     assert groups["size and aspect"]["auc"] < 0.7  # every toy has the same size: nothing to learn there
     flags = result["flags"]
     assert flags["occlusion"] is True and flags["image_stats"] is True
-    # The sources here are random, nothing in the image tells them apart: chance lies inside every probe's interval.
-    # At about 30 images per label that interval may or may not rule out an encoded source: ok or inconclusive,
-    # never flagged.
+    # The sources here are random, nothing in the image tells them apart: no probe's interval lies above chance (a
+    # cross-validated probe on ~30 images per label can land below it). That interval may or may not rule out an
+    # encoded source: ok or inconclusive, never flagged.
     for p in result["source_probe"]["within_label"].values():
-        assert p["balanced_accuracy_ci95"][0] <= p["chance"] <= p["balanced_accuracy_ci95"][1]
+        assert p["balanced_accuracy_ci95"][0] <= p["chance"]
     assert flags["source_probe"] is not True
     assert "Shortcut learning is likely" in dg.verdict(result)
 
