@@ -15,6 +15,7 @@ from covidcxr.config._rules import (
     check_rules,
     optional,
 )
+from covidcxr.config.validate import ValidateSettings
 from covidcxr.errors import InputError
 
 # What calibrate may change, simplest first: nothing; the threshold; temperature and threshold; the head (fine-tuned,
@@ -34,8 +35,8 @@ class CalibrateSettings:
     lr: float = 0.001  # fine-tuning's SGD (momentum 0.9): 0.01 moved a trained model too far on a few hundred films
     batch_size: int = 32  # AlexNet's 58M classifier weights make each step cost much the same at 16 or 32 images
     target_sensitivity: float | None = None  # None: the threshold aims at min_sensitivity / min_specificity
-    min_sensitivity: float = 0.85  # the site's requirements, as `validate` judges them (its defaults): the threshold
-    min_specificity: float = 0.70  # clears both by the widest common margin, and before/after's verdicts use them
+    min_sensitivity: float = ValidateSettings.min_sensitivity  # the site's requirements, validate's defaults: the
+    min_specificity: float = ValidateSettings.min_specificity  # threshold clears both by the widest common margin
     n_images: int | None = None  # exactly this many calibration images instead of `fraction` (measurements)
     max_held_back: int | None = None  # measure on at most this many held-back images (the rest unused; time)
     seed: int = 0

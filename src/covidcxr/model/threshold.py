@@ -17,7 +17,7 @@ FIT_RIDGE = 1e4  # inverse ridge strength of the youden-fit logistic: weak, but 
 
 def choose_threshold(
     y: Any, score: Any, method: str = "youden", target_sensitivity: float = 0.95,
-    requirements: tuple[float, float] = (0.85, 0.70),
+    requirements: tuple[float, float] | None = None,
 ) -> float:
     """Decision threshold from VALIDATION predictions (the caller guarantees which split it passes).
 
@@ -43,6 +43,8 @@ def choose_threshold(
     if method == "youden":
         best = int(np.argmax(tpr - fpr))
     elif method == "requirements":
+        if requirements is None:
+            raise InputError("threshold method requirements needs (minimum sensitivity, minimum specificity)")
         min_sensitivity, min_specificity = requirements
         best = int(np.argmax(np.minimum(tpr - min_sensitivity, (1 - fpr) - min_specificity)))
     elif method == "sensitivity":
