@@ -139,7 +139,7 @@ def test_too_few_images_for_triage_are_refused_with_the_number_needed(tiny_run, 
     site = scored_site(tmp_path, tiny_run, xray_source, 40, shifted_labels)
     r = calibrate(tiny_run, site, tmp_path / "out", "--triage", "--npv", "0.99")
     assert r.returncode == 2, r.stdout
-    assert "too few labelled images for triage" in r.stderr and "at least 230 negative and 22 positive" in r.stderr
+    assert "too few labelled images for triage" in r.stderr and "at least 300 negative and 30 positive" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 

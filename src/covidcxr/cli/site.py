@@ -115,7 +115,8 @@ def add_calibrate(sub: Commands) -> None:
     p.add_argument("--n-boot", dest="n_boot", type=POSITIVE_INT_ARG, default=d.n_boot,
                    help=f"bootstrap resamples for a candidate's noise and the CIs (default {d.n_boot})")
     p.add_argument("--triage", action="store_true", help="also set rule-out and rule-in thresholds with a guarantee "
-                   "(Learn-then-Test, exact binomial tests) on the calibration images; the rest needs a reader. "
+                   "(Learn-then-Test, exact two-sample tests of the next batch's rate) on the calibration images; "
+                   "the rest needs a reader. "
                    "Fine-tuning is then not tried: its weights train on every calibration image (default off)")
     p.add_argument("--npv", type=FRACTION_ARG, default=d.npv, help=f"triage: promised NPV of rule-out (default "
                    f"{d.npv:.2f})")

@@ -35,7 +35,7 @@ from covidcxr.training.trainer import train
 log = logging.getLogger(__name__)
 
 SITE_IMAGES: tuple[int | None, ...] = (20, 50, 100, None)  # labelled site images calibrate gets; None: 30 % of the site
-TRIAGE_DRAWS, TRIAGE_SHARE = 20, 0.3  # the triage promise: draws of 30 % of the site's patients to set the thresholds
+TRIAGE_DRAWS, TRIAGE_SHARE = 200, 0.3  # the triage promise: draws of 30 % of the site's patients to set the thresholds
 NESTED_EPOCHS, NESTED_IMAGES, NESTED_MEMBERS = 1, 400, 2  # members: short runs, so that the whole adds ~3 min
 MAX_HELD_BACK = 500  # calibrate's before/after on at most this many held-back site images (time)
 
@@ -108,8 +108,8 @@ def triage_cells(summary: dict | None) -> dict:
 
 def triage_draws(name: str, site: pd.DataFrame, targets: TriageTargets, draws: int = TRIAGE_DRAWS) -> list[dict]:
     """The triage promise over `draws` draws of TRIAGE_SHARE of the site's patients (the fold run's scores as they
-    are): thresholds fitted on the drawn patients' images, or on one image per drawn patient (the binomial tests
-    assume independent images; a patient's films are not), then each class's share and realised NPV / PPV on the
+    are): thresholds fitted on the drawn patients' images, or on one image per drawn patient (the tests assume
+    exchangeable images; a patient's films are not), then each class's share and realised NPV / PPV on the
     other patients' images. `site`: y, score and patient_id of the held-out images."""
     rows = []
     y, scores = site["y"].to_numpy(), site["score"].to_numpy()
@@ -273,7 +273,7 @@ def trust_markdown(rows: list[dict], calibration: dict[str, list[dict]], draws: 
              "head, all).", "", calibrated, "",
              "### Triage at the site", "",
              "`calibrate --triage --candidates nothing,threshold,temperature` on the same images (NPV >= 0.95, "
-             "PPV >= 0.90, confidence 0.9; Learn-then-Test with exact binomial tests): the triage classes of the run "
+             "PPV >= 0.90, confidence 0.9; Learn-then-Test with exact two-sample tests): the triage classes of the run "
              "it wrote on the held-back images, with exact 95 % CIs:", "", triaged, "",
              f"The promise over {TRIAGE_DRAWS} draws of {percent(TRIAGE_SHARE)} of each site's patients (thresholds "
              "set on the fold run's scores of the drawn patients, measured on the others):", "", promised, "",
