@@ -239,6 +239,23 @@ def test_streams_draw_a_small_split_in_passes_with_no_film_twice_before_all_have
     assert len(set(passes(np.random.default_rng(1), pool, 100))) == 100
 
 
+def test_a_batch_drawn_in_passes_from_a_split_varies_as_fresh_films_would():
+    """The reason for drawing in passes: over many splits of 258 films from one law, a batch of 100 drawn without
+    replacement strays from the law's mean as a batch of fresh films does, one drawn with replacement 39 % more."""
+    from covidcxr.hospital.shiftpower import passes
+
+    rng = np.random.default_rng(0)
+    strays: dict[str, list[float]] = {"passes": [], "with replacement": [], "fresh": []}
+    for _ in range(4000):
+        split = rng.normal(size=258)
+        strays["passes"].append(passes(rng, split, 100).mean())
+        strays["with replacement"].append(rng.choice(split, 100).mean())
+        strays["fresh"].append(rng.normal(size=100).mean())
+    variance = {k: float(np.mean(np.square(v))) for k, v in strays.items()}  # around the law's mean, 0
+    assert 0.9 < variance["passes"] / variance["fresh"] < 1.1
+    assert 1.25 < variance["with replacement"] / variance["fresh"] < 1.55  # 1 + 100 / 258
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["torch", "onnx"])
 def test_the_service_raises_the_shift_alarm(guarded_run, xray_source, tmp_path, engine):
