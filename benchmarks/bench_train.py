@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from covidcxr.config import TrainConfig
 from covidcxr.device import autocast, resolve_device
-from covidcxr.model.network import build_model, parameter_groups
+from covidcxr.model.network import build_model
+from covidcxr.training.schedule import build_optimizer
 from covidcxr.training.trainer import Trainer
 
 
@@ -28,11 +29,11 @@ def sync(device: torch.device) -> None:
 
 
 def model_only(cfg: TrainConfig, device: torch.device, steps: int) -> float:
-    """images/s of forward + backward + the same SGD step as the trainer's (param groups, momentum, weight decay) on
+    """images/s of forward + backward + the trainer's own optimizer step (build_optimizer: param groups, fused) on
     one fixed batch already on the device: the ceiling the real loop is compared with."""
     model = build_model(cfg.arch, 2, "none").to(device).to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model
-    opt = torch.optim.SGD(parameter_groups(model, cfg.lr, 1.0), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = build_optimizer(model, cfg, cfg.weights)
     x = torch.rand(cfg.batch_size, 1, cfg.image_size, cfg.image_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (cfg.batch_size,), device=device)
