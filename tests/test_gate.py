@@ -6,6 +6,7 @@ lateral films and CT slices."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -165,6 +166,20 @@ def test_ingest_with_a_gate_leaves_refused_files_out_unless_kept(tiny_run, xray_
                    "--keep-refused")
     assert "2 kept: --keep-refused" in kept.stdout
     assert len(pd.read_parquet(tmp_path / "kept" / "manifest.parquet")) == 10
+
+
+def test_runs_without_a_gate_trained_alike_are_said_so_once(tmp_path, caplog):
+    """An original run and calibrate's copies of it (which keep its config.json) share one line; a run trained with
+    other settings gets its own."""
+    from covidcxr.trust.gate import load_gate
+
+    for name, settings in (("original", {"epochs": 15}), ("copy", {"epochs": 15}), ("other", {"epochs": 3})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"gate": {"enabled": False}, **settings}))
+    with caplog.at_level(logging.WARNING, logger="covidcxr.trust.gate"):
+        assert all(load_gate(tmp_path / name) is None for name in ("original", "copy", "other", "copy"))
+    said = [r.getMessage() for r in caplog.records if "has no gate" in r.getMessage()]
+    assert len(said) == 2 and "original" in said[0] and "other" in said[1]
 
 
 @pytest.mark.slow

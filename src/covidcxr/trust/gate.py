@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covidcxr.config import config_hash
 from covidcxr.errors import InputError
 from covidcxr.trust.negatives import THUMB, thumbnail
 
@@ -142,14 +143,22 @@ def verdicts(gate: Gate | None, squares: np.ndarray) -> list[Verdict | None]:
     return list(gate.check(squares)) if gate is not None else [None] * len(squares)
 
 
-_SAID_UNGATED: set[str] = set()  # runs already said to have no gate: one line per run and process, however often loaded
+_SAID_UNGATED: set[str] = set()  # runs already said to have no gate: one line per training and process
+
+
+def _training(run: Path) -> str:
+    """What a run was trained as: its settings' digest (calibrate's adapted copies keep their origin's config.json,
+    so they share it), or its folder where it has no settings."""
+    config = run / "config.json"
+    return config_hash(json.loads(config.read_text())) if config.is_file() else str(run.resolve())
 
 
 def load_gate(run: str | Path, threads: int = 1) -> Gate | None:
-    """A run's gate; a run made without one is said so in one line (once per process) and still scored."""
+    """A run's gate; a run made without one is said so in one line (once per process for the runs trained with the
+    same settings, e.g. an original and calibrate's copies of it) and still scored."""
     gate = Gate.load(run, threads)
-    if gate is None and str(Path(run).resolve()) not in _SAID_UNGATED:
-        _SAID_UNGATED.add(str(Path(run).resolve()))
+    if gate is None and (training := _training(Path(run))) not in _SAID_UNGATED:
+        _SAID_UNGATED.add(training)
         log.warning("%s has no gate (made before gates, or trained with --no-gate): every image is scored, whatever "
-                    "it shows", run)
+                    "it shows; said once for every run trained with its settings", run)
     return gate
