@@ -37,9 +37,8 @@ def long_run_p_values(correct_in_order: np.ndarray, target: float) -> np.ndarray
     return binom.sf(np.cumsum(correct_in_order) - 1, k, target)
 
 
-def judged(y: np.ndarray, scores: np.ndarray, rule: dict) -> dict:
-    """Per promise: whether its class took images here and whether their realised rate meets the promise."""
-    summary = triage.triage_summary(y, scores, rule)
+def judged(summary: dict) -> dict:
+    """Per promise, from triage_summary: whether its class took images and whether their realised rate meets it."""
     return {key: (summary[name]["n"] > 0, bool(summary[name]["met"])) for name, key in PROMISES}
 
 
@@ -51,8 +50,8 @@ def draws(site: pd.DataFrame, targets: triage.TriageTargets, n_draws: int) -> li
         if not triage.enough(y[calib], targets):
             continue
         rule = triage.fit_triage(y[calib], scores[calib], targets)
-        held, everything = judged(y[~calib], scores[~calib], rule), judged(y, scores, rule)
         shares = triage.triage_summary(y[~calib], scores[~calib], rule)
+        held, everything = judged(shares), judged(triage.triage_summary(y, scores, rule))
         for name, key in PROMISES:
             rows.append({"promise": key, "set": held[key][0], "met_held_back": held[key][1],
                          "met_all_films": everything[key][1], "share": shares[name]["share"]})

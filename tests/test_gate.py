@@ -169,15 +169,16 @@ def test_ingest_with_a_gate_leaves_refused_files_out_unless_kept(tiny_run, xray_
 
 
 def test_runs_without_a_gate_trained_alike_are_said_so_once(tmp_path, caplog):
-    """An original run and calibrate's copies of it (which keep its config.json) share one line; a run trained with
-    other settings gets its own."""
+    """An original run and calibrate's copies of it (which keep its settings digest) share one line; a run trained
+    with other settings gets its own."""
     from covidcxr.trust.gate import load_gate
 
-    for name, settings in (("original", {"epochs": 15}), ("copy", {"epochs": 15}), ("other", {"epochs": 3})):
+    runs = {"original": "digest-a", "copy": "digest-a", "other": "digest-b"}
+    for name in runs:
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps({"gate": {"enabled": False}, **settings}))
     with caplog.at_level(logging.WARNING, logger="covidcxr.trust.gate"):
-        assert all(load_gate(tmp_path / name) is None for name in ("original", "copy", "other", "copy"))
+        assert all(load_gate(tmp_path / name, trained_as=runs[name]) is None
+                   for name in ("original", "copy", "other", "copy"))
     said = [r.getMessage() for r in caplog.records if "has no gate" in r.getMessage()]
     assert len(said) == 2 and "original" in said[0] and "other" in said[1]
 

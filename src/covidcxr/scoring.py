@@ -77,7 +77,8 @@ class Scorer:
         log.debug("loaded %s (%s, %s; %d px; threshold %.4f by %s; %d guard members) on %s", spec.model_id,
                   spec.arch, spec.task, spec.preprocess.image_size, spec.threshold, spec.threshold_method or "?",
                   len(members), dev)
-        return cls(model, spec, dev, meta, the_guard, members, load_gate(run_dir) if gate else None)
+        the_gate = load_gate(run_dir, trained_as=meta.get("config_hash")) if gate else None
+        return cls(model, spec, dev, meta, the_guard, members, the_gate)
 
     def cache_square(self, image: np.ndarray) -> np.ndarray:
         """A decoded image (H, W) in [0, 1] -> the (S, S) uint8 square the cache would hold for it."""

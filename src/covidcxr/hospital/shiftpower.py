@@ -71,8 +71,7 @@ def switching_streams(reference: np.ndarray, threshold: float, own: np.ndarray, 
     switched = site is not None
     return {"streams": STREAMS, "silent_before": rate_ci(silent, STREAMS),
             "alarm_within_batch": rate_ci(caught, STREAMS) if switched else None,
-            "median_to_alarm": float(np.median(delays)) if switched else None,
-            "own_films": len(own)}
+            "median_to_alarm": float(np.median(delays)) if switched else None}
 
 
 def _rate(rate: dict | None) -> str:

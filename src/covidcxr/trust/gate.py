@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from covidcxr.config import config_hash
 from covidcxr.errors import InputError
 from covidcxr.trust.negatives import THUMB, thumbnail
 
@@ -143,21 +142,15 @@ def verdicts(gate: Gate | None, squares: np.ndarray) -> list[Verdict | None]:
     return list(gate.check(squares)) if gate is not None else [None] * len(squares)
 
 
-_SAID_UNGATED: set[str] = set()  # runs already said to have no gate: one line per training and process
+_SAID_UNGATED: set[str] = set()  # trainings already said to have no gate: one line per training and process
 
 
-def _training(run: Path) -> str:
-    """What a run was trained as: its settings' digest (calibrate's adapted copies keep their origin's config.json,
-    so they share it), or its folder where it has no settings."""
-    config = run / "config.json"
-    return config_hash(json.loads(config.read_text())) if config.is_file() else str(run.resolve())
-
-
-def load_gate(run: str | Path, threads: int = 1) -> Gate | None:
-    """A run's gate; a run made without one is said so in one line (once per process for the runs trained with the
-    same settings, e.g. an original and calibrate's copies of it) and still scored."""
+def load_gate(run: str | Path, threads: int = 1, trained_as: str | None = None) -> Gate | None:
+    """A run's gate; a run made without one is said so in one line and still scored. The line comes once per process
+    for each `trained_as` (the run's settings digest: calibrate's copies of a run keep their origin's, so they share
+    its line), or for each folder when that is not known."""
     gate = Gate.load(run, threads)
-    if gate is None and (training := _training(Path(run))) not in _SAID_UNGATED:
+    if gate is None and (training := trained_as or str(Path(run).resolve())) not in _SAID_UNGATED:
         _SAID_UNGATED.add(training)
         log.warning("%s has no gate (made before gates, or trained with --no-gate): every image is scored, whatever "
                     "it shows; said once for every run trained with its settings", run)
